@@ -1,0 +1,270 @@
+//! The gRPC `TimerService`: validates, stores durably, hands near-term timers to the
+//! scheduler, and answers reads and cancels.
+
+pub mod convert;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use timerdb_proto::v1;
+use timerdb_proto::v1::timer_service_server::TimerService;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::config::Limits;
+use crate::metrics as m;
+use crate::scheduler::{CancelProbe, MemState, Scheduler};
+use crate::sink::Sink;
+use crate::store::{CancelOutcome, TimerStore};
+use crate::timer::{StoredState, Timer, TimerId, TimerSpec, now_ms};
+use crate::{Error, Result};
+
+/// Implementation of `timerdb.v1.TimerService`.
+pub struct TimerApi {
+    store: Arc<dyn TimerStore>,
+    sink: Arc<dyn Sink>,
+    scheduler: Arc<Scheduler>,
+    limits: Limits,
+}
+
+impl TimerApi {
+    /// The service over these components.
+    pub fn new(
+        store: Arc<dyn TimerStore>,
+        sink: Arc<dyn Sink>,
+        scheduler: Arc<Scheduler>,
+        limits: Limits,
+    ) -> TimerApi {
+        TimerApi {
+            store,
+            sink,
+            scheduler,
+            limits,
+        }
+    }
+
+    /// Stores `specs` (all valid) and hands the near-term ones to the scheduler.
+    async fn store_timers(&self, specs: Vec<TimerSpec>) -> Result<Vec<TimerId>> {
+        let created_ms = now_ms();
+        let inserted = self.store.insert(&specs).await?;
+        let ids = inserted.iter().map(|i| i.id).collect();
+        let fresh: Vec<Timer> = inserted
+            .into_iter()
+            .zip(specs)
+            .filter(|(i, _)| i.created)
+            .map(|(i, spec)| Timer {
+                id: i.id,
+                created_ms,
+                spec,
+            })
+            .collect();
+        m::scheduled(fresh.len());
+        self.scheduler.hand_off(fresh);
+        Ok(ids)
+    }
+
+    /// Checks each distinct (topic, partition) once against the sink.
+    async fn check_targets<'a>(
+        &self,
+        specs: impl Iterator<Item = &'a TimerSpec>,
+    ) -> HashMap<(String, i32), Option<Error>> {
+        let mut seen: HashMap<(String, i32), Option<Error>> = HashMap::new();
+        for s in specs {
+            let k = (s.topic.clone(), s.partition);
+            if let std::collections::hash_map::Entry::Vacant(slot) = seen.entry(k) {
+                slot.insert(self.sink.check_target(&s.topic, s.partition).await.err());
+            }
+        }
+        seen
+    }
+}
+
+fn parse_id(s: &str) -> Result<TimerId> {
+    s.parse()
+}
+
+fn finish<T>(method: &'static str, r: Result<T>) -> std::result::Result<Response<T>, Status> {
+    match r {
+        Ok(v) => {
+            m::request(method, tonic::Code::Ok);
+            Ok(Response::new(v))
+        }
+        Err(e) => {
+            m::request(method, e.code());
+            Err(e.into())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl TimerService for TimerApi {
+    async fn set_timeout(
+        &self,
+        request: Request<v1::SetTimeoutRequest>,
+    ) -> std::result::Result<Response<v1::SetTimeoutResponse>, Status> {
+        let req = request.into_inner();
+        let span =
+            tracing::debug_span!("api.set_timeout", topic = %req.topic, partition = req.partition);
+        let r = async {
+            let spec = convert::timer_spec(req, &self.limits, now_ms(), "")?;
+            self.sink.check_target(&spec.topic, spec.partition).await?;
+            let ids = self.store_timers(vec![spec]).await?;
+            Ok(v1::SetTimeoutResponse {
+                timer_id: ids[0].to_string(),
+            })
+        }
+        .instrument(span)
+        .await;
+        finish("SetTimeout", r)
+    }
+
+    async fn set_timeouts(
+        &self,
+        request: Request<v1::SetTimeoutsRequest>,
+    ) -> std::result::Result<Response<v1::SetTimeoutsResponse>, Status> {
+        let req = request.into_inner();
+        let span = tracing::debug_span!("api.set_timeouts", count = req.timers.len());
+        let r = async {
+            if req.timers.len() > self.limits.max_batch {
+                return Err(Error::InvalidArgument(format!(
+                    "batch of {} timers is over the limit of {} (limits.max_batch); split it",
+                    req.timers.len(),
+                    self.limits.max_batch
+                )));
+            }
+            let now = now_ms();
+            let mut results: Vec<Option<v1::set_timeout_result::Result>> = Vec::new();
+            let mut valid = Vec::with_capacity(req.timers.len());
+            let mut positions = Vec::with_capacity(req.timers.len());
+            for (i, t) in req.timers.into_iter().enumerate() {
+                match convert::timer_spec(t, &self.limits, now, &format!("timers[{i}].")) {
+                    Ok(spec) => {
+                        valid.push(spec);
+                        positions.push(i);
+                        results.push(None);
+                    }
+                    Err(e) => results.push(Some(item_error(e))),
+                }
+            }
+            let checks = self.check_targets(valid.iter()).await;
+            let mut ok_specs = Vec::with_capacity(valid.len());
+            let mut ok_positions = Vec::with_capacity(valid.len());
+            for (spec, pos) in valid.into_iter().zip(positions) {
+                match checks.get(&(spec.topic.clone(), spec.partition)) {
+                    Some(Some(e)) => {
+                        results[pos] = Some(v1::set_timeout_result::Result::Error(v1::ItemError {
+                            code: e.code() as i32,
+                            message: format!("timers[{pos}]: {e}"),
+                        }))
+                    }
+                    _ => {
+                        ok_specs.push(spec);
+                        ok_positions.push(pos);
+                    }
+                }
+            }
+            let ids = self.store_timers(ok_specs).await?;
+            for (id, pos) in ids.into_iter().zip(ok_positions) {
+                results[pos] = Some(v1::set_timeout_result::Result::TimerId(id.to_string()));
+            }
+            Ok(v1::SetTimeoutsResponse {
+                results: results
+                    .into_iter()
+                    .map(|result| v1::SetTimeoutResult { result })
+                    .collect(),
+            })
+        }
+        .instrument(span)
+        .await;
+        finish("SetTimeouts", r)
+    }
+
+    async fn get_timer(
+        &self,
+        request: Request<v1::GetTimerRequest>,
+    ) -> std::result::Result<Response<v1::GetTimerResponse>, Status> {
+        let req = request.into_inner();
+        let r = async {
+            let id = parse_id(&req.timer_id)?;
+            let Some(stored) = self.store.get(id).await? else {
+                return Err(not_found(id));
+            };
+            let state = match stored.state {
+                StoredState::Cancelled => v1::TimerState::Cancelled,
+                StoredState::Pending => match self.scheduler.status(id).await {
+                    Some(MemState::Fired) => v1::TimerState::Fired,
+                    Some(MemState::Cancelled) => v1::TimerState::Cancelled,
+                    _ => v1::TimerState::Pending,
+                },
+            };
+            let spec = &stored.timer.spec;
+            Ok(v1::GetTimerResponse {
+                timer_id: id.to_string(),
+                state: state as i32,
+                fire_at: Some(convert::timestamp(spec.fire_at_ms)),
+                topic: spec.topic.clone(),
+                partition: spec.partition,
+                payload_size: spec.payload.len() as u64,
+                has_idempotency_key: spec.idempotency_key.is_some(),
+            })
+        }
+        .instrument(tracing::debug_span!("api.get_timer", timer_id = %req.timer_id))
+        .await;
+        finish("GetTimer", r)
+    }
+
+    async fn cancel_timeout(
+        &self,
+        request: Request<v1::CancelTimeoutRequest>,
+    ) -> std::result::Result<Response<v1::CancelTimeoutResponse>, Status> {
+        let req = request.into_inner();
+        let r = async {
+            let id = parse_id(&req.timer_id)?;
+            match self.scheduler.begin_cancel(id).await? {
+                Some(CancelProbe::AlreadyFired) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "timer {id} has already fired; it can no longer be cancelled"
+                    )));
+                }
+                Some(CancelProbe::AlreadyCancelled) => {
+                    return Ok(v1::CancelTimeoutResponse { cancelled: false });
+                }
+                Some(CancelProbe::InProgress) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "timer {id} is being cancelled by another call"
+                    )));
+                }
+                Some(CancelProbe::Proceed) | None => {}
+            }
+            let outcome = self.store.cancel(id).await;
+            self.scheduler
+                .end_cancel(id, outcome.as_ref().ok().copied());
+            match outcome? {
+                CancelOutcome::Cancelled => {
+                    m::cancelled();
+                    Ok(v1::CancelTimeoutResponse { cancelled: true })
+                }
+                CancelOutcome::AlreadyCancelled => {
+                    Ok(v1::CancelTimeoutResponse { cancelled: false })
+                }
+                CancelOutcome::NotFound => Err(not_found(id)),
+            }
+        }
+        .instrument(tracing::debug_span!("api.cancel_timeout", timer_id = %req.timer_id))
+        .await;
+        finish("CancelTimeout", r)
+    }
+}
+
+fn not_found(id: TimerId) -> Error {
+    Error::NotFound(format!(
+        "timer {id} not found: it never existed, or it fired or was cancelled and has since been cleaned up"
+    ))
+}
+
+fn item_error(e: Error) -> v1::set_timeout_result::Result {
+    v1::set_timeout_result::Result::Error(v1::ItemError {
+        code: e.code() as i32,
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,406 @@
+//! Node configuration: command-line flags and environment variables over an optional TOML
+//! file over defaults. Validated once at start-up; errors name the setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::scheduler::SchedulerConfig;
+use crate::store::StoreOptions;
+use crate::{Error, Result};
+
+/// Default gRPC address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+/// Default Prometheus address.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7421";
+/// Default store.
+pub const DEFAULT_STORE: &str = "embedded:./timerdb-data";
+/// Default sink.
+pub const DEFAULT_SINK: &str = "stdout:";
+
+/// Limits on what a client may ask for. Requests over a limit get `INVALID_ARGUMENT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest payload, bytes.
+    pub max_payload_bytes: usize,
+    /// Largest Kafka key, bytes.
+    pub max_key_bytes: usize,
+    /// Most headers per timer.
+    pub max_headers: usize,
+    /// Largest total of header names and values per timer, bytes.
+    pub max_header_bytes: usize,
+    /// Most timers per `SetTimeouts` call.
+    pub max_batch: usize,
+    /// Latest allowed fire time, counted from now.
+    pub max_delay: Duration,
+    /// Longest idempotency key, bytes.
+    pub max_idempotency_key_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload_bytes: 512 * 1024,
+            max_key_bytes: 4096,
+            max_headers: 64,
+            max_header_bytes: 64 * 1024,
+            max_batch: 10_000,
+            max_delay: Duration::from_secs(10 * 366 * 24 * 3600),
+            max_idempotency_key_bytes: 256,
+        }
+    }
+}
+
+/// Everything `timerdb serve` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Prometheus address; `None` disables the endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Store URL.
+    pub store: String,
+    /// Sink URL.
+    pub sink: String,
+    /// Store options (layout for a new store, idempotency retention, cache).
+    pub store_options: StoreOptions,
+    /// Scheduler tuning.
+    pub scheduler: SchedulerConfig,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("default address"),
+            metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("default address")),
+            store: DEFAULT_STORE.into(),
+            sink: DEFAULT_SINK.into(),
+            store_options: StoreOptions::default(),
+            scheduler: SchedulerConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The TOML file: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// gRPC address.
+    pub listen: Option<String>,
+    /// Prometheus address, or "off".
+    pub metrics_listen: Option<String>,
+    /// Store URL.
+    pub store: Option<String>,
+    /// Sink URL.
+    pub sink: Option<String>,
+    /// How long an idempotency key is remembered, e.g. "24h".
+    pub idempotency_retention: Option<String>,
+    /// Embedded store cache, bytes.
+    pub store_cache_bytes: Option<usize>,
+    /// Layout for a new store.
+    #[serde(default)]
+    pub layout: FileLayout,
+    /// Scheduler tuning.
+    #[serde(default)]
+    pub scheduler: FileScheduler,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: FileLimits,
+}
+
+/// `[layout]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLayout {
+    /// Number of slots.
+    pub slots: Option<u32>,
+    /// Bucket width, e.g. "1s".
+    pub bucket_width: Option<String>,
+}
+
+/// `[scheduler]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileScheduler {
+    /// e.g. "2s"
+    pub lookahead: Option<String>,
+    /// e.g. "2s"
+    pub grace: Option<String>,
+    /// Timers held in memory before loading pauses.
+    pub max_in_memory: Option<usize>,
+    /// Timers per sink call.
+    pub max_batch: Option<usize>,
+    /// Sink calls in flight per range.
+    pub max_inflight_batches: Option<usize>,
+    /// e.g. "100ms"
+    pub retry_min: Option<String>,
+    /// e.g. "30s"
+    pub retry_max: Option<String>,
+    /// e.g. "10s"
+    pub shutdown_timeout: Option<String>,
+}
+
+/// `[limits]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    /// Bytes.
+    pub max_payload_bytes: Option<usize>,
+    /// Bytes.
+    pub max_key_bytes: Option<usize>,
+    /// Count.
+    pub max_headers: Option<usize>,
+    /// Bytes.
+    pub max_header_bytes: Option<usize>,
+    /// Count.
+    pub max_batch: Option<usize>,
+    /// e.g. "3650d"
+    pub max_delay: Option<String>,
+    /// Bytes.
+    pub max_idempotency_key_bytes: Option<usize>,
+}
+
+/// Values given on the command line or in the environment; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--config`
+    pub config_file: Option<PathBuf>,
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--metrics-listen`
+    pub metrics_listen: Option<String>,
+    /// `--store`
+    pub store: Option<String>,
+    /// `--sink`
+    pub sink: Option<String>,
+    /// `--slots`
+    pub slots: Option<u32>,
+    /// `--bucket-width`
+    pub bucket_width: Option<String>,
+    /// `--lookahead`
+    pub lookahead: Option<String>,
+    /// `--grace`
+    pub grace: Option<String>,
+    /// `--idempotency-retention`
+    pub idempotency_retention: Option<String>,
+    /// `--max-payload-bytes`
+    pub max_payload_bytes: Option<usize>,
+    /// `--max-batch`
+    pub max_batch: Option<usize>,
+    /// `--max-in-memory`
+    pub max_in_memory: Option<usize>,
+}
+
+fn duration(setting: &str, v: &str) -> Result<Duration> {
+    humantime::parse_duration(v).map_err(|e| {
+        Error::Config(format!(
+            "{setting} = {v:?}: {e} (write a duration such as 500ms, 2s, 24h)"
+        ))
+    })
+}
+
+fn address(setting: &str, v: &str) -> Result<SocketAddr> {
+    v.parse().map_err(|e| {
+        Error::Config(format!(
+            "{setting} = {v:?}: {e} (write host:port, e.g. 127.0.0.1:7420)"
+        ))
+    })
+}
+
+impl Config {
+    /// Builds the configuration: overrides, then the file they name (if any), then defaults.
+    pub fn load(o: Overrides) -> Result<Config> {
+        let file = match &o.config_file {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let mut c = d.clone();
+        if let Some(v) = o.listen.as_deref().or(file.listen.as_deref()) {
+            c.listen = address("listen", v)?;
+        }
+        if let Some(v) = o
+            .metrics_listen
+            .as_deref()
+            .or(file.metrics_listen.as_deref())
+        {
+            c.metrics_listen = match v {
+                "off" | "" => None,
+                v => Some(address("metrics_listen", v)?),
+            };
+        }
+        c.store = o.store.or(file.store).unwrap_or(d.store);
+        c.sink = o.sink.or(file.sink).unwrap_or(d.sink);
+        if let Some(v) = o.slots.or(file.layout.slots) {
+            c.store_options.layout.slots = v;
+        }
+        if let Some(v) = o
+            .bucket_width
+            .as_deref()
+            .or(file.layout.bucket_width.as_deref())
+        {
+            c.store_options.layout.bucket_ms = duration("bucket_width", v)?.as_millis() as u64;
+        }
+        if let Some(v) = o
+            .idempotency_retention
+            .as_deref()
+            .or(file.idempotency_retention.as_deref())
+        {
+            c.store_options.idempotency_retention = duration("idempotency_retention", v)?;
+        }
+        if let Some(v) = file.store_cache_bytes {
+            c.store_options.cache_bytes = v;
+        }
+        let s = &file.scheduler;
+        let sc = &mut c.scheduler;
+        if let Some(v) = o.lookahead.as_deref().or(s.lookahead.as_deref()) {
+            sc.lookahead = duration("lookahead", v)?;
+        }
+        if let Some(v) = o.grace.as_deref().or(s.grace.as_deref()) {
+            sc.grace = duration("grace", v)?;
+        }
+        if let Some(v) = o.max_in_memory.or(s.max_in_memory) {
+            sc.max_in_memory = v;
+        }
+        if let Some(v) = s.max_batch {
+            sc.max_batch = v;
+        }
+        if let Some(v) = s.max_inflight_batches {
+            sc.max_inflight_batches = v;
+        }
+        if let Some(v) = &s.retry_min {
+            sc.retry_min = duration("scheduler.retry_min", v)?;
+        }
+        if let Some(v) = &s.retry_max {
+            sc.retry_max = duration("scheduler.retry_max", v)?;
+        }
+        if let Some(v) = &s.shutdown_timeout {
+            sc.shutdown_timeout = duration("scheduler.shutdown_timeout", v)?;
+        }
+        let l = &file.limits;
+        let lc = &mut c.limits;
+        if let Some(v) = o.max_payload_bytes.or(l.max_payload_bytes) {
+            lc.max_payload_bytes = v;
+        }
+        if let Some(v) = l.max_key_bytes {
+            lc.max_key_bytes = v;
+        }
+        if let Some(v) = l.max_headers {
+            lc.max_headers = v;
+        }
+        if let Some(v) = l.max_header_bytes {
+            lc.max_header_bytes = v;
+        }
+        if let Some(v) = o.max_batch.or(l.max_batch) {
+            lc.max_batch = v;
+        }
+        if let Some(v) = &l.max_delay {
+            lc.max_delay = duration("limits.max_delay", v)?;
+        }
+        if let Some(v) = l.max_idempotency_key_bytes {
+            lc.max_idempotency_key_bytes = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<()> {
+        self.store_options.layout.validate()?;
+        let sc = &self.scheduler;
+        let positive = [
+            ("max_in_memory", sc.max_in_memory),
+            ("scheduler.max_batch", sc.max_batch),
+            ("scheduler.max_inflight_batches", sc.max_inflight_batches),
+            ("max_batch", self.limits.max_batch),
+            ("max_payload_bytes", self.limits.max_payload_bytes),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::Config(format!("{name} must be at least 1")));
+            }
+        }
+        if sc.retry_min.is_zero() || sc.retry_max < sc.retry_min {
+            return Err(Error::Config(
+                "scheduler.retry_min must be > 0 and <= scheduler.retry_max".into(),
+            ));
+        }
+        if self.store_options.idempotency_retention.is_zero() {
+            return Err(Error::Config("idempotency_retention must be > 0".into()));
+        }
+        if self.limits.max_payload_bytes > 16 << 20 {
+            return Err(Error::Config(format!(
+                "max_payload_bytes = {} is over 16 MiB; Kafka would refuse such messages",
+                self.limits.max_payload_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::load(Overrides::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.store, DEFAULT_STORE);
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timerdb.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nsink = \"jsonl:/tmp/x\"\n[scheduler]\nlookahead = \"5s\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Overrides {
+            config_file: Some(path.clone()),
+            listen: Some("127.0.0.1:9001".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.listen.port(), 9001);
+        assert_eq!(c.sink, "jsonl:/tmp/x");
+        assert_eq!(c.scheduler.lookahead, Duration::from_secs(5));
+
+        std::fs::write(&path, "listn = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::load(Overrides {
+            config_file: Some(path),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `listn`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let err = Config::load(Overrides {
+            lookahead: Some("soon".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("lookahead"), "{err}");
+        let err = Config::load(Overrides {
+            slots: Some(0),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("slots"), "{err}");
+    }
+}

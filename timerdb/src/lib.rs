@@ -1,0 +1,18 @@
+//! TimerDB: a durable, scalable `setTimeout`. Clients store timers over gRPC; each fires
+//! at its epoch as a message on the Kafka topic and partition its caller chose.
+//!
+//! The node is [`server::run`]; its parts are the [`store`] (where timers live), the
+//! [`scheduler`] (what fires them), the [`sink`] (where they go) and the [`api`].
+
+pub mod api;
+pub mod cli;
+pub mod config;
+mod error;
+pub mod metrics;
+pub mod scheduler;
+pub mod server;
+pub mod sink;
+pub mod store;
+pub mod timer;
+
+pub use error::{Error, Result};

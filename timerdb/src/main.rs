@@ -1,0 +1,34 @@
+//! The `timerdb` binary: parses the command line and hands over to the library.
+
+use clap::Parser;
+use timerdb::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // Logs go to stderr; stdout carries command output (and the stdout: sink's lines).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("TIMERDB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => match args.config() {
+            Ok(config) => timerdb::server::run(config)
+                .await
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        },
+        other => timerdb::cli::run_client(other).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

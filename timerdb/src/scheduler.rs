@@ -1,0 +1,287 @@
+//! The scheduler: keeps the timers due soon in memory and fires each at its epoch.
+//!
+//! For every owned slot range one task owns that range's in-memory state (no locks on the
+//! fire path) and a loader task reads buckets from the store a little before they are due.
+//!
+//! Correctness rests on three rules (see `docs/design.md`, "Scheduler"):
+//! 1. The loader raises `horizon` *before* it reads buckets up to it; a writer hands a timer
+//!    to the scheduler after its durable write when its bucket is at or below `horizon`.
+//!    So every stored timer is either read by the loader or handed off (or both: merging
+//!    skips ids already known).
+//! 2. A timer leaves the store only with its whole bucket, once every timer of the bucket
+//!    was confirmed by the sink or cancelled, and the bucket has been over for `grace`.
+//! 3. The durable low-water mark never passes a bucket that still holds unfired timers.
+
+mod range;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::sink::Sink;
+use crate::store::{CancelOutcome, TimerStore};
+use crate::timer::{Layout, SlotRange, Timer, TimerId};
+use crate::{Error, Result};
+
+/// Tuning of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// How long before a bucket starts its timers are read into memory.
+    pub lookahead: Duration,
+    /// How long after a bucket ends before it may be deleted (covers a write acknowledged
+    /// at the very end of the previous bucket whose hand-off is still on its way).
+    pub grace: Duration,
+    /// Stop loading more buckets while this many timers are in memory.
+    pub max_in_memory: usize,
+    /// Most timers handed to the sink in one call.
+    pub max_batch: usize,
+    /// Most sink calls in flight per range.
+    pub max_inflight_batches: usize,
+    /// First retry delay after a failed delivery; doubles up to `retry_max`.
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// How long shutdown waits for deliveries already in flight.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            lookahead: Duration::from_secs(2),
+            grace: Duration::from_secs(2),
+            max_in_memory: 2_000_000,
+            max_batch: 4096,
+            max_inflight_batches: 8,
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the scheduler's memory knows of a timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemState {
+    /// Loaded, waiting for its epoch (or for a retry).
+    Pending,
+    /// Handed to the sink, not confirmed yet.
+    Firing,
+    /// Confirmed by the sink.
+    Fired,
+    /// Cancelled (or a cancel is being written).
+    Cancelled,
+}
+
+/// First step of a cancel, taken in memory before the durable write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelProbe {
+    /// Blocked from firing; write the cancel to the store, then call `end_cancel`.
+    Proceed,
+    /// Already produced (or being produced): too late.
+    AlreadyFired,
+    /// Already cancelled.
+    AlreadyCancelled,
+    /// Another cancel of the same timer is being written.
+    InProgress,
+}
+
+enum Msg {
+    HandOff(Vec<Timer>),
+    Loaded(u64, crate::store::LoadedBucket),
+    Settled(u64),
+    Delivered(Vec<Timer>, Vec<crate::sink::Delivery>, u64),
+    BucketDeleted(u64, bool),
+    LowWaterWritten(u64, bool),
+    BeginCancel(TimerId, oneshot::Sender<CancelProbe>),
+    EndCancel(TimerId, Option<CancelOutcome>),
+    Status(TimerId, oneshot::Sender<Option<MemState>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+struct RangeHandle {
+    range: SlotRange,
+    tx: mpsc::UnboundedSender<Msg>,
+    horizon: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The schedulers of the slot ranges this node owns.
+pub struct Scheduler {
+    store: Arc<dyn TimerStore>,
+    sink: Arc<dyn Sink>,
+    layout: Layout,
+    config: SchedulerConfig,
+    in_memory: Arc<AtomicUsize>,
+    ranges: RwLock<Vec<RangeHandle>>,
+}
+
+impl Scheduler {
+    /// A scheduler owning no range yet.
+    pub fn new(
+        store: Arc<dyn TimerStore>,
+        sink: Arc<dyn Sink>,
+        config: SchedulerConfig,
+    ) -> Arc<Scheduler> {
+        Arc::new(Scheduler {
+            layout: store.layout(),
+            store,
+            sink,
+            config,
+            in_memory: Arc::new(AtomicUsize::new(0)),
+            ranges: RwLock::new(Vec::new()),
+        })
+    }
+
+    /// The layout of the underlying store.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Makes `ranges` the owned set: ranges no longer owned stop (after finishing their
+    /// in-flight deliveries), new ones start by scanning from their low-water mark.
+    pub async fn assign(&self, ranges: Vec<SlotRange>) -> Result<()> {
+        let (keep, stop): (Vec<RangeHandle>, Vec<RangeHandle>) = {
+            let mut current = self.ranges.write().expect("ranges lock");
+            std::mem::take(&mut *current)
+                .into_iter()
+                .partition(|h| ranges.contains(&h.range))
+        };
+        {
+            let mut current = self.ranges.write().expect("ranges lock");
+            current.extend(keep);
+        }
+        for h in stop {
+            stop_range(h).await;
+        }
+        for range in ranges {
+            let owned = self
+                .ranges
+                .read()
+                .expect("ranges lock")
+                .iter()
+                .any(|h| h.range == range);
+            if owned {
+                continue;
+            }
+            let handle = range::start(
+                range,
+                self.store.clone(),
+                self.sink.clone(),
+                self.config.clone(),
+                self.in_memory.clone(),
+            )
+            .await?;
+            self.ranges.write().expect("ranges lock").push(handle);
+        }
+        Ok(())
+    }
+
+    /// The slot ranges currently owned.
+    pub fn owned(&self) -> Vec<SlotRange> {
+        self.ranges
+            .read()
+            .expect("ranges lock")
+            .iter()
+            .map(|h| h.range)
+            .collect()
+    }
+
+    /// Timers held in memory across all ranges.
+    pub fn in_memory(&self) -> usize {
+        self.in_memory.load(Ordering::Relaxed)
+    }
+
+    /// Gives freshly stored timers to the owning range if their bucket is already loaded
+    /// (or being loaded); the others will be read from the store in time.
+    pub fn hand_off(&self, timers: Vec<Timer>) {
+        let ranges = self.ranges.read().expect("ranges lock");
+        if ranges.len() == 1 {
+            let h = &ranges[0];
+            let horizon = h.horizon.load(Ordering::SeqCst);
+            let near: Vec<Timer> = timers
+                .into_iter()
+                .filter(|t| {
+                    t.id.bucket_ms <= horizon && h.range.contains(self.layout.slot_of(t.id.rand))
+                })
+                .collect();
+            if !near.is_empty() {
+                let _ = h.tx.send(Msg::HandOff(near));
+            }
+            return;
+        }
+        let mut per_range: Vec<Vec<Timer>> = ranges.iter().map(|_| Vec::new()).collect();
+        for t in timers {
+            let slot = self.layout.slot_of(t.id.rand);
+            if let Some(i) = ranges.iter().position(|h| h.range.contains(slot))
+                && t.id.bucket_ms <= ranges[i].horizon.load(Ordering::SeqCst)
+            {
+                per_range[i].push(t);
+            }
+        }
+        for (h, near) in ranges.iter().zip(per_range) {
+            if !near.is_empty() {
+                let _ = h.tx.send(Msg::HandOff(near));
+            }
+        }
+    }
+
+    fn sender_for(&self, id: TimerId) -> Option<mpsc::UnboundedSender<Msg>> {
+        let slot = self.layout.slot_of(id.rand);
+        self.ranges
+            .read()
+            .expect("ranges lock")
+            .iter()
+            .find(|h| h.range.contains(slot))
+            .map(|h| h.tx.clone())
+    }
+
+    /// Blocks the timer from firing while a cancel is written. `None` when this node does
+    /// not own the timer's slot (the store alone decides then).
+    pub async fn begin_cancel(&self, id: TimerId) -> Result<Option<CancelProbe>> {
+        let Some(tx) = self.sender_for(id) else {
+            return Ok(None);
+        };
+        let (reply, rx) = oneshot::channel();
+        tx.send(Msg::BeginCancel(id, reply))
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map(Some).map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Finishes a cancel begun with `begin_cancel`: `None` if the store write failed
+    /// (the timer becomes pending again).
+    pub fn end_cancel(&self, id: TimerId, outcome: Option<CancelOutcome>) {
+        if let Some(tx) = self.sender_for(id) {
+            let _ = tx.send(Msg::EndCancel(id, outcome));
+        }
+    }
+
+    /// What memory knows of a timer, if it is held there.
+    pub async fn status(&self, id: TimerId) -> Option<MemState> {
+        let tx = self.sender_for(id)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Msg::Status(id, reply)).ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// Stops every range: no new fires, in-flight deliveries finish, low-water marks written.
+    pub async fn shutdown(&self) {
+        let handles = std::mem::take(&mut *self.ranges.write().expect("ranges lock"));
+        for h in handles {
+            stop_range(h).await;
+        }
+        if let Err(e) = self.sink.flush().await {
+            tracing::warn!(error = %e, "scheduler.shutdown: sink flush failed");
+        }
+    }
+}
+
+async fn stop_range(h: RangeHandle) {
+    let (tx, rx) = oneshot::channel();
+    if h.tx.send(Msg::Shutdown(tx)).is_ok() {
+        let _ = rx.await;
+    }
+    let _ = h.task.await;
+}

@@ -1,0 +1,579 @@
+//! The scheduler of one owned slot range: its in-memory wheel, its loader and its firing.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{CancelProbe, MemState, Msg, RangeHandle, SchedulerConfig};
+use crate::Result;
+use crate::metrics as m;
+use crate::sink::{Delivery, Sink};
+use crate::store::{CancelOutcome, LoadedBucket, TimerStore};
+use crate::timer::{Layout, SlotRange, Timer, TimerId, now_ms};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Pending,
+    InFlight,
+    Fired,
+    /// A cancel is being written; `had_timer` says whether the timer was in memory.
+    Cancelling {
+        had_timer: bool,
+    },
+    Cancelled,
+}
+
+struct Entry {
+    due_ms: u64,
+    state: State,
+    attempts: u32,
+    /// Present while the timer may still fire; dropped once fired or cancelled.
+    timer: Option<Timer>,
+}
+
+#[derive(Default)]
+struct Bucket {
+    ids: Vec<TimerId>,
+    /// Timers that are pending, in flight, or being cancelled.
+    open: usize,
+    deleting: bool,
+}
+
+/// Starts the scheduler of `range`: reads its low-water mark, then runs its task and loader.
+pub(super) async fn start(
+    range: SlotRange,
+    store: Arc<dyn TimerStore>,
+    sink: Arc<dyn Sink>,
+    config: SchedulerConfig,
+    in_memory: Arc<AtomicUsize>,
+) -> Result<RangeHandle> {
+    let layout = store.layout();
+    let start_bucket = match store.low_water_mark(range).await? {
+        Some(b) => b,
+        None => {
+            // A range never scheduled before: nothing can be older than the present bucket
+            // (writers only use buckets after "now"), so record that before serving.
+            let b = layout.bucket_start(now_ms());
+            store.set_low_water_mark(range, b).await?;
+            b
+        }
+    };
+    tracing::info!(range = %range, low_water_ms = start_bucket, "scheduler.start");
+    let horizon = Arc::new(AtomicU64::new(start_bucket.saturating_sub(1)));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stop_loader = Arc::new(AtomicBool::new(false));
+    let loader = tokio::spawn(
+        Loader {
+            range,
+            layout,
+            store: store.clone(),
+            config: config.clone(),
+            horizon: horizon.clone(),
+            in_memory: in_memory.clone(),
+            tx: tx.clone(),
+            stop: stop_loader.clone(),
+        }
+        .run(start_bucket),
+    );
+    let task = RangeTask {
+        range,
+        layout,
+        store,
+        sink,
+        config,
+        tx: tx.clone(),
+        entries: HashMap::new(),
+        due: BinaryHeap::new(),
+        buckets: BTreeMap::new(),
+        next_unsettled: start_bucket,
+        in_memory,
+        held: 0,
+        inflight: 0,
+        lwm_written: start_bucket,
+        lwm_writing: false,
+        last_lwm_write: Instant::now(),
+        stopping: None,
+        loader,
+        stop_loader,
+    };
+    let task = tokio::spawn(task.run(rx));
+    Ok(RangeHandle {
+        range,
+        tx,
+        horizon,
+        task,
+    })
+}
+
+struct Loader {
+    range: SlotRange,
+    layout: Layout,
+    store: Arc<dyn TimerStore>,
+    config: SchedulerConfig,
+    horizon: Arc<AtomicU64>,
+    in_memory: Arc<AtomicUsize>,
+    tx: mpsc::UnboundedSender<Msg>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Loader {
+    /// Reads buckets from `next` on, each a little before it is due, and settles the
+    /// empty stretches in between without reading them one by one.
+    async fn run(self, mut next: u64) {
+        let w = self.layout.bucket_ms;
+        let lookahead = self.config.lookahead.as_millis() as u64;
+        while !self.stop.load(Ordering::SeqCst) {
+            let target = self.layout.bucket_start(now_ms() + lookahead);
+            if next > target {
+                tokio::time::sleep(Duration::from_millis((next - target).clamp(1, w).min(50)))
+                    .await;
+                continue;
+            }
+            if self.in_memory.load(Ordering::Relaxed) >= self.config.max_in_memory {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            // Rule 1: raise the horizon before reading, so a timer written from now on
+            // into these buckets is handed off, and one written before is read.
+            if self.horizon.load(Ordering::SeqCst) < target {
+                self.horizon.store(target, Ordering::SeqCst);
+            }
+            let found = match self.store.next_bucket(self.range, next).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(range = %self.range, error = %e, "scheduler.load: store unavailable, retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let bucket = match found {
+                Some(b) if b <= target => b,
+                _ => {
+                    if self.tx.send(Msg::Settled(target)).is_err() {
+                        return;
+                    }
+                    next = target + w;
+                    continue;
+                }
+            };
+            match self.store.load_bucket(self.range, bucket).await {
+                Ok(loaded) => {
+                    m::loaded(loaded.timers.len());
+                    if self.tx.send(Msg::Loaded(bucket, loaded)).is_err() {
+                        return;
+                    }
+                    next = bucket + w;
+                }
+                Err(e) => {
+                    tracing::warn!(range = %self.range, bucket_ms = bucket, error = %e, "scheduler.load: store unavailable, retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}
+
+struct RangeTask {
+    range: SlotRange,
+    layout: Layout,
+    store: Arc<dyn TimerStore>,
+    sink: Arc<dyn Sink>,
+    config: SchedulerConfig,
+    tx: mpsc::UnboundedSender<Msg>,
+    entries: HashMap<TimerId, Entry>,
+    due: BinaryHeap<Reverse<(u64, TimerId)>>,
+    buckets: BTreeMap<u64, Bucket>,
+    /// Every bucket before this was read (or found empty) by the loader.
+    next_unsettled: u64,
+    /// Shared count of timers held in memory by all ranges, for the loader's backpressure.
+    in_memory: Arc<AtomicUsize>,
+    /// This range's share of `in_memory`.
+    held: usize,
+    inflight: usize,
+    lwm_written: u64,
+    lwm_writing: bool,
+    last_lwm_write: Instant,
+    stopping: Option<(tokio::sync::oneshot::Sender<()>, Instant)>,
+    loader: tokio::task::JoinHandle<()>,
+    stop_loader: Arc<AtomicBool>,
+}
+
+impl RangeTask {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(100));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.handle(msg);
+                    // Take whatever else is queued before firing, so bursts cost one pass.
+                    for _ in 0..1024 {
+                        match rx.try_recv() {
+                            Ok(msg) => self.handle(msg),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = housekeeping.tick() => self.housekeeping(),
+            }
+            if self.stopping.is_none() {
+                self.fire_due();
+            }
+            if let Some((_, since)) = &self.stopping {
+                let timed_out = since.elapsed() >= self.config.shutdown_timeout;
+                if (self.inflight == 0 && !self.lwm_writing) || timed_out {
+                    if timed_out {
+                        tracing::warn!(range = %self.range, inflight = self.inflight, "scheduler.stop: deliveries still in flight at timeout; they will fire again after restart");
+                    }
+                    break;
+                }
+            }
+        }
+        self.stop_loader.store(true, Ordering::SeqCst);
+        self.loader.abort();
+        self.in_memory.fetch_sub(self.held, Ordering::Relaxed);
+        m::in_memory(self.in_memory.load(Ordering::Relaxed));
+        // Persist how far this range got, so a restart scans as little as possible.
+        let lwm = self.low_water_candidate();
+        if lwm > self.lwm_written
+            && let Err(e) = self.store.set_low_water_mark(self.range, lwm).await
+        {
+            tracing::warn!(range = %self.range, error = %e, "scheduler.stop: low-water mark not written");
+        }
+        if let Some((reply, _)) = self.stopping.take() {
+            let _ = reply.send(());
+        }
+        tracing::info!(range = %self.range, "scheduler.stop");
+    }
+
+    fn next_wake(&self) -> Instant {
+        let now = now_ms();
+        match self.due.peek() {
+            Some(Reverse((due, _))) if self.inflight < self.config.max_inflight_batches => {
+                Instant::now() + Duration::from_millis(due.saturating_sub(now))
+            }
+            _ => Instant::now() + Duration::from_secs(1),
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::HandOff(timers) => {
+                for t in timers {
+                    self.admit(t);
+                }
+            }
+            Msg::Loaded(bucket, loaded) => self.loaded(bucket, loaded),
+            Msg::Settled(upto) => {
+                self.next_unsettled = self.next_unsettled.max(upto + self.layout.bucket_ms)
+            }
+            Msg::Delivered(batch, outcomes, fired_at) => self.delivered(batch, outcomes, fired_at),
+            Msg::BucketDeleted(bucket, ok) => self.bucket_deleted(bucket, ok),
+            Msg::LowWaterWritten(lwm, ok) => {
+                self.lwm_writing = false;
+                if ok {
+                    self.lwm_written = self.lwm_written.max(lwm);
+                }
+            }
+            Msg::BeginCancel(id, reply) => {
+                let _ = reply.send(self.begin_cancel(id));
+            }
+            Msg::EndCancel(id, outcome) => self.end_cancel(id, outcome),
+            Msg::Status(id, reply) => {
+                let _ = reply.send(self.entries.get(&id).map(|e| match e.state {
+                    State::Pending => MemState::Pending,
+                    State::InFlight => MemState::Firing,
+                    State::Fired => MemState::Fired,
+                    State::Cancelling { .. } | State::Cancelled => MemState::Cancelled,
+                }));
+            }
+            Msg::Shutdown(reply) => {
+                self.stop_loader.store(true, Ordering::SeqCst);
+                self.stopping = Some((reply, Instant::now()));
+            }
+        }
+    }
+
+    fn hold(&mut self, n: isize) {
+        if n >= 0 {
+            self.held += n as usize;
+            self.in_memory.fetch_add(n as usize, Ordering::Relaxed);
+        } else {
+            self.held -= n.unsigned_abs();
+            self.in_memory
+                .fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
+    /// Adds a pending timer unless its id is already known (loaded and handed off, fired,
+    /// or cancelled).
+    fn admit(&mut self, t: Timer) {
+        if self.entries.contains_key(&t.id) {
+            return;
+        }
+        let id = t.id;
+        let due_ms = t.spec.fire_at_ms;
+        self.entries.insert(
+            id,
+            Entry {
+                due_ms,
+                state: State::Pending,
+                attempts: 0,
+                timer: Some(t),
+            },
+        );
+        let b = self.buckets.entry(id.bucket_ms).or_default();
+        b.ids.push(id);
+        b.open += 1;
+        self.due.push(Reverse((due_ms, id)));
+        self.hold(1);
+    }
+
+    fn loaded(&mut self, bucket: u64, loaded: LoadedBucket) {
+        if loaded.cancelled > 0 {
+            // Cancelled rows are not loaded, but the bucket must still be deleted.
+            self.buckets.entry(bucket).or_default();
+        }
+        for t in loaded.timers {
+            self.admit(t);
+        }
+        self.next_unsettled = self.next_unsettled.max(bucket + self.layout.bucket_ms);
+        m::in_memory(self.in_memory.load(Ordering::Relaxed));
+    }
+
+    fn fire_due(&mut self) {
+        let now = now_ms();
+        while self.inflight < self.config.max_inflight_batches {
+            let mut batch = Vec::new();
+            while batch.len() < self.config.max_batch {
+                let Some(Reverse((due, id))) = self.due.peek().copied() else {
+                    break;
+                };
+                // Never early: a timer fires only once the wall clock reached its epoch.
+                if due > now {
+                    break;
+                }
+                self.due.pop();
+                let Some(e) = self.entries.get_mut(&id) else {
+                    continue;
+                };
+                // Stale heap items (cancelled, rescheduled) are skipped here.
+                if e.state != State::Pending || e.due_ms != due {
+                    continue;
+                }
+                e.state = State::InFlight;
+                batch.push(e.timer.take().expect("pending entry holds its timer"));
+            }
+            if batch.is_empty() {
+                return;
+            }
+            self.inflight += 1;
+            let sink = self.sink.clone();
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let fired_at = now_ms();
+                let outcomes = sink.deliver(&batch, fired_at).await;
+                let _ = tx.send(Msg::Delivered(batch, outcomes, fired_at));
+            });
+        }
+    }
+
+    fn delivered(&mut self, batch: Vec<Timer>, outcomes: Vec<Delivery>, fired_at: u64) {
+        self.inflight -= 1;
+        let mut failed = 0;
+        let mut lateness = Vec::with_capacity(batch.len());
+        let now = now_ms();
+        for (i, t) in batch.into_iter().enumerate() {
+            let outcome = outcomes
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| Delivery::Failed("sink gave no outcome".into()));
+            let Some(e) = self.entries.get_mut(&t.id) else {
+                continue;
+            };
+            match outcome {
+                Delivery::Delivered | Delivery::DeadLettered => {
+                    e.state = State::Fired;
+                    let due = t.spec.fire_at_ms.max(t.created_ms);
+                    lateness.push(Duration::from_millis(fired_at.saturating_sub(due)));
+                    if let Some(b) = self.buckets.get_mut(&t.id.bucket_ms) {
+                        b.open -= 1;
+                    }
+                    self.hold(-1);
+                }
+                Delivery::Failed(why) => {
+                    failed += 1;
+                    e.attempts += 1;
+                    let backoff = self
+                        .config
+                        .retry_min
+                        .saturating_mul(1u32 << e.attempts.min(16))
+                        .min(self.config.retry_max);
+                    e.state = State::Pending;
+                    e.due_ms = now + backoff.as_millis() as u64;
+                    self.due.push(Reverse((e.due_ms, t.id)));
+                    if e.attempts == 1 || e.attempts.is_power_of_two() {
+                        tracing::warn!(timer_id = %t.id, topic = %t.spec.topic, attempts = e.attempts, error = %why, "sink.deliver failed; will retry");
+                    }
+                    e.timer = Some(t);
+                }
+            }
+        }
+        m::fired(lateness.into_iter());
+        if failed > 0 {
+            m::sink_failed(failed);
+        }
+    }
+
+    fn begin_cancel(&mut self, id: TimerId) -> CancelProbe {
+        match self.entries.get_mut(&id) {
+            Some(e) => match e.state {
+                State::Pending => {
+                    e.state = State::Cancelling { had_timer: true };
+                    CancelProbe::Proceed
+                }
+                State::InFlight | State::Fired => CancelProbe::AlreadyFired,
+                State::Cancelling { .. } => CancelProbe::InProgress,
+                State::Cancelled => CancelProbe::AlreadyCancelled,
+            },
+            None => {
+                // Not in memory (yet): leave a marker so a load racing the cancel skips it.
+                self.entries.insert(
+                    id,
+                    Entry {
+                        due_ms: 0,
+                        state: State::Cancelling { had_timer: false },
+                        attempts: 0,
+                        timer: None,
+                    },
+                );
+                let b = self.buckets.entry(id.bucket_ms).or_default();
+                b.ids.push(id);
+                b.open += 1;
+                CancelProbe::Proceed
+            }
+        }
+    }
+
+    fn end_cancel(&mut self, id: TimerId, outcome: Option<CancelOutcome>) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let State::Cancelling { had_timer } = e.state else {
+            return;
+        };
+        let close = |buckets: &mut BTreeMap<u64, Bucket>| {
+            if let Some(b) = buckets.get_mut(&id.bucket_ms) {
+                b.open -= 1;
+            }
+        };
+        match (outcome, had_timer) {
+            (Some(_), true) => {
+                // Cancelled in the store (or the row is gone): it never fires.
+                e.state = State::Cancelled;
+                e.timer = None;
+                close(&mut self.buckets);
+                self.hold(-1);
+            }
+            (Some(CancelOutcome::Cancelled | CancelOutcome::AlreadyCancelled), false) => {
+                e.state = State::Cancelled;
+                close(&mut self.buckets);
+            }
+            (Some(CancelOutcome::NotFound), false) | (None, false) => {
+                self.entries.remove(&id);
+                close(&mut self.buckets);
+            }
+            (None, true) => {
+                // The durable cancel failed: the timer is pending again.
+                e.state = State::Pending;
+                self.due.push(Reverse((e.due_ms, id)));
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        m::in_memory(self.in_memory.load(Ordering::Relaxed));
+        let now = now_ms();
+        let w = self.layout.bucket_ms;
+        let grace = self.config.grace.as_millis() as u64;
+        // Rule 2: a bucket goes when it is over (plus grace), fully read, and nothing in it
+        // is still open.
+        let ready: Vec<u64> = self
+            .buckets
+            .iter()
+            .take_while(|(b, _)| **b + w + grace <= now)
+            .filter(|(b, bucket)| **b < self.next_unsettled && bucket.open == 0 && !bucket.deleting)
+            .map(|(b, _)| *b)
+            .collect();
+        for b in ready {
+            if let Some(bucket) = self.buckets.get_mut(&b) {
+                bucket.deleting = true;
+            }
+            let store = self.store.clone();
+            let tx = self.tx.clone();
+            let range = self.range;
+            tokio::spawn(async move {
+                let ok = match store.delete_bucket(range, b).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(range = %range, bucket_ms = b, error = %e, "scheduler.delete_bucket failed; will retry");
+                        false
+                    }
+                };
+                let _ = tx.send(Msg::BucketDeleted(b, ok));
+            });
+        }
+        // Rule 3: persist the low-water mark, at most once a second.
+        let lwm = self.low_water_candidate();
+        if lwm > self.lwm_written
+            && !self.lwm_writing
+            && self.last_lwm_write.elapsed() >= Duration::from_secs(1)
+        {
+            self.lwm_writing = true;
+            self.last_lwm_write = Instant::now();
+            let store = self.store.clone();
+            let tx = self.tx.clone();
+            let range = self.range;
+            tokio::spawn(async move {
+                let ok = store.set_low_water_mark(range, lwm).await.is_ok();
+                let _ = tx.send(Msg::LowWaterWritten(lwm, ok));
+            });
+        }
+    }
+
+    /// The oldest bucket that may still hold unfired timers of this range.
+    fn low_water_candidate(&self) -> u64 {
+        let grace = self.config.grace.as_millis() as u64;
+        let mut lwm = self.next_unsettled;
+        if let Some((b, _)) = self.buckets.first_key_value() {
+            lwm = lwm.min(*b);
+        }
+        // A write acknowledged just now may still be on its way to us; stay behind it.
+        lwm.min(self.layout.bucket_start(now_ms().saturating_sub(grace)))
+            .max(self.lwm_written)
+    }
+
+    fn bucket_deleted(&mut self, bucket: u64, ok: bool) {
+        if !ok {
+            if let Some(b) = self.buckets.get_mut(&bucket) {
+                b.deleting = false;
+            }
+            return;
+        }
+        if let Some(b) = self.buckets.remove(&bucket) {
+            for id in b.ids {
+                self.entries.remove(&id);
+            }
+            m::bucket_deleted();
+        }
+    }
+}

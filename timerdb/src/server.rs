@@ -1,0 +1,107 @@
+//! Runs one TimerDB node: store, sink, scheduler, gRPC API, health, reflection, metrics.
+
+use std::future::Future;
+
+use timerdb_proto::v1::timer_service_server::TimerServiceServer;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::TimerApi;
+use crate::config::Config;
+use crate::scheduler::Scheduler;
+use crate::{Error, Result, sink, store};
+
+/// Largest gRPC request accepted: room for a full batch of typical timers.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Runs a node until SIGTERM or Ctrl-C, then shuts down gracefully.
+pub async fn run(config: Config) -> Result<()> {
+    run_until(config, shutdown_signal()).await
+}
+
+/// Runs a node until `shutdown` completes: stops accepting calls, lets in-flight fires
+/// finish, records progress, and closes the store.
+pub async fn run_until(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    config.validate()?;
+    if let Some(addr) = config.metrics_listen {
+        crate::metrics::install(addr)?;
+    }
+    let store = store::open(&config.store, config.store_options.clone()).await?;
+    let sink = sink::open(&config.sink).await?;
+    let scheduler = Scheduler::new(store.clone(), sink.clone(), config.scheduler.clone());
+    let layout = store.layout();
+    // A single node owns every slot; a cluster member is assigned its ranges instead.
+    scheduler.assign(vec![layout.all_slots()]).await?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::Config(format!("listen = {}: {e}", config.listen)))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+
+    let api = TimerApi::new(
+        store.clone(),
+        sink.clone(),
+        scheduler.clone(),
+        config.limits.clone(),
+    );
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<TimerServiceServer<TimerApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(timerdb_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    tracing::info!(
+        grpc = %bound,
+        metrics = ?config.metrics_listen,
+        store = %config.store,
+        sink = %config.sink,
+        slots = layout.slots,
+        bucket_ms = layout.bucket_ms,
+        "timerdb ready"
+    );
+    let served = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            TimerServiceServer::new(api)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    tracing::info!("timerdb stopping: no new calls; finishing in-flight fires");
+    health_reporter
+        .set_not_serving::<TimerServiceServer<TimerApi>>()
+        .await;
+    scheduler.shutdown().await;
+    store.close().await?;
+    tracing::info!("timerdb stopped");
+    served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

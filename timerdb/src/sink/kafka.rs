@@ -1,0 +1,246 @@
+//! Kafka sink on rdkafka: idempotent producer, `acks=all`, delivery reports awaited before
+//! a timer counts as fired.
+//!
+//! URL: `kafka://host:port[,host:port...][?dead_letter_topic=T&compression=lz4&linger_ms=5]`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use super::{Delivery, Sink, message_headers, message_key};
+use crate::metrics as m;
+use crate::timer::Timer;
+use crate::{Error, Result};
+
+/// How long a topic's partition count is trusted before asking the cluster again.
+const METADATA_TTL: Duration = Duration::from_secs(30);
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Produces fired timers to Kafka.
+pub struct KafkaSink {
+    producer: FutureProducer,
+    dead_letter_topic: Option<String>,
+    partitions: Mutex<HashMap<String, (Option<i32>, Instant)>>,
+}
+
+impl KafkaSink {
+    /// Connects a producer as described by `url` (no round trip is made here).
+    pub async fn open(url: &str) -> Result<KafkaSink> {
+        let rest = url
+            .strip_prefix("kafka://")
+            .ok_or_else(|| Error::Config(format!("sink URL {url:?} must start with kafka://")))?;
+        let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let hosts = hosts.trim_end_matches('/');
+        if hosts.is_empty() {
+            return Err(Error::Config(format!(
+                "sink URL {url:?} names no broker; use kafka://host:port"
+            )));
+        }
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", hosts)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "none")
+            // A delivery that cannot finish in this time is reported failed; the scheduler
+            // keeps the timer and retries, so nothing is dropped.
+            .set("message.timeout.ms", "30000");
+        let mut dead_letter_topic = None;
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match k.as_ref() {
+                "dead_letter_topic" => dead_letter_topic = Some(v.into_owned()),
+                "compression" => {
+                    config.set("compression.type", v.as_ref());
+                }
+                "linger_ms" => {
+                    config.set("linger.ms", v.as_ref());
+                }
+                other => {
+                    return Err(Error::Config(format!(
+                        "sink URL {url:?}: unknown option {other:?} (known: dead_letter_topic, compression, linger_ms)"
+                    )));
+                }
+            }
+        }
+        let producer: FutureProducer = config
+            .create()
+            .map_err(|e| Error::Config(format!("sink URL {url:?}: {e}")))?;
+        Ok(KafkaSink {
+            producer,
+            dead_letter_topic,
+            partitions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<Option<i32>> {
+        if let Some((n, at)) = self.partitions.lock().expect("lock").get(topic)
+            && at.elapsed() < METADATA_TTL
+        {
+            return Ok(*n);
+        }
+        let producer = self.producer.clone();
+        let t = topic.to_owned();
+        let md = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&t), METADATA_TIMEOUT)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| Error::Unavailable(format!("Kafka metadata for topic {topic:?}: {e}")))?;
+        let n = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32);
+        self.partitions
+            .lock()
+            .expect("lock")
+            .insert(topic.to_owned(), (n, Instant::now()));
+        Ok(n)
+    }
+
+    async fn dead_letter(&self, timer: &Timer, fired_at_ms: u64, why: &str) -> Delivery {
+        let Some(dlq) = &self.dead_letter_topic else {
+            return Delivery::Failed(format!(
+                "{why}; no dead-letter topic is configured, so the timer is kept and retried"
+            ));
+        };
+        let key = message_key(timer);
+        let partition = timer.spec.partition.to_string();
+        let headers = headers(timer, fired_at_ms)
+            .insert(Header {
+                key: "timerdb-original-topic",
+                value: Some(timer.spec.topic.as_bytes()),
+            })
+            .insert(Header {
+                key: "timerdb-original-partition",
+                value: Some(partition.as_bytes()),
+            })
+            .insert(Header {
+                key: "timerdb-error",
+                value: Some(why.as_bytes()),
+            });
+        let record = FutureRecord::to(dlq)
+            .key(&key)
+            .payload(timer.spec.payload.as_ref())
+            .headers(headers);
+        match self.producer.send(record, Duration::from_secs(5)).await {
+            Ok(_) => {
+                m::dead_lettered(dlq);
+                Delivery::DeadLettered
+            }
+            Err((e, _)) => Delivery::Failed(format!("{why}; dead-letter topic {dlq:?}: {e}")),
+        }
+    }
+}
+
+fn headers(timer: &Timer, fired_at_ms: u64) -> OwnedHeaders {
+    let hs = message_headers(timer, fired_at_ms);
+    let mut out = OwnedHeaders::new_with_capacity(hs.len());
+    for (k, v) in &hs {
+        out = out.insert(Header {
+            key: k,
+            value: Some(v.as_slice()),
+        });
+    }
+    out
+}
+
+/// Errors after which producing to this target can never succeed.
+fn is_permanent(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::InvalidTopic
+        )
+    )
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    async fn check_target(&self, topic: &str, partition: i32) -> Result<()> {
+        match self.partition_count(topic).await? {
+            None => Err(Error::FailedPrecondition(format!(
+                "Kafka topic {topic:?} does not exist; create it before scheduling timers to it"
+            ))),
+            Some(n) if partition >= n => Err(Error::FailedPrecondition(format!(
+                "Kafka topic {topic:?} has {n} partitions (0..={}); partition {partition} does not exist",
+                n - 1
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    async fn deliver(&self, batch: &[Timer], fired_at_ms: u64) -> Vec<Delivery> {
+        let keys: Vec<Vec<u8>> = batch.iter().map(message_key).collect();
+        let mut pending = Vec::with_capacity(batch.len());
+        for (t, key) in batch.iter().zip(&keys) {
+            let mut record = FutureRecord::to(&t.spec.topic)
+                .partition(t.spec.partition)
+                .key(key.as_slice())
+                .payload(t.spec.payload.as_ref())
+                .headers(headers(t, fired_at_ms));
+            // A full local queue clears as deliveries complete; wait rather than fail.
+            let fut = loop {
+                match self.producer.send_result(record) {
+                    Ok(f) => break Ok(f),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((e, _)) => break Err(e),
+                }
+            };
+            pending.push(fut);
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        let results = join_all(pending.into_iter().map(|p| async move {
+            match p {
+                Ok(f) => match f.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
+                },
+                Err(e) => Err(e),
+            }
+        }))
+        .await;
+        for (t, r) in batch.iter().zip(results) {
+            out.push(match r {
+                Ok(()) => Delivery::Delivered,
+                Err(e) if is_permanent(&e) => {
+                    let why = format!(
+                        "cannot produce to topic {:?} partition {}: {e}",
+                        t.spec.topic, t.spec.partition
+                    );
+                    tracing::warn!(timer_id = %t.id, topic = %t.spec.topic, error = %e, "sink.deliver permanent failure");
+                    self.dead_letter(t, fired_at_ms, &why).await
+                }
+                Err(e) => Delivery::Failed(format!("producing to {:?}: {e}", t.spec.topic)),
+            });
+        }
+        out
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::Unavailable(format!("flushing Kafka producer: {e}")))
+    }
+}

@@ -1,0 +1,134 @@
+//! Durable timer storage behind the [`TimerStore`] trait, chosen by URL.
+//!
+//! Layout (see `docs/design.md`): a timer lives in the partition (slot, bucket) named by
+//! its id. Loading "everything due in this bucket for these slots" is one read; a bucket
+//! whose timers have all fired is removed with one range/partition delete.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec};
+use crate::{Error, Result};
+
+pub mod conformance;
+pub mod embedded;
+
+/// Outcome of storing one timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    /// The timer's id (the first call's id for a repeated idempotency key).
+    pub id: TimerId,
+    /// False when the idempotency key was seen before and nothing was created.
+    pub created: bool,
+}
+
+/// A timer as read back from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTimer {
+    /// The timer.
+    pub timer: Timer,
+    /// Whether it is still pending or was cancelled.
+    pub state: StoredState,
+}
+
+/// Outcome of a cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// This call cancelled it.
+    Cancelled,
+    /// It was cancelled before.
+    AlreadyCancelled,
+    /// No such row (never existed, or its bucket was already cleaned up).
+    NotFound,
+}
+
+/// The pending timers of one bucket, as loaded by the scheduler.
+#[derive(Debug, Default)]
+pub struct LoadedBucket {
+    /// Pending timers, in no particular order.
+    pub timers: Vec<Timer>,
+    /// Rows skipped because they were cancelled (they still need the bucket deleted).
+    pub cancelled: usize,
+}
+
+/// Durable storage for timers. Every implementation passes [`conformance`].
+#[async_trait]
+pub trait TimerStore: Send + Sync + 'static {
+    /// The slot/bucket layout the store was created with.
+    fn layout(&self) -> Layout;
+
+    /// Stores timers durably, in one write batch, and returns one result per item in order.
+    /// Each timer goes to the bucket of its fire time, or of the next bucket after "now"
+    /// if that is later, so a bucket never receives timers once it has started.
+    /// A repeated idempotency key (within the retention window) creates nothing and returns
+    /// the first id.
+    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Inserted>>;
+
+    /// Reads a timer by id.
+    async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>>;
+
+    /// Marks a pending timer cancelled, durably.
+    async fn cancel(&self, id: TimerId) -> Result<CancelOutcome>;
+
+    /// All pending timers stored in `bucket_ms` for `slots`.
+    async fn load_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<LoadedBucket>;
+
+    /// The first bucket at or after `from_ms` that may hold timers of `slots`, if any.
+    /// May answer `from_ms` itself when the store cannot tell cheaply.
+    async fn next_bucket(&self, slots: SlotRange, from_ms: u64) -> Result<Option<u64>>;
+
+    /// Removes every row of `bucket_ms` for `slots` (its timers all fired or were cancelled).
+    async fn delete_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<()>;
+
+    /// The oldest bucket of `slots` that may still hold unfired timers (the minimum over
+    /// the slots), or `None` if none was ever recorded.
+    async fn low_water_mark(&self, slots: SlotRange) -> Result<Option<u64>>;
+
+    /// Records that no bucket of `slots` before `bucket_ms` holds unfired timers.
+    async fn set_low_water_mark(&self, slots: SlotRange, bucket_ms: u64) -> Result<()>;
+
+    /// Flushes and releases resources; later calls fail.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Settings shared by all store implementations.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Layout to create a new store with; an existing store keeps its own.
+    pub layout: Layout,
+    /// How long an idempotency key is remembered.
+    pub idempotency_retention: Duration,
+    /// Cache size for the embedded engine, bytes.
+    pub cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            layout: Layout::default(),
+            idempotency_retention: Duration::from_secs(24 * 3600),
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Opens the store named by `url`: `embedded:PATH` / `embedded://PATH`.
+pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn TimerStore>> {
+    if let Some(path) = url
+        .strip_prefix("embedded://")
+        .or_else(|| url.strip_prefix("embedded:"))
+    {
+        if path.is_empty() {
+            return Err(Error::Config(format!(
+                "store URL {url:?} has no path; use embedded:///absolute/dir or embedded:relative/dir"
+            )));
+        }
+        let store = embedded::EmbeddedStore::open(path.as_ref(), options).await?;
+        return Ok(Arc::new(store));
+    }
+    Err(Error::Config(format!(
+        "unsupported store URL {url:?}: expected embedded:///path (scylla:// is not available in this build)"
+    )))
+}

@@ -1,0 +1,257 @@
+//! The conformance suite every [`TimerStore`] must pass. Each check takes a fresh store
+//! from `make` (an empty store with bucket width 1 s and the given idempotency retention).
+//! Run it with [`run_all`] from an integration test of the implementation.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{CancelOutcome, TimerStore};
+use crate::timer::{StoredState, TimerSpec, now_ms};
+
+fn spec(fire_at_ms: u64, n: u32) -> TimerSpec {
+    TimerSpec {
+        fire_at_ms,
+        topic: format!("topic-{n}"),
+        partition: (n % 7) as i32,
+        key: n.is_multiple_of(2).then(|| Bytes::from(format!("key-{n}"))),
+        headers: vec![("h".into(), Bytes::from(vec![n as u8, 0, 255]))],
+        payload: Bytes::from(format!("payload-{n}").repeat(1 + n as usize % 5)),
+        idempotency_key: None,
+    }
+}
+
+/// Runs every check. `make(retention)` must return a new, empty store.
+pub async fn run_all<F, Fut>(make: F)
+where
+    F: Fn(Duration) -> Fut,
+    Fut: Future<Output = Arc<dyn TimerStore>>,
+{
+    let day = Duration::from_secs(86_400);
+    insert_then_get_round_trips(make(day).await).await;
+    batch_insert_keeps_order_and_buckets(make(day).await).await;
+    past_and_near_timers_go_to_a_future_bucket(make(day).await).await;
+    load_bucket_returns_exactly_its_slots(make(day).await).await;
+    next_bucket_skips_empty_stretches(make(day).await).await;
+    delete_bucket_removes_only_that_bucket(make(day).await).await;
+    cancel_is_durable_and_idempotent(make(day).await).await;
+    idempotency_key_returns_the_first_id(make(day).await).await;
+    idempotency_key_expires_after_retention(make(Duration::from_millis(300)).await).await;
+    low_water_mark_is_the_minimum_over_slots(make(day).await).await;
+}
+
+/// A stored timer reads back exactly; an unknown id reads as absent.
+pub async fn insert_then_get_round_trips(store: Arc<dyn TimerStore>) {
+    let fire = now_ms() + 60_000;
+    let s = spec(fire, 4);
+    let ids = store.insert(std::slice::from_ref(&s)).await.unwrap();
+    assert_eq!(ids.len(), 1);
+    assert!(ids[0].created);
+    let got = store.get(ids[0].id).await.unwrap().expect("stored timer");
+    assert_eq!(got.timer.spec, s);
+    assert_eq!(got.timer.id, ids[0].id);
+    assert_eq!(got.state, StoredState::Pending);
+    let mut other = ids[0].id;
+    other.rand ^= 1;
+    assert!(store.get(other).await.unwrap().is_none());
+}
+
+/// A batch returns one distinct id per item, in order, each in its fire time's bucket.
+pub async fn batch_insert_keeps_order_and_buckets(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let base = now_ms() + 120_000;
+    let specs: Vec<TimerSpec> = (0..500).map(|n| spec(base + n as u64 * 37, n)).collect();
+    let ids = store.insert(&specs).await.unwrap();
+    assert_eq!(ids.len(), specs.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, s) in ids.iter().zip(&specs) {
+        assert!(i.created);
+        assert!(seen.insert(i.id));
+        assert_eq!(i.id.bucket_ms, l.bucket_start(s.fire_at_ms));
+        assert_eq!(store.get(i.id).await.unwrap().unwrap().timer.spec, *s);
+    }
+}
+
+/// Past and immediate timers are stored in a bucket that has not started yet, so they
+/// can never land in a bucket the scheduler may already have deleted.
+pub async fn past_and_near_timers_go_to_a_future_bucket(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let before = now_ms();
+    let ids = store
+        .insert(&[spec(0, 1), spec(before, 2), spec(before - 3_600_000, 3)])
+        .await
+        .unwrap();
+    for i in ids {
+        assert!(i.id.bucket_ms > l.bucket_start(before), "{:?}", i.id);
+        assert!(i.id.bucket_ms <= l.bucket_start(now_ms()) + l.bucket_ms);
+        let got = store.get(i.id).await.unwrap().unwrap();
+        assert!(
+            got.timer.spec.fire_at_ms <= before,
+            "fire time is kept as requested"
+        );
+    }
+}
+
+/// Loading a bucket for a slot range returns its pending timers of those slots only,
+/// and counts (not returns) cancelled ones.
+pub async fn load_bucket_returns_exactly_its_slots(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let fire = l.bucket_start(now_ms() + 300_000) + 10;
+    let specs: Vec<TimerSpec> = (0..300).map(|n| spec(fire + n as u64 % 900, n)).collect();
+    let ids = store.insert(&specs).await.unwrap();
+    let cancelled = ids[0].id;
+    assert_eq!(
+        store.cancel(cancelled).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let bucket = l.bucket_start(fire);
+    let all = store.load_bucket(l.all_slots(), bucket).await.unwrap();
+    assert_eq!(all.timers.len(), 299);
+    assert_eq!(all.cancelled, 1);
+    let half = crate::timer::SlotRange {
+        first: 0,
+        last: l.slots / 2 - 1,
+    };
+    let lower = store.load_bucket(half, bucket).await.unwrap();
+    let expected = ids[1..]
+        .iter()
+        .filter(|i| half.contains(l.slot_of(i.id.rand)))
+        .count();
+    assert_eq!(lower.timers.len(), expected);
+    assert!(
+        lower
+            .timers
+            .iter()
+            .all(|t| half.contains(l.slot_of(t.id.rand)))
+    );
+    assert!(expected > 100 && expected < 200, "slots spread: {expected}");
+    let next = store
+        .load_bucket(l.all_slots(), bucket + l.bucket_ms)
+        .await
+        .unwrap();
+    assert!(next.timers.is_empty());
+}
+
+/// `next_bucket` finds the next bucket with timers of the range, or none.
+pub async fn next_bucket_skips_empty_stretches(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let start = l.bucket_start(now_ms() + 600_000);
+    assert_eq!(store.next_bucket(l.all_slots(), start).await.unwrap(), None);
+    let far = start + 50 * l.bucket_ms;
+    let ids = store.insert(&[spec(far + 5, 1)]).await.unwrap();
+    let found = store.next_bucket(l.all_slots(), start).await.unwrap();
+    assert!(found.is_some_and(|b| b <= far), "{found:?}");
+    // A range that does not hold the timer's slot may answer conservatively, never later.
+    let slot = l.slot_of(ids[0].id.rand);
+    let r = crate::timer::SlotRange {
+        first: slot,
+        last: slot,
+    };
+    assert!(
+        store
+            .next_bucket(r, start)
+            .await
+            .unwrap()
+            .is_some_and(|b| b <= far)
+    );
+    assert_eq!(
+        store
+            .next_bucket(l.all_slots(), far + l.bucket_ms)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+/// Deleting a bucket removes its rows (pending or cancelled) and nothing else.
+pub async fn delete_bucket_removes_only_that_bucket(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let b = l.bucket_start(now_ms() + 900_000);
+    let ids = store
+        .insert(&[spec(b + 1, 1), spec(b + 2, 2), spec(b + l.bucket_ms + 1, 3)])
+        .await
+        .unwrap();
+    store.cancel(ids[1].id).await.unwrap();
+    store.delete_bucket(l.all_slots(), b).await.unwrap();
+    assert!(store.get(ids[0].id).await.unwrap().is_none());
+    assert!(store.get(ids[1].id).await.unwrap().is_none());
+    assert!(store.get(ids[2].id).await.unwrap().is_some());
+    let loaded = store.load_bucket(l.all_slots(), b).await.unwrap();
+    assert!(loaded.timers.is_empty() && loaded.cancelled == 0);
+}
+
+/// Cancel marks the row, reports repeats and unknown ids.
+pub async fn cancel_is_durable_and_idempotent(store: Arc<dyn TimerStore>) {
+    let ids = store.insert(&[spec(now_ms() + 60_000, 1)]).await.unwrap();
+    let id = ids[0].id;
+    assert_eq!(store.cancel(id).await.unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(
+        store.cancel(id).await.unwrap(),
+        CancelOutcome::AlreadyCancelled
+    );
+    assert_eq!(
+        store.get(id).await.unwrap().unwrap().state,
+        StoredState::Cancelled
+    );
+    let mut unknown = id;
+    unknown.rand ^= 0xff;
+    assert_eq!(
+        store.cancel(unknown).await.unwrap(),
+        CancelOutcome::NotFound
+    );
+}
+
+/// The same idempotency key returns the first id and stores nothing new, also within one
+/// batch.
+pub async fn idempotency_key_returns_the_first_id(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let fire = now_ms() + 60_000;
+    let mut a = spec(fire, 1);
+    a.idempotency_key = Some("order-42".into());
+    let first = store.insert(std::slice::from_ref(&a)).await.unwrap()[0];
+    assert!(first.created);
+    let mut b = spec(fire + 5_000, 2);
+    b.idempotency_key = Some("order-42".into());
+    let mut c = spec(fire, 3);
+    c.idempotency_key = Some("order-43".into());
+    let again = store.insert(&[b, c.clone(), c]).await.unwrap();
+    assert_eq!(again[0].id, first.id);
+    assert!(!again[0].created);
+    assert!(again[1].created);
+    assert_eq!(again[2].id, again[1].id);
+    assert!(!again[2].created);
+    let bucket = store
+        .load_bucket(l.all_slots(), l.bucket_start(fire + 5_000))
+        .await
+        .unwrap();
+    assert!(bucket.timers.iter().all(|t| t.spec.topic != "topic-2"));
+}
+
+/// After the retention window a key may be used again.
+pub async fn idempotency_key_expires_after_retention(store: Arc<dyn TimerStore>) {
+    let mut a = spec(now_ms() + 60_000, 1);
+    a.idempotency_key = Some("short-lived".into());
+    let first = store.insert(std::slice::from_ref(&a)).await.unwrap()[0];
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = store.insert(std::slice::from_ref(&a)).await.unwrap()[0];
+    assert!(second.created);
+    assert_ne!(first.id, second.id);
+}
+
+/// Low-water marks are kept per slot and read back as the minimum of a range.
+pub async fn low_water_mark_is_the_minimum_over_slots(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let all = l.all_slots();
+    assert_eq!(store.low_water_mark(all).await.unwrap(), None);
+    store.set_low_water_mark(all, 5_000).await.unwrap();
+    assert_eq!(store.low_water_mark(all).await.unwrap(), Some(5_000));
+    let upper = crate::timer::SlotRange {
+        first: l.slots / 2,
+        last: l.slots - 1,
+    };
+    store.set_low_water_mark(upper, 9_000).await.unwrap();
+    assert_eq!(store.low_water_mark(all).await.unwrap(), Some(5_000));
+    assert_eq!(store.low_water_mark(upper).await.unwrap(), Some(9_000));
+}

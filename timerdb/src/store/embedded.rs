@@ -1,0 +1,573 @@
+//! The embedded store: one node, no external service, on redb.
+//!
+//! Rows are keyed `bucket_ms (8) | slot (4) | rand (8)`, all big-endian, so the timers of
+//! one bucket and a contiguous slot range are one contiguous key range: loading a bucket is
+//! one range scan, deleting a fired bucket is one range delete.
+//!
+//! Every write goes through one writer thread that takes all requests waiting in its queue,
+//! applies them in one transaction and syncs once (group commit). A `SetTimeout` therefore
+//! costs a share of one fsync, not one fsync of its own.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{CancelOutcome, Inserted, LoadedBucket, StoreOptions, StoredTimer, TimerStore};
+use crate::metrics as m;
+use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec, now_ms};
+use crate::{Error, Result};
+
+const TIMERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("timers");
+const LOW_WATER: TableDefinition<u32, u64> = TableDefinition::new("low_water_marks");
+/// idempotency key -> timer id (16) | created ms (8)
+const IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+/// created ms (8) | idempotency key -> (), to expire keys in order
+const IDEM_BY_TIME: TableDefinition<&[u8], ()> = TableDefinition::new("idempotency_by_time");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const FORMAT_VERSION: u8 = 1;
+/// Most requests folded into one transaction; bounds the latency of the first one.
+const MAX_GROUP: usize = 2048;
+
+/// Row value: version | state | created ms (8, BE) | postcard(TimerSpec).
+fn encode_value(created_ms: u64, spec: &TimerSpec) -> Result<Vec<u8>> {
+    let mut v = Vec::with_capacity(10 + spec.payload.len() + spec.topic.len() + 32);
+    v.push(FORMAT_VERSION);
+    v.push(state_byte(StoredState::Pending));
+    v.extend_from_slice(&created_ms.to_be_bytes());
+    postcard::to_io(spec, &mut v).map_err(|e| Error::Internal(format!("encoding timer: {e}")))?;
+    Ok(v)
+}
+
+fn state_byte(s: StoredState) -> u8 {
+    match s {
+        StoredState::Pending => 0,
+        StoredState::Cancelled => 1,
+    }
+}
+
+fn decode_value(id: TimerId, v: &[u8]) -> Result<StoredTimer> {
+    if v.len() < 10 || v[0] != FORMAT_VERSION {
+        return Err(Error::Corrupt(format!(
+            "timer {id}: unknown row format {:?}",
+            v.first()
+        )));
+    }
+    let state = match v[1] {
+        0 => StoredState::Pending,
+        1 => StoredState::Cancelled,
+        other => return Err(Error::Corrupt(format!("timer {id}: unknown state {other}"))),
+    };
+    let created_ms = u64::from_be_bytes(v[2..10].try_into().expect("8 bytes"));
+    let spec: TimerSpec =
+        postcard::from_bytes(&v[10..]).map_err(|e| Error::Corrupt(format!("timer {id}: {e}")))?;
+    Ok(StoredTimer {
+        timer: Timer {
+            id,
+            created_ms,
+            spec,
+        },
+        state,
+    })
+}
+
+fn row_key(layout: &Layout, id: TimerId) -> [u8; 20] {
+    key_parts(id.bucket_ms, layout.slot_of(id.rand), id.rand)
+}
+
+fn key_parts(bucket_ms: u64, slot: u32, rand: u64) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    k[..8].copy_from_slice(&bucket_ms.to_be_bytes());
+    k[8..12].copy_from_slice(&slot.to_be_bytes());
+    k[12..].copy_from_slice(&rand.to_be_bytes());
+    k
+}
+
+fn split_key(k: &[u8]) -> (u64, u32, u64) {
+    (
+        u64::from_be_bytes(k[..8].try_into().expect("key")),
+        u32::from_be_bytes(k[8..12].try_into().expect("key")),
+        u64::from_be_bytes(k[12..20].try_into().expect("key")),
+    )
+}
+
+struct EncodedTimer {
+    fire_at_ms: u64,
+    idempotency_key: Option<String>,
+    value: Vec<u8>,
+}
+
+enum WriteOp {
+    Insert(Vec<EncodedTimer>, oneshot::Sender<Result<Vec<Inserted>>>),
+    Cancel(TimerId, oneshot::Sender<Result<CancelOutcome>>),
+    DeleteBucket(SlotRange, u64, oneshot::Sender<Result<()>>),
+    SetLowWater(SlotRange, u64, oneshot::Sender<Result<()>>),
+    PurgeIdempotency,
+    Barrier(oneshot::Sender<Result<()>>),
+}
+
+/// Results of the ops of one group, sent after the commit decides their fate.
+enum Reply {
+    Insert(oneshot::Sender<Result<Vec<Inserted>>>, Vec<Inserted>),
+    Cancel(oneshot::Sender<Result<CancelOutcome>>, CancelOutcome),
+    Unit(oneshot::Sender<Result<()>>),
+}
+
+impl Reply {
+    fn send(self) {
+        // A caller that gave up (timeout, disconnect) is not an error here.
+        match self {
+            Reply::Insert(tx, v) => drop(tx.send(Ok(v))),
+            Reply::Cancel(tx, v) => drop(tx.send(Ok(v))),
+            Reply::Unit(tx) => drop(tx.send(Ok(()))),
+        }
+    }
+
+    fn fail(self, e: &Error) {
+        let err = || Error::Unavailable(format!("embedded store write failed: {e}"));
+        match self {
+            Reply::Insert(tx, _) => drop(tx.send(Err(err()))),
+            Reply::Cancel(tx, _) => drop(tx.send(Err(err()))),
+            Reply::Unit(tx) => drop(tx.send(Err(err()))),
+        }
+    }
+}
+
+/// Embedded store on a redb file in a directory.
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    layout: Layout,
+    writer: mpsc::Sender<WriteOp>,
+    closed: AtomicBool,
+    purger: tokio::task::JoinHandle<()>,
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in directory `dir`.
+    pub async fn open(dir: &Path, options: StoreOptions) -> Result<EmbeddedStore> {
+        options.layout.validate()?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::Config(format!(
+                "store directory {}: cannot create: {e}",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join("timers.redb");
+        let cache = options.cache_bytes;
+        let db = tokio::task::spawn_blocking(move || {
+            redb::Builder::new()
+                .set_cache_size(cache)
+                .create(&path)
+                .map_err(|e| match e {
+                    redb::DatabaseError::DatabaseAlreadyOpen => Error::Config(format!(
+                        "store {} is already open by another process",
+                        path.display()
+                    )),
+                    other => Error::from(other),
+                })
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        let layout = init_meta(&db, options.layout)?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel(4096);
+        let writer_db = db.clone();
+        let retention_ms = options.idempotency_retention.as_millis() as u64;
+        std::thread::Builder::new()
+            .name("timerdb-store-writer".into())
+            .spawn(move || {
+                Writer {
+                    db: writer_db,
+                    layout,
+                    retention_ms,
+                    clock_ms: 0,
+                }
+                .run(rx)
+            })
+            .map_err(|e| Error::Internal(format!("starting store writer: {e}")))?;
+        let purge_tx = tx.clone();
+        let purger = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                if purge_tx.send(WriteOp::PurgeIdempotency).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(EmbeddedStore {
+            db,
+            layout,
+            writer: tx,
+            closed: AtomicBool::new(false),
+            purger,
+        })
+    }
+
+    async fn write<T>(&self, op: WriteOp, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable("embedded store is closed".into()));
+        }
+        self.writer
+            .send(op)
+            .await
+            .map_err(|_| Error::Unavailable("embedded store is closed".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("embedded store writer stopped".into()))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Database) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let db = self.db.clone();
+        let started = Instant::now();
+        let out = tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        m::store_op(op, started.elapsed());
+        out
+    }
+}
+
+/// Writes the layout on first open; afterwards the stored layout wins, and a different
+/// requested one is reported rather than silently reinterpreting existing ids.
+fn init_meta(db: &Database, requested: Layout) -> Result<Layout> {
+    let txn = db.begin_write()?;
+    let layout = {
+        let mut meta = txn.open_table(META)?;
+        let stored = meta.get("layout")?.map(|v| v.value().to_vec());
+        match stored {
+            Some(bytes) => {
+                let stored: Layout = postcard::from_bytes(&bytes)
+                    .map_err(|e| Error::Corrupt(format!("layout record: {e}")))?;
+                if stored != requested {
+                    tracing::warn!(
+                        stored_slots = stored.slots,
+                        stored_bucket_ms = stored.bucket_ms,
+                        requested_slots = requested.slots,
+                        requested_bucket_ms = requested.bucket_ms,
+                        "store.open: store was created with another layout; keeping the stored one"
+                    );
+                }
+                stored
+            }
+            None => {
+                let bytes = postcard::to_allocvec(&requested)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                meta.insert("layout", bytes.as_slice())?;
+                meta.insert("format", [FORMAT_VERSION].as_slice())?;
+                requested
+            }
+        }
+    };
+    // Create the other tables so readers never meet a missing table.
+    txn.open_table(TIMERS)?;
+    txn.open_table(LOW_WATER)?;
+    txn.open_table(IDEM)?;
+    txn.open_table(IDEM_BY_TIME)?;
+    txn.commit()?;
+    Ok(layout)
+}
+
+struct Writer {
+    db: Arc<Database>,
+    layout: Layout,
+    retention_ms: u64,
+    /// Never goes backwards, so a clock step back cannot put a timer into a bucket that
+    /// has already started (and may already be deleted).
+    clock_ms: u64,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
+        let mut ops = Vec::with_capacity(MAX_GROUP);
+        while let Some(op) = rx.blocking_recv() {
+            ops.push(op);
+            while ops.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            let started = Instant::now();
+            let n = ops.len();
+            let mut replies = Vec::with_capacity(n);
+            let outcome = self.apply(&mut ops, &mut replies);
+            m::store_op("commit", started.elapsed());
+            m::store_group_size(n);
+            match outcome {
+                Ok(()) => replies.into_iter().for_each(Reply::send),
+                Err(e) => {
+                    tracing::error!(error = %e, ops = n, "store.commit failed");
+                    replies.into_iter().for_each(|r| r.fail(&e));
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, ops: &mut Vec<WriteOp>, replies: &mut Vec<Reply>) -> Result<()> {
+        self.clock_ms = self.clock_ms.max(now_ms());
+        let now = self.clock_ms;
+        // Timers go into a bucket that has not started yet, so the scheduler can delete a
+        // bucket once it is past without racing a late writer.
+        let min_bucket = self.layout.bucket_start(now) + self.layout.bucket_ms;
+        let txn = self.db.begin_write()?;
+        {
+            let mut timers = txn.open_table(TIMERS)?;
+            let mut low = txn.open_table(LOW_WATER)?;
+            let mut idem = txn.open_table(IDEM)?;
+            let mut idem_time = txn.open_table(IDEM_BY_TIME)?;
+            for op in ops.drain(..) {
+                match op {
+                    WriteOp::Insert(items, reply) => {
+                        let mut out = Vec::with_capacity(items.len());
+                        for item in items {
+                            if let Some(k) = &item.idempotency_key {
+                                let existing = idem.get(k.as_str())?.map(|v| v.value().to_vec());
+                                if let Some(v) = existing {
+                                    let created =
+                                        u64::from_be_bytes(v[16..24].try_into().expect("idem"));
+                                    if created + self.retention_ms > now {
+                                        let id = TimerId {
+                                            bucket_ms: u64::from_be_bytes(
+                                                v[..8].try_into().expect("idem"),
+                                            ),
+                                            rand: u64::from_be_bytes(
+                                                v[8..16].try_into().expect("idem"),
+                                            ),
+                                        };
+                                        out.push(Inserted { id, created: false });
+                                        continue;
+                                    }
+                                }
+                            }
+                            let bucket = self.layout.bucket_start(item.fire_at_ms).max(min_bucket);
+                            let id = TimerId::generate(bucket);
+                            timers.insert(
+                                row_key(&self.layout, id).as_slice(),
+                                item.value.as_slice(),
+                            )?;
+                            if let Some(k) = &item.idempotency_key {
+                                let mut v = [0u8; 24];
+                                v[..16].copy_from_slice(&id.to_bytes());
+                                v[16..].copy_from_slice(&now.to_be_bytes());
+                                idem.insert(k.as_str(), v.as_slice())?;
+                                let mut tk = now.to_be_bytes().to_vec();
+                                tk.extend_from_slice(k.as_bytes());
+                                idem_time.insert(tk.as_slice(), ())?;
+                            }
+                            out.push(Inserted { id, created: true });
+                        }
+                        replies.push(Reply::Insert(reply, out));
+                    }
+                    WriteOp::Cancel(id, reply) => {
+                        let key = row_key(&self.layout, id);
+                        let current = timers.get(key.as_slice())?.map(|v| v.value().to_vec());
+                        let outcome = match current {
+                            None => CancelOutcome::NotFound,
+                            Some(v) if v.get(1) == Some(&state_byte(StoredState::Cancelled)) => {
+                                CancelOutcome::AlreadyCancelled
+                            }
+                            Some(mut v) => {
+                                if v.len() < 2 {
+                                    return Err(Error::Corrupt(format!("timer {id}: short row")));
+                                }
+                                v[1] = state_byte(StoredState::Cancelled);
+                                timers.insert(key.as_slice(), v.as_slice())?;
+                                CancelOutcome::Cancelled
+                            }
+                        };
+                        replies.push(Reply::Cancel(reply, outcome));
+                    }
+                    WriteOp::DeleteBucket(slots, bucket, reply) => {
+                        let lo = key_parts(bucket, slots.first, 0);
+                        let hi = key_parts(bucket, slots.last, u64::MAX);
+                        timers.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+                        replies.push(Reply::Unit(reply));
+                    }
+                    WriteOp::SetLowWater(slots, bucket, reply) => {
+                        for slot in slots.first..=slots.last {
+                            low.insert(slot, bucket)?;
+                        }
+                        replies.push(Reply::Unit(reply));
+                    }
+                    WriteOp::Barrier(reply) => replies.push(Reply::Unit(reply)),
+                    WriteOp::PurgeIdempotency => {
+                        let cutoff = now.saturating_sub(self.retention_ms);
+                        let expired: Vec<Vec<u8>> = idem_time
+                            .range(..cutoff.to_be_bytes().as_slice())?
+                            .take(10_000)
+                            .map(|r| r.map(|(k, _)| k.value().to_vec()))
+                            .collect::<std::result::Result<_, _>>()?;
+                        for tk in expired {
+                            idem_time.remove(tk.as_slice())?;
+                            let created = u64::from_be_bytes(tk[..8].try_into().expect("idem"));
+                            let key = String::from_utf8_lossy(&tk[8..]).into_owned();
+                            // Only drop the key if it still points at this (expired) entry.
+                            let same = idem
+                                .get(key.as_str())?
+                                .map(|v| v.value()[16..24] == created.to_be_bytes())
+                                .unwrap_or(false);
+                            if same {
+                                idem.remove(key.as_str())?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TimerStore for EmbeddedStore {
+    fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Inserted>> {
+        if timers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let created_ms = now_ms();
+        let items = timers
+            .iter()
+            .map(|spec| {
+                Ok(EncodedTimer {
+                    fire_at_ms: spec.fire_at_ms,
+                    idempotency_key: spec.idempotency_key.clone(),
+                    value: encode_value(created_ms, spec)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let started = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let out = self.write(WriteOp::Insert(items, tx), rx).await;
+        m::store_op("insert", started.elapsed());
+        out
+    }
+
+    async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>> {
+        let key = row_key(&self.layout, id);
+        self.read("get", move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(TIMERS)?;
+            let row = table.get(key.as_slice())?;
+            row.map(|v| decode_value(id, v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn cancel(&self, id: TimerId) -> Result<CancelOutcome> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::Cancel(id, tx), rx).await
+    }
+
+    async fn load_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<LoadedBucket> {
+        self.read("load_bucket", move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(TIMERS)?;
+            let lo = key_parts(bucket_ms, slots.first, 0);
+            let hi = key_parts(bucket_ms, slots.last, u64::MAX);
+            let mut out = LoadedBucket::default();
+            for row in table.range(lo.as_slice()..=hi.as_slice())? {
+                let (k, v) = row?;
+                let (bucket, _slot, rand) = split_key(k.value());
+                let stored = decode_value(
+                    TimerId {
+                        bucket_ms: bucket,
+                        rand,
+                    },
+                    v.value(),
+                )?;
+                match stored.state {
+                    StoredState::Pending => out.timers.push(stored.timer),
+                    StoredState::Cancelled => out.cancelled += 1,
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn next_bucket(&self, slots: SlotRange, from_ms: u64) -> Result<Option<u64>> {
+        let bucket_ms = self.layout.bucket_ms;
+        self.read("next_bucket", move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(TIMERS)?;
+            let mut from = key_parts(from_ms, slots.first, 0);
+            loop {
+                let Some(row) = table.range(from.as_slice()..)?.next() else {
+                    return Ok(None);
+                };
+                let (k, _) = row?;
+                let (bucket, slot, _) = split_key(k.value());
+                if slots.contains(slot) {
+                    return Ok(Some(bucket));
+                }
+                // Skip other owners' slots with one seek rather than row by row.
+                from = if slot < slots.first {
+                    key_parts(bucket, slots.first, 0)
+                } else {
+                    key_parts(bucket + bucket_ms, slots.first, 0)
+                };
+            }
+        })
+        .await
+    }
+
+    async fn delete_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<()> {
+        let started = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let out = self
+            .write(WriteOp::DeleteBucket(slots, bucket_ms, tx), rx)
+            .await;
+        m::store_op("delete_bucket", started.elapsed());
+        out
+    }
+
+    async fn low_water_mark(&self, slots: SlotRange) -> Result<Option<u64>> {
+        self.read("low_water_mark", move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(LOW_WATER)?;
+            let mut min: Option<u64> = None;
+            for row in table.range(slots.first..=slots.last)? {
+                let (_, v) = row?;
+                min = Some(min.map_or(v.value(), |m| m.min(v.value())));
+            }
+            Ok(min)
+        })
+        .await
+    }
+
+    async fn set_low_water_mark(&self, slots: SlotRange, bucket_ms: u64) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::SetLowWater(slots, bucket_ms, tx), rx)
+            .await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.purger.abort();
+        // Every commit is already durable; waiting for a barrier makes sure work queued by
+        // earlier callers is committed before the caller goes on, and later writes fail.
+        let (tx, rx) = oneshot::channel();
+        let out = self.write(WriteOp::Barrier(tx), rx).await;
+        self.closed.store(true, Ordering::SeqCst);
+        out
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        self.purger.abort();
+    }
+}
