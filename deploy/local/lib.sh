@@ -33,6 +33,7 @@ DEP_PLUGIN="org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 # Topic the Kafka readiness probe writes to (auto-create is off, the probe creates it).
 KAFKA_READY_TOPIC="timerdb-local-ready"
 
+# shellcheck disable=SC2034 # used by up
 SERVICES=(kafka cassandra)
 
 log() { printf '[timerdb-local] %s\n' "$*" >&2; }
@@ -283,6 +284,11 @@ share.coordinator.state.topic.min.isr=1
 auto.create.topics.enable=false
 # Consumer groups in tests should not wait 3s for more members to join.
 group.initial.rebalance.delay.ms=0
+# After a crash (ctl kafka kill) the restarted broker cannot register until the
+# controller has expired the dead incarnation's session (default 9s); 5s with a 1s
+# heartbeat keeps crash-restart tests quicker, with headroom for a busy machine.
+broker.session.timeout.ms=5000
+broker.heartbeat.interval.ms=1000
 EOF
 
     # Kafka's Uuid.randomUuid() never hands out ids starting with '-' (they look
@@ -314,7 +320,7 @@ kafka_start() {
     # stdin/stdout/stderr are detached from the caller (its stdout may be the pipe
     # of `eval "$(deploy/local/up)"`, which would otherwise never close).
     (
-        cd "$d"
+        cd "$d" || exit 1
         exec setsid java \
             -Dtimerdb.local.service=kafka \
             -Dtimerdb.local.dir="$STATE" \
@@ -442,7 +448,7 @@ cassandra_start() {
     [[ -n $jamm ]] && jvm_opts+=("-javaagent:$jamm")
     log "cassandra: starting on 127.0.0.1:$CQL_PORT (storage $CASSANDRA_STORAGE_PORT, jmx $CASSANDRA_JMX_PORT), logs in $d/logs"
     (
-        cd "$d"
+        cd "$d" || exit 1
         exec setsid java \
             -Dtimerdb.local.service=cassandra \
             -Dtimerdb.local.dir="$STATE" \

@@ -1,6 +1,6 @@
-// Readiness probe for the local Kafka, run by deploy/local as a single-file Java
-// program (`java -cp 'lib/*' KafkaReady.java BOOTSTRAP TOPIC TIMEOUT_SECONDS`), so it
-// needs nothing beyond the Kafka client jars that are already in the lib dir.
+// Readiness probe for the local Kafka.  deploy/local/lib.sh compiles it once with
+// javac against the Kafka jars it already fetched (no other dependency) and runs
+//   java -cp PROBE_DIR:'lib/*' KafkaReady BOOTSTRAP TOPIC TIMEOUT_SECONDS
 //
 // "Ready" means what the TimerDB tests need, not just "port open": the topic can be
 // created (or exists), a record can be produced with acks=all, and that very record
@@ -59,13 +59,15 @@ public class KafkaReady {
     static void probe(String bootstrap, String topic) throws Exception {
         Properties common = new Properties();
         common.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
-        // Keep each attempt short; the outer loop does the waiting.
-        common.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, "5000");
-        common.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, "8000");
+        // Keep each attempt short (a few seconds): an attempt that started while the
+        // broker was still registering should give up quickly and let the outer
+        // loop try again, rather than sit out a long client timeout.
+        common.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, "3000");
+        common.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, "5000");
 
         try (Admin admin = Admin.create(common)) {
             try {
-                admin.createTopics(List.of(new NewTopic(topic, 1, (short) 1))).all().get(10, TimeUnit.SECONDS);
+                admin.createTopics(List.of(new NewTopic(topic, 1, (short) 1))).all().get(5, TimeUnit.SECONDS);
             } catch (ExecutionException e) {
                 if (!(e.getCause() instanceof TopicExistsException)) throw e;
             }
@@ -76,13 +78,13 @@ public class KafkaReady {
         Properties p = new Properties();
         p.putAll(common);
         p.put(ProducerConfig.ACKS_CONFIG, "all");
-        p.put(ProducerConfig.MAX_BLOCK_MS_CONFIG, "8000");
-        p.put(ProducerConfig.DELIVERY_TIMEOUT_MS_CONFIG, "8000");
+        p.put(ProducerConfig.MAX_BLOCK_MS_CONFIG, "5000");
+        p.put(ProducerConfig.DELIVERY_TIMEOUT_MS_CONFIG, "5000");
         p.put(ProducerConfig.LINGER_MS_CONFIG, "0");
         p.put(ProducerConfig.KEY_SERIALIZER_CLASS_CONFIG, StringSerializer.class.getName());
         p.put(ProducerConfig.VALUE_SERIALIZER_CLASS_CONFIG, StringSerializer.class.getName());
         try (KafkaProducer<String, String> producer = new KafkaProducer<>(p)) {
-            md = producer.send(new ProducerRecord<>(topic, "probe", value)).get(10, TimeUnit.SECONDS);
+            md = producer.send(new ProducerRecord<>(topic, "probe", value)).get(6, TimeUnit.SECONDS);
         }
 
         // assign()+seek() instead of a consumer group: no group coordinator round-trips,

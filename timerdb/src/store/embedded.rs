@@ -109,6 +109,8 @@ enum WriteOp {
     SetLowWater(SlotRange, u64, oneshot::Sender<Result<()>>),
     PurgeIdempotency,
     Barrier(oneshot::Sender<Result<()>>),
+    /// Commit what came before, then end the writer thread.
+    Stop,
 }
 
 /// Results of the ops of one group, sent after the commit decides their fate.
@@ -144,6 +146,7 @@ pub struct EmbeddedStore {
     layout: Layout,
     writer: mpsc::Sender<WriteOp>,
     closed: AtomicBool,
+    writer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     purger: tokio::task::JoinHandle<()>,
 }
 
@@ -178,7 +181,7 @@ impl EmbeddedStore {
         let (tx, rx) = mpsc::channel(4096);
         let writer_db = db.clone();
         let retention_ms = options.idempotency_retention.as_millis() as u64;
-        std::thread::Builder::new()
+        let writer_thread = std::thread::Builder::new()
             .name("timerdb-store-writer".into())
             .spawn(move || {
                 Writer {
@@ -205,6 +208,7 @@ impl EmbeddedStore {
             layout,
             writer: tx,
             closed: AtomicBool::new(false),
+            writer_thread: std::sync::Mutex::new(Some(writer_thread)),
             purger,
         })
     }
@@ -288,6 +292,7 @@ struct Writer {
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
         let mut ops = Vec::with_capacity(MAX_GROUP);
+        let mut stop = false;
         while let Some(op) = rx.blocking_recv() {
             ops.push(op);
             while ops.len() < MAX_GROUP {
@@ -295,6 +300,11 @@ impl Writer {
                     Ok(op) => ops.push(op),
                     Err(_) => break,
                 }
+            }
+            if let Some(i) = ops.iter().position(|op| matches!(op, WriteOp::Stop)) {
+                // Nothing queued after a stop is taken; those callers see the store closed.
+                ops.truncate(i);
+                stop = true;
             }
             let started = Instant::now();
             let n = ops.len();
@@ -308,6 +318,9 @@ impl Writer {
                     tracing::error!(error = %e, ops = n, "store.commit failed");
                     replies.into_iter().for_each(|r| r.fail(&e));
                 }
+            }
+            if stop {
+                break;
             }
         }
     }
@@ -399,6 +412,7 @@ impl Writer {
                         replies.push(Reply::Unit(reply));
                     }
                     WriteOp::Barrier(reply) => replies.push(Reply::Unit(reply)),
+                    WriteOp::Stop => {}
                     WriteOp::PurgeIdempotency => {
                         let cutoff = now.saturating_sub(self.retention_ms);
                         let expired: Vec<Vec<u8>> = idem_time
@@ -562,6 +576,15 @@ impl TimerStore for EmbeddedStore {
         let (tx, rx) = oneshot::channel();
         let out = self.write(WriteOp::Barrier(tx), rx).await;
         self.closed.store(true, Ordering::SeqCst);
+        // End the writer thread so the database file is released when the store is dropped.
+        let _ = self.writer.send(WriteOp::Stop).await;
+        let handle = self.writer_thread.lock().expect("writer handle").take();
+        if let Some(h) = handle {
+            tokio::task::spawn_blocking(move || h.join())
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(|_| Error::Internal("store writer thread panicked".into()))?;
+        }
         out
     }
 }

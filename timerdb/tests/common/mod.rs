@@ -1,0 +1,226 @@
+//! Shared fixture: starts real `timerdb` nodes as child processes on loopback ports and
+//! reads what they fired.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use timerdb::sink::jsonl::FiredLine;
+use timerdb_proto::v1::timer_service_client::TimerServiceClient;
+use tonic::transport::Channel;
+
+/// A free loopback port (the small race with other processes is acceptable in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    timerdb::timer::now_ms()
+}
+
+/// A `timerdb serve` child process with an embedded store and a JSON-lines sink in `dir`.
+pub struct Node {
+    child: Option<Child>,
+    pub grpc: SocketAddr,
+    pub dir: PathBuf,
+    pub fired_path: PathBuf,
+    extra: Vec<String>,
+    starts: u32,
+}
+
+impl Node {
+    /// Starts a node in `dir` and waits until it answers health checks.
+    pub async fn start(dir: &Path, extra: &[&str]) -> Node {
+        let mut node = Node {
+            child: None,
+            grpc: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            dir: dir.to_path_buf(),
+            fired_path: dir.join("fired.jsonl"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+        };
+        node.spawn().await;
+        node
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("node-{}.log", self.starts))
+    }
+
+    async fn spawn(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_timerdb"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(self.grpc.to_string())
+            .arg("--metrics-listen")
+            .arg("off")
+            .arg("--store")
+            .arg(format!("embedded://{}", self.dir.join("data").display()))
+            .arg("--sink")
+            .arg(format!("jsonl://{}", self.fired_path.display()))
+            .args(&self.extra)
+            .env("TIMERDB_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start timerdb");
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("timerdb exited with {status}:\n{}", self.log_tail());
+            }
+            if let Ok(ch) = self.channel().await {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+                let ok = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: "timerdb.v1.TimerService".into(),
+                    })
+                    .await
+                    .map(|r| r.into_inner().status == 1)
+                    .unwrap_or(false);
+                if ok {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("timerdb did not become ready:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines of the current log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+    }
+
+    /// A gRPC client for this node.
+    pub async fn client(&self) -> TimerServiceClient<Channel> {
+        TimerServiceClient::new(self.channel().await.expect("connect"))
+    }
+
+    /// Kills the process with SIGKILL: no shutdown work at all.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let ok = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill -TERM failed");
+            let status = c.wait().unwrap();
+            assert!(
+                status.success(),
+                "timerdb exited with {status} after SIGTERM"
+            );
+        }
+    }
+
+    /// Starts the node again on the same data, sink file and port.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the node first");
+        self.spawn().await;
+    }
+
+    /// Every complete line the sink has written so far.
+    pub fn fired(&self) -> Vec<FiredLine> {
+        read_fired(&self.fired_path)
+    }
+
+    /// Waits until every id in `ids` has fired at least once; panics with the missing ones
+    /// after `timeout`.
+    pub async fn wait_fired(&self, ids: &[String], timeout: Duration) -> Vec<FiredLine> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.fired();
+            let seen: std::collections::HashSet<&str> =
+                lines.iter().map(|l| l.timer_id.as_str()).collect();
+            let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains(i.as_str())).collect();
+            if missing.is_empty() {
+                return lines;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} of {} timers never fired, e.g. {:?}\nnode log:\n{}",
+                    missing.len(),
+                    ids.len(),
+                    &missing[..missing.len().min(5)],
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Parses the complete lines of a JSON-lines sink file.
+pub fn read_fired(path: &Path) -> Vec<FiredLine> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
+/// How many times each timer id fired.
+pub fn fire_counts(lines: &[FiredLine]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for l in lines {
+        *m.entry(l.timer_id.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Base64 decode for assertions.
+pub fn b64(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}

@@ -1,0 +1,130 @@
+//! Crashes and restarts: no acknowledged timer is ever lost.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Node, fire_counts, now_ms};
+use timerdb::api::convert::timestamp;
+use timerdb_proto::v1;
+
+fn batch(now: u64, n: u64, spread_ms: u64, seq: u64) -> Vec<v1::SetTimeoutRequest> {
+    (0..n)
+        .map(|i| v1::SetTimeoutRequest {
+            fire_at: Some(timestamp(now + (i * 7919 + seq * 31) % spread_ms)),
+            payload: Bytes::from(format!("{seq}-{i}")),
+            topic: "crash".into(),
+            partition: (i % 4) as i32,
+            ..Default::default()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_no_acknowledged_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(dir.path(), &[]).await;
+    let acked: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let client = node.client().await;
+    let writer = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            let mut client = client;
+            for seq in 0.. {
+                let now = now_ms();
+                // Due from now to 4 s out: some fire before the crash, some are in memory,
+                // some are only on disk when the process dies.
+                let timers = batch(now, 50, 4000, seq);
+                let fire: Vec<u64> = timers
+                    .iter()
+                    .map(|t| t.fire_at.unwrap())
+                    .map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
+                    .collect();
+                match client.set_timeouts(v1::SetTimeoutsRequest { timers }).await {
+                    Ok(r) => {
+                        let mut a = acked.lock().unwrap();
+                        for (res, f) in r.into_inner().results.into_iter().zip(fire) {
+                            if let Some(v1::set_timeout_result::Result::TimerId(id)) = res.result {
+                                a.push((id, f));
+                            }
+                        }
+                    }
+                    Err(_) => return seq,
+                }
+            }
+            unreachable!()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    node.kill9();
+    writer.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 200, "the writer got going: {}", acked.len());
+    let fired_before = node.fired().len();
+    assert!(fired_before > 0, "some timers fired before the crash");
+    assert!(
+        fired_before < acked.len(),
+        "some timers were still pending at the crash"
+    );
+
+    node.restart().await;
+    let ids: Vec<String> = acked.iter().map(|(id, _)| id.clone()).collect();
+    let lines = node.wait_fired(&ids, Duration::from_secs(60)).await;
+    let due: std::collections::HashMap<&str, u64> =
+        acked.iter().map(|(id, f)| (id.as_str(), *f)).collect();
+    for l in &lines {
+        let f = due
+            .get(l.timer_id.as_str())
+            .expect("only acknowledged timers fire");
+        assert!(l.fired_at_ms >= *f, "fired early: {l:?}");
+    }
+    let counts = fire_counts(&lines);
+    let dups: usize = counts.values().map(|c| c - 1).sum();
+    eprintln!(
+        "acknowledged {}, fired before crash {fired_before}, duplicates after restart {dups}",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overdue_timers_fire_after_a_restart_and_nothing_fires_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(dir.path(), &[]).await;
+    let mut client = node.client().await;
+    let now = now_ms();
+    // Some due within the loaded window, some beyond it.
+    let mut timers = batch(now + 1000, 100, 1500, 1);
+    timers.extend(batch(now + 3000, 100, 3000, 2));
+    let r = client
+        .set_timeouts(v1::SetTimeoutsRequest { timers })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = r
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(v1::set_timeout_result::Result::TimerId(id)) => id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    // A graceful stop before anything is due, and a downtime past every epoch.
+    node.terminate();
+    assert!(node.fired().is_empty());
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    node.restart().await;
+    let lines = node.wait_fired(&ids, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lines_after = node.fired();
+    assert_eq!(lines.len(), ids.len());
+    assert_eq!(
+        lines_after.len(),
+        ids.len(),
+        "each fires once after a clean stop"
+    );
+    let set: HashSet<&String> = ids.iter().collect();
+    assert!(lines_after.iter().all(|l| set.contains(&l.timer_id)));
+}

@@ -1,0 +1,69 @@
+//! The `TimerStore` conformance suite on the embedded store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use timerdb::store::embedded::EmbeddedStore;
+use timerdb::store::{StoreOptions, TimerStore, conformance};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_passes_the_conformance_suite() {
+    let root = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicU32::new(0);
+    conformance::run_all(|retention: Duration| {
+        let dir = root.path().join(
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                .to_string(),
+        );
+        async move {
+            let store = EmbeddedStore::open(
+                &dir,
+                StoreOptions {
+                    idempotency_retention: retention,
+                    ..StoreOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            Arc::new(store) as Arc<dyn TimerStore>
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_survives_reopen_and_keeps_its_layout() {
+    use timerdb::timer::{Layout, TimerSpec, now_ms};
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        layout: Layout {
+            slots: 64,
+            bucket_ms: 2000,
+        },
+        ..StoreOptions::default()
+    };
+    let spec = TimerSpec {
+        fire_at_ms: now_ms() + 60_000,
+        topic: "t".into(),
+        partition: 1,
+        key: None,
+        headers: vec![],
+        payload: "p".into(),
+        idempotency_key: Some("k".into()),
+    };
+    let id = {
+        let store = EmbeddedStore::open(dir.path(), opts.clone()).await.unwrap();
+        let id = store.insert(std::slice::from_ref(&spec)).await.unwrap()[0].id;
+        store.close().await.unwrap();
+        id
+    };
+    // Reopened with another requested layout: the stored one wins, data and keys survive.
+    let store = EmbeddedStore::open(dir.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(store.layout(), opts.layout);
+    assert_eq!(store.get(id).await.unwrap().unwrap().timer.spec, spec);
+    let again = store.insert(&[spec]).await.unwrap()[0];
+    assert_eq!(again.id, id);
+    assert!(!again.created);
+}
