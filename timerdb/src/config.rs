@@ -389,6 +389,23 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_file_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("README has a toml example") + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timerdb.toml");
+        std::fs::write(&path, &readme[start..end]).unwrap();
+        let c = Config::load(Overrides {
+            config_file: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.store, "embedded:///var/lib/timerdb");
+        assert_eq!(c.limits.max_delay, Duration::from_secs(3660 * 86_400));
+    }
+
+    #[test]
     fn bad_values_name_the_setting() {
         let err = Config::load(Overrides {
             lookahead: Some("soon".into()),
