@@ -483,8 +483,8 @@ cassandra_probe() {
 
 # Wait until service $1 passes its probe.  The probe retries on its own until the
 # deadline; meanwhile we watch the server so a crash during start-up fails fast
-# instead of after the full timeout.  On failure: log tail, stop the half-started
-# server, exit non-zero.
+# instead of after the full timeout.  On failure: log tail and exit non-zero; the
+# caller's EXIT trap stops the server if that caller started it.
 wait_ready() {
     local svc=$1 start probe_pid rc
     start=$(now)
@@ -509,7 +509,6 @@ wait_ready() {
     if ((rc != 0)); then
         log "$svc: not ready within ${READY_TIMEOUT}s"
         dump_logs "$svc"
-        stop_service "$svc"
         exit 1
     fi
     log "$svc: ready (waited $(($(now) - start))s)"
