@@ -14,6 +14,7 @@ use crate::{Error, Result};
 
 pub mod conformance;
 pub mod embedded;
+pub mod scylla;
 
 /// Outcome of storing one timer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +76,14 @@ pub trait TimerStore: Send + Sync + 'static {
     /// All pending timers stored in `bucket_ms` for `slots`.
     async fn load_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<LoadedBucket>;
 
-    /// The first bucket at or after `from_ms` that may hold timers of `slots`, if any.
-    /// May answer `from_ms` itself when the store cannot tell cheaply.
-    async fn next_bucket(&self, slots: SlotRange, from_ms: u64) -> Result<Option<u64>>;
+    /// The first bucket in `from_ms..=until_ms` that may hold timers of `slots`, if any.
+    /// May answer a bucket that turns out empty (never one later than the first non-empty).
+    async fn next_bucket(
+        &self,
+        slots: SlotRange,
+        from_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<u64>>;
 
     /// Removes every row of `bucket_ms` for `slots` (its timers all fired or were cancelled).
     async fn delete_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<()>;
@@ -114,7 +120,8 @@ impl Default for StoreOptions {
     }
 }
 
-/// Opens the store named by `url`: `embedded:PATH` / `embedded://PATH`.
+/// Opens the store named by `url`: `embedded:PATH` / `embedded://PATH`, or
+/// `scylla://host:port[,host:port]/keyspace[?options]` (see [`scylla::ScyllaUrl`]).
 pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn TimerStore>> {
     if let Some(path) = url
         .strip_prefix("embedded://")
@@ -128,7 +135,10 @@ pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn TimerStore
         let store = embedded::EmbeddedStore::open(path.as_ref(), options).await?;
         return Ok(Arc::new(store));
     }
+    if url.starts_with("scylla://") {
+        return Ok(Arc::new(scylla::ScyllaStore::open(url, options).await?));
+    }
     Err(Error::Config(format!(
-        "unsupported store URL {url:?}: expected embedded:///path (scylla:// is not available in this build)"
+        "unsupported store URL {url:?}: expected embedded:///path or scylla://host:9042/keyspace"
     )))
 }

@@ -158,6 +158,18 @@ pub struct TimerSpec {
     pub idempotency_key: Option<String>,
 }
 
+impl TimerSpec {
+    /// Compact binary form (postcard), as both stores keep it.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        postcard::to_allocvec(self).map_err(|e| Error::Internal(format!("encoding timer: {e}")))
+    }
+
+    /// Reads the form written by [`TimerSpec::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> std::result::Result<TimerSpec, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
+
 /// A stored timer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timer {

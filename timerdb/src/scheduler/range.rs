@@ -143,7 +143,7 @@ impl Loader {
             if self.horizon.load(Ordering::SeqCst) < target {
                 self.horizon.store(target, Ordering::SeqCst);
             }
-            let found = match self.store.next_bucket(self.range, next).await {
+            let found = match self.store.next_bucket(self.range, next, target).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(range = %self.range, error = %e, "scheduler.load: store unavailable, retrying");

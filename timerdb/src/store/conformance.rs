@@ -38,7 +38,7 @@ where
     delete_bucket_removes_only_that_bucket(make(day).await).await;
     cancel_is_durable_and_idempotent(make(day).await).await;
     idempotency_key_returns_the_first_id(make(day).await).await;
-    idempotency_key_expires_after_retention(make(Duration::from_millis(300)).await).await;
+    idempotency_key_expires_after_retention(make(Duration::from_secs(1)).await).await;
     low_water_mark_is_the_minimum_over_slots(make(day).await).await;
 }
 
@@ -134,35 +134,36 @@ pub async fn load_bucket_returns_exactly_its_slots(store: Arc<dyn TimerStore>) {
     assert!(next.timers.is_empty());
 }
 
-/// `next_bucket` finds the next bucket with timers of the range, or none.
+/// `next_bucket` finds the next bucket with timers of the range within the bounds, or none.
 pub async fn next_bucket_skips_empty_stretches(store: Arc<dyn TimerStore>) {
     let l = store.layout();
+    let all = l.all_slots();
     let start = l.bucket_start(now_ms() + 600_000);
-    assert_eq!(store.next_bucket(l.all_slots(), start).await.unwrap(), None);
+    let end = start + 7_200_000;
+    assert_eq!(store.next_bucket(all, start, end).await.unwrap(), None);
     let far = start + 50 * l.bucket_ms;
     let ids = store.insert(&[spec(far + 5, 1)]).await.unwrap();
-    let found = store.next_bucket(l.all_slots(), start).await.unwrap();
-    assert!(found.is_some_and(|b| b <= far), "{found:?}");
-    // A range that does not hold the timer's slot may answer conservatively, never later.
+    let found = store.next_bucket(all, start, end).await.unwrap();
+    assert!(found.is_some_and(|b| b >= start && b <= far), "{found:?}");
+    // Beyond `until` nothing is reported.
+    let before = store
+        .next_bucket(all, start, far - l.bucket_ms)
+        .await
+        .unwrap();
+    assert_eq!(before, None);
+    // A range holding the timer's slot finds it too, never later than its bucket.
     let slot = l.slot_of(ids[0].id.rand);
     let r = crate::timer::SlotRange {
         first: slot,
         last: slot,
     };
-    assert!(
-        store
-            .next_bucket(r, start)
-            .await
-            .unwrap()
-            .is_some_and(|b| b <= far)
-    );
-    assert_eq!(
-        store
-            .next_bucket(l.all_slots(), far + l.bucket_ms)
-            .await
-            .unwrap(),
-        None
-    );
+    let found = store.next_bucket(r, start, end).await.unwrap();
+    assert!(found.is_some_and(|b| b <= far), "{found:?}");
+    let after = store
+        .next_bucket(all, far + l.bucket_ms, end)
+        .await
+        .unwrap();
+    assert_eq!(after, None);
 }
 
 /// Deleting a bucket removes its rows (pending or cancelled) and nothing else.
@@ -229,12 +230,13 @@ pub async fn idempotency_key_returns_the_first_id(store: Arc<dyn TimerStore>) {
     assert!(bucket.timers.iter().all(|t| t.spec.topic != "topic-2"));
 }
 
-/// After the retention window a key may be used again.
+/// After the retention window (1 s here; CQL TTLs count whole seconds) a key may be used
+/// again.
 pub async fn idempotency_key_expires_after_retention(store: Arc<dyn TimerStore>) {
     let mut a = spec(now_ms() + 60_000, 1);
     a.idempotency_key = Some("short-lived".into());
     let first = store.insert(std::slice::from_ref(&a)).await.unwrap()[0];
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let second = store.insert(std::slice::from_ref(&a)).await.unwrap()[0];
     assert!(second.created);
     assert_ne!(first.id, second.id);

@@ -513,7 +513,12 @@ impl TimerStore for EmbeddedStore {
         .await
     }
 
-    async fn next_bucket(&self, slots: SlotRange, from_ms: u64) -> Result<Option<u64>> {
+    async fn next_bucket(
+        &self,
+        slots: SlotRange,
+        from_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<u64>> {
         let bucket_ms = self.layout.bucket_ms;
         self.read("next_bucket", move |db| {
             let txn = db.begin_read()?;
@@ -525,6 +530,9 @@ impl TimerStore for EmbeddedStore {
                 };
                 let (k, _) = row?;
                 let (bucket, slot, _) = split_key(k.value());
+                if bucket > until_ms {
+                    return Ok(None);
+                }
                 if slots.contains(slot) {
                     return Ok(Some(bucket));
                 }

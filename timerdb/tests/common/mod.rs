@@ -2,6 +2,8 @@
 //! reads what they fired.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -30,25 +32,56 @@ pub fn now_ms() -> u64 {
 pub struct Node {
     child: Option<Child>,
     pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
     pub dir: PathBuf,
     pub fired_path: PathBuf,
+    store: String,
+    sink: String,
     extra: Vec<String>,
     starts: u32,
 }
 
 impl Node {
-    /// Starts a node in `dir` and waits until it answers health checks.
+    /// Starts a node in `dir` on the embedded store and a JSON-lines sink, and waits until
+    /// it answers health checks.
     pub async fn start(dir: &Path, extra: &[&str]) -> Node {
+        Node::start_with(dir, None, None, extra).await
+    }
+
+    /// Starts a node with the given store and sink URLs (defaults: embedded in `dir`,
+    /// JSON lines in `dir/fired.jsonl`).
+    pub async fn start_with(
+        dir: &Path,
+        store: Option<String>,
+        sink: Option<String>,
+        extra: &[&str],
+    ) -> Node {
+        let fired_path = dir.join("fired.jsonl");
         let mut node = Node {
             child: None,
             grpc: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
             dir: dir.to_path_buf(),
-            fired_path: dir.join("fired.jsonl"),
+            store: store.unwrap_or_else(|| format!("embedded://{}", dir.join("data").display())),
+            sink: sink.unwrap_or_else(|| format!("jsonl://{}", fired_path.display())),
+            fired_path,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             starts: 0,
         };
         node.spawn().await;
         node
+    }
+
+    /// The node's Prometheus text.
+    pub async fn metrics_text(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
     }
 
     fn log_path(&self) -> PathBuf {
@@ -63,11 +96,11 @@ impl Node {
             .arg("--listen")
             .arg(self.grpc.to_string())
             .arg("--metrics-listen")
-            .arg("off")
+            .arg(self.metrics.to_string())
             .arg("--store")
-            .arg(format!("embedded://{}", self.dir.join("data").display()))
+            .arg(&self.store)
             .arg("--sink")
-            .arg(format!("jsonl://{}", self.fired_path.display()))
+            .arg(&self.sink)
             .args(&self.extra)
             .env("TIMERDB_LOG", "info")
             .stdout(Stdio::null())
@@ -223,4 +256,61 @@ pub fn fire_counts(lines: &[FiredLine]) -> HashMap<String, usize> {
 pub fn b64(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+/// Addresses of the real Kafka and Cassandra the README's test command starts.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// `host:port` of Kafka.
+    pub kafka: String,
+    /// `host:port` of Cassandra / ScyllaDB.
+    pub scylla: String,
+}
+
+/// The services from `TIMERDB_KAFKA` / `TIMERDB_SCYLLA`. Without them the calling test is
+/// skipped with a message, except under `CI=true`, where a missing service fails the run.
+pub fn services() -> Option<Services> {
+    let kafka = std::env::var("TIMERDB_KAFKA")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let scylla = std::env::var("TIMERDB_SCYLLA")
+        .ok()
+        .filter(|v| !v.is_empty());
+    match (kafka, scylla) {
+        (Some(kafka), Some(scylla)) => Some(Services { kafka, scylla }),
+        _ if std::env::var("CI").as_deref() == Ok("true") => panic!(
+            "TIMERDB_KAFKA and TIMERDB_SCYLLA must be set under CI=true; run ./scripts/test, \
+             which starts Kafka and Cassandra with deploy/local/up"
+        ),
+        _ => {
+            eprintln!(
+                "SKIPPED: TIMERDB_KAFKA / TIMERDB_SCYLLA not set (run ./scripts/test, or \
+                 eval \"$(deploy/local/up)\" first)"
+            );
+            None
+        }
+    }
+}
+
+/// A name no other test or run uses (for topics and keyspaces).
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// Runs `deploy/local/ctl SERVICE ACTION` (stop/start/kill) for fault tests.
+pub fn ctl(service: &str, action: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/ctl");
+    let status = Command::new("bash")
+        .arg(script)
+        .args([service, action])
+        .status()
+        .expect("run deploy/local/ctl");
+    assert!(
+        status.success(),
+        "deploy/local/ctl {service} {action} failed"
+    );
 }

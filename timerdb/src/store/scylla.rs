@@ -1,0 +1,903 @@
+//! The ScyllaDB store (also runs on Apache Cassandra, which speaks the same CQL protocol).
+//!
+//! URL: `scylla://host:port[,host:port...]/keyspace[?consistency=quorum&replication_factor=1
+//! &replication_class=SimpleStrategy&request_timeout=5s]`.
+//!
+//! Layout (schema in `migrations/scylla/`): `timers` is partitioned by (slot, bucket), so a
+//! bucket of a slot is one query and a fired bucket one partition delete. Two small index
+//! tables tell which partitions exist: `bucket_slots` (bucket → slots) and `bucket_hours`
+//! (hour → buckets). Index rows are written *before* the timer rows, so a loader that goes
+//! through the index can never miss a stored timer.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt, stream};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::{Consistency, SerialConsistency};
+use scylla::value::{CqlValue, Row};
+
+use super::{CancelOutcome, Inserted, LoadedBucket, StoreOptions, StoredTimer, TimerStore};
+use crate::metrics as m;
+use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec, now_ms};
+use crate::{Error, Result};
+
+/// The schema migrations, in order: (version, description, CQL).
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "timers, bucket indexes, low-water marks, idempotency, meta",
+    include_str!("../../migrations/scylla/0001_init.cql"),
+)];
+
+const HOUR_MS: u64 = 3_600_000;
+/// Concurrent requests one store call may have in flight.
+const FAN_OUT: usize = 64;
+/// Index entries remembered as written, before the memory is dropped and rebuilt.
+const INDEX_CACHE_MAX: usize = 500_000;
+
+/// Parsed `scylla://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScyllaUrl {
+    /// `host:port` contact points.
+    pub hosts: Vec<String>,
+    /// Keyspace name.
+    pub keyspace: String,
+    /// Consistency for reads and writes.
+    pub consistency: Consistency,
+    /// Replication class for a keyspace this store creates.
+    pub replication_class: String,
+    /// Replication factor for a keyspace this store creates.
+    pub replication_factor: u32,
+    /// Client-side timeout of one request.
+    pub request_timeout: Duration,
+}
+
+impl ScyllaUrl {
+    /// Parses `scylla://host:port[,host:port]/keyspace[?options]`.
+    pub fn parse(url: &str) -> Result<ScyllaUrl> {
+        let bad = |why: String| Error::Config(format!("store URL {url:?}: {why}"));
+        let rest = url
+            .strip_prefix("scylla://")
+            .ok_or_else(|| bad("must start with scylla://".into()))?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (hosts, keyspace) = path
+            .split_once('/')
+            .ok_or_else(|| bad("needs a keyspace: scylla://host:9042/keyspace".into()))?;
+        let hosts: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| {
+                if h.contains(':') {
+                    h.to_owned()
+                } else {
+                    format!("{h}:9042")
+                }
+            })
+            .collect();
+        if hosts.is_empty() {
+            return Err(bad("names no host".into()));
+        }
+        let keyspace = keyspace.trim_end_matches('/').to_owned();
+        if keyspace.is_empty()
+            || keyspace.len() > 48
+            || !keyspace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(bad(format!(
+                "keyspace {keyspace:?} must be 1-48 characters of [a-zA-Z0-9_]"
+            )));
+        }
+        let mut u = ScyllaUrl {
+            hosts,
+            keyspace,
+            consistency: Consistency::Quorum,
+            replication_class: "SimpleStrategy".into(),
+            replication_factor: 1,
+            request_timeout: Duration::from_secs(5),
+        };
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match k.as_ref() {
+                "consistency" => {
+                    u.consistency = match v.to_ascii_lowercase().as_str() {
+                        "one" => Consistency::One,
+                        "two" => Consistency::Two,
+                        "quorum" => Consistency::Quorum,
+                        "local_quorum" => Consistency::LocalQuorum,
+                        "each_quorum" => Consistency::EachQuorum,
+                        "all" => Consistency::All,
+                        "local_one" => Consistency::LocalOne,
+                        other => {
+                            return Err(bad(format!(
+                                "consistency {other:?}: use one, quorum, local_quorum, all, ..."
+                            )));
+                        }
+                    }
+                }
+                "replication_factor" => {
+                    u.replication_factor = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n >= 1)
+                        .ok_or_else(|| bad(format!("replication_factor {v:?}: want >= 1")))?
+                }
+                "replication_class" => {
+                    if v != "SimpleStrategy" && v != "NetworkTopologyStrategy" {
+                        return Err(bad(format!(
+                            "replication_class {v:?}: use SimpleStrategy or NetworkTopologyStrategy"
+                        )));
+                    }
+                    u.replication_class = v.into_owned();
+                }
+                "request_timeout" => {
+                    u.request_timeout = humantime::parse_duration(&v)
+                        .map_err(|e| bad(format!("request_timeout {v:?}: {e}")))?
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown option {other:?} (known: consistency, replication_factor, replication_class, request_timeout)"
+                    )));
+                }
+            }
+        }
+        Ok(u)
+    }
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("scylla {what}: {e}"))
+}
+
+struct Statements {
+    insert_timer: PreparedStatement,
+    insert_bucket_slot: PreparedStatement,
+    insert_bucket_hour: PreparedStatement,
+    claim_idempotency: PreparedStatement,
+    delete_timer: PreparedStatement,
+    get_timer: PreparedStatement,
+    cancel_timer: PreparedStatement,
+    bucket_slots: PreparedStatement,
+    bucket_has_slots: PreparedStatement,
+    load_partition: PreparedStatement,
+    next_in_hour: PreparedStatement,
+    delete_partition: PreparedStatement,
+    delete_bucket_slots: PreparedStatement,
+    delete_bucket_hour: PreparedStatement,
+    all_low_water: PreparedStatement,
+    set_low_water: PreparedStatement,
+}
+
+/// Timers in ScyllaDB / Cassandra.
+pub struct ScyllaStore {
+    session: Session,
+    layout: Layout,
+    st: Statements,
+    retention: Duration,
+    /// Never goes backwards (see the embedded store's writer for why).
+    clock_ms: AtomicU64,
+    /// Index rows already written by this process: (bucket, slot) and (hour, bucket).
+    written_slots: Mutex<HashSet<(u64, u32)>>,
+    written_hours: Mutex<HashSet<(u64, u64)>>,
+}
+
+/// Connects, creates the keyspace if needed and applies pending migrations.
+pub async fn connect(url: &ScyllaUrl) -> Result<Session> {
+    let profile = ExecutionProfile::builder()
+        .consistency(url.consistency)
+        .serial_consistency(Some(match url.consistency {
+            Consistency::LocalQuorum | Consistency::LocalOne => SerialConsistency::LocalSerial,
+            _ => SerialConsistency::Serial,
+        }))
+        .request_timeout(Some(url.request_timeout))
+        .build();
+    SessionBuilder::new()
+        .known_nodes(&url.hosts)
+        .connection_timeout(Duration::from_secs(5))
+        .default_execution_profile_handle(profile.into_handle())
+        .build()
+        .await
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot connect to scylla at {}: {e}",
+                url.hosts.join(",")
+            ))
+        })
+}
+
+/// Creates the keyspace (if missing) and applies the migrations not applied yet.
+/// Returns the versions applied by this call.
+pub async fn migrate(session: &Session, url: &ScyllaUrl) -> Result<Vec<i32>> {
+    let ks = &url.keyspace;
+    let replication = if url.replication_class == "SimpleStrategy" {
+        format!(
+            "{{'class': 'SimpleStrategy', 'replication_factor': {}}}",
+            url.replication_factor
+        )
+    } else {
+        format!(
+            "{{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
+            url.replication_factor
+        )
+    };
+    let ddl = |q: String| async move {
+        session
+            .query_unpaged(q.clone(), ())
+            .await
+            .map_err(|e| unavailable(&format!("migration statement {q:?}"), e))
+    };
+    ddl(format!(
+        "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {replication}"
+    ))
+    .await?;
+    ddl(format!(
+        "CREATE TABLE IF NOT EXISTS {ks}.schema_migrations \
+         (version int PRIMARY KEY, description text, applied_ms bigint)"
+    ))
+    .await?;
+    let applied: HashSet<i32> = session
+        .query_unpaged(format!("SELECT version FROM {ks}.schema_migrations"), ())
+        .await
+        .map_err(|e| unavailable("reading schema_migrations", e))?
+        .into_rows_result()
+        .map_err(|e| unavailable("reading schema_migrations", e))?
+        .rows::<(i32,)>()
+        .map_err(|e| unavailable("reading schema_migrations", e))?
+        .map(|r| r.map(|(v,)| v))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| unavailable("reading schema_migrations", e))?;
+    let mut done = Vec::new();
+    for (version, description, cql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        for statement in split_statements(cql) {
+            ddl(statement.replace("{keyspace}", ks)).await?;
+        }
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {ks}.schema_migrations (version, description, applied_ms) VALUES (?, ?, ?)"
+                ),
+                (*version, *description, now_ms() as i64),
+            )
+            .await
+            .map_err(|e| unavailable("recording migration", e))?;
+        tracing::info!(keyspace = %ks, version, description, "store.migrate applied");
+        done.push(*version);
+    }
+    Ok(done)
+}
+
+/// Splits a migration file into statements: comments dropped, split at `;`.
+fn split_statements(cql: &str) -> Vec<String> {
+    let body: String = cql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    body.split(';')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+impl ScyllaStore {
+    /// Connects to the cluster in `url`, migrates the schema and reads (or records) the layout.
+    pub async fn open(url: &str, options: StoreOptions) -> Result<ScyllaStore> {
+        options.layout.validate()?;
+        let url = ScyllaUrl::parse(url)?;
+        let session = connect(&url).await?;
+        migrate(&session, &url).await?;
+        let ks = &url.keyspace;
+        let layout = init_layout(&session, ks, options.layout).await?;
+        let prep = |q: String| {
+            let session = &session;
+            async move {
+                session
+                    .prepare(q.clone())
+                    .await
+                    .map_err(|e| unavailable(&format!("preparing {q:?}"), e))
+            }
+        };
+        let mut st = Statements {
+            insert_timer: prep(format!(
+                "INSERT INTO {ks}.timers (slot, bucket, rand, state, created_ms, spec) VALUES (?, ?, ?, 0, ?, ?)"
+            ))
+            .await?,
+            insert_bucket_slot: prep(format!(
+                "INSERT INTO {ks}.bucket_slots (bucket, slot) VALUES (?, ?)"
+            ))
+            .await?,
+            insert_bucket_hour: prep(format!(
+                "INSERT INTO {ks}.bucket_hours (hour, bucket) VALUES (?, ?)"
+            ))
+            .await?,
+            claim_idempotency: prep(format!(
+                "INSERT INTO {ks}.idempotency (key, timer_id, created_ms) VALUES (?, ?, ?) IF NOT EXISTS USING TTL ?"
+            ))
+            .await?,
+            delete_timer: prep(format!(
+                "DELETE FROM {ks}.timers WHERE slot = ? AND bucket = ? AND rand = ?"
+            ))
+            .await?,
+            get_timer: prep(format!(
+                "SELECT state, created_ms, spec FROM {ks}.timers WHERE slot = ? AND bucket = ? AND rand = ?"
+            ))
+            .await?,
+            cancel_timer: prep(format!(
+                "UPDATE {ks}.timers SET state = 1 WHERE slot = ? AND bucket = ? AND rand = ? IF EXISTS"
+            ))
+            .await?,
+            bucket_slots: prep(format!(
+                "SELECT slot FROM {ks}.bucket_slots WHERE bucket = ? AND slot >= ? AND slot <= ?"
+            ))
+            .await?,
+            bucket_has_slots: prep(format!(
+                "SELECT slot FROM {ks}.bucket_slots WHERE bucket = ? LIMIT 1"
+            ))
+            .await?,
+            load_partition: prep(format!(
+                "SELECT rand, state, created_ms, spec FROM {ks}.timers WHERE slot = ? AND bucket = ?"
+            ))
+            .await?,
+            next_in_hour: prep(format!(
+                "SELECT bucket FROM {ks}.bucket_hours WHERE hour = ? AND bucket >= ? AND bucket <= ? LIMIT 1"
+            ))
+            .await?,
+            delete_partition: prep(format!(
+                "DELETE FROM {ks}.timers WHERE slot = ? AND bucket = ?"
+            ))
+            .await?,
+            delete_bucket_slots: prep(format!(
+                "DELETE FROM {ks}.bucket_slots WHERE bucket = ? AND slot >= ? AND slot <= ?"
+            ))
+            .await?,
+            delete_bucket_hour: prep(format!(
+                "DELETE FROM {ks}.bucket_hours WHERE hour = ? AND bucket = ?"
+            ))
+            .await?,
+            all_low_water: prep(format!("SELECT slot, bucket FROM {ks}.low_water_marks")).await?,
+            set_low_water: prep(format!(
+                "INSERT INTO {ks}.low_water_marks (slot, bucket) VALUES (?, ?)"
+            ))
+            .await?,
+        };
+        st.load_partition.set_page_size(5000);
+        for s in [
+            &mut st.insert_timer,
+            &mut st.insert_bucket_slot,
+            &mut st.insert_bucket_hour,
+            &mut st.delete_timer,
+            &mut st.get_timer,
+            &mut st.bucket_slots,
+            &mut st.load_partition,
+            &mut st.delete_partition,
+            &mut st.delete_bucket_slots,
+            &mut st.delete_bucket_hour,
+            &mut st.set_low_water,
+        ] {
+            // Safe to retry on timeouts: each one writes the same values again.
+            s.set_is_idempotent(true);
+        }
+        Ok(ScyllaStore {
+            session,
+            layout,
+            st,
+            retention: options.idempotency_retention,
+            clock_ms: AtomicU64::new(0),
+            written_slots: Mutex::new(HashSet::new()),
+            written_hours: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        let now = now_ms();
+        self.clock_ms.fetch_max(now, Ordering::SeqCst).max(now)
+    }
+
+    /// Writes the index rows for these (bucket, slot) pairs that this process has not
+    /// written yet.
+    async fn write_index(&self, pairs: impl Iterator<Item = (u64, u32)>) -> Result<()> {
+        let mut slots_new = Vec::new();
+        let mut hours_new = Vec::new();
+        {
+            let mut ws = self.written_slots.lock().expect("lock");
+            let mut wh = self.written_hours.lock().expect("lock");
+            if ws.len() > INDEX_CACHE_MAX {
+                ws.clear();
+            }
+            if wh.len() > INDEX_CACHE_MAX {
+                wh.clear();
+            }
+            for (bucket, slot) in pairs {
+                if !ws.contains(&(bucket, slot)) {
+                    slots_new.push((bucket, slot));
+                }
+                let h = (bucket / HOUR_MS, bucket);
+                if !wh.contains(&h) && !hours_new.contains(&h) {
+                    hours_new.push(h);
+                }
+            }
+        }
+        slots_new.sort_unstable();
+        slots_new.dedup();
+        let st = &self.st;
+        stream::iter(
+            hours_new
+                .clone()
+                .into_iter()
+                .map(|(hour, bucket)| async move {
+                    self.session
+                        .execute_unpaged(&st.insert_bucket_hour, (hour as i64, bucket as i64))
+                        .await
+                        .map(|_| ())
+                }),
+        )
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e| unavailable("writing bucket index", e))?;
+        stream::iter(
+            slots_new
+                .clone()
+                .into_iter()
+                .map(|(bucket, slot)| async move {
+                    self.session
+                        .execute_unpaged(&st.insert_bucket_slot, (bucket as i64, slot as i32))
+                        .await
+                        .map(|_| ())
+                }),
+        )
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e| unavailable("writing bucket index", e))?;
+        self.written_slots.lock().expect("lock").extend(slots_new);
+        self.written_hours.lock().expect("lock").extend(hours_new);
+        Ok(())
+    }
+
+    fn decode(&self, id: TimerId, state: i8, created_ms: i64, spec: &[u8]) -> Result<StoredTimer> {
+        let spec =
+            TimerSpec::from_bytes(spec).map_err(|e| Error::Corrupt(format!("timer {id}: {e}")))?;
+        Ok(StoredTimer {
+            timer: Timer {
+                id,
+                created_ms: created_ms as u64,
+                spec,
+            },
+            state: if state == 1 {
+                StoredState::Cancelled
+            } else {
+                StoredState::Pending
+            },
+        })
+    }
+
+    /// Slots of `range` that have rows in `bucket`.
+    async fn slots_in(&self, range: SlotRange, bucket: u64) -> Result<Vec<u32>> {
+        let rows = self
+            .session
+            .execute_unpaged(
+                &self.st.bucket_slots,
+                (bucket as i64, range.first as i32, range.last as i32),
+            )
+            .await
+            .map_err(|e| unavailable("reading bucket index", e))?
+            .into_rows_result()
+            .map_err(|e| unavailable("reading bucket index", e))?;
+        rows.rows::<(i32,)>()
+            .map_err(|e| unavailable("reading bucket index", e))?
+            .map(|r| r.map(|(s,)| s as u32))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| unavailable("reading bucket index", e))
+    }
+}
+
+/// `[applied]` of a lightweight transaction, and the named column of the existing row when
+/// it was not applied (servers put the existing row's columns in their own order).
+fn lwt_outcome(
+    r: &scylla::response::query_result::QueryRowsResult,
+    column: &str,
+) -> Result<(bool, Option<CqlValue>)> {
+    let index = r.column_specs().iter().position(|c| c.name() == column);
+    let mut row = r
+        .first_row::<Row>()
+        .map_err(|e| unavailable("reading transaction outcome", e))?;
+    let applied = row
+        .columns
+        .first()
+        .and_then(|c| c.as_ref())
+        .and_then(|v| v.as_boolean())
+        .ok_or_else(|| Error::Internal("transaction outcome without [applied]".into()))?;
+    let value = index.and_then(|i| row.columns.get_mut(i).and_then(Option::take));
+    Ok((applied, value))
+}
+
+async fn init_layout(session: &Session, ks: &str, requested: Layout) -> Result<Layout> {
+    let bytes = postcard::to_allocvec(&requested).map_err(|e| Error::Internal(e.to_string()))?;
+    // First writer wins; everyone then reads the same layout.
+    session
+        .query_unpaged(
+            format!("INSERT INTO {ks}.meta (name, value) VALUES ('layout', ?) IF NOT EXISTS"),
+            (bytes,),
+        )
+        .await
+        .map_err(|e| unavailable("recording layout", e))?;
+    let stored = session
+        .query_unpaged(
+            format!("SELECT value FROM {ks}.meta WHERE name = 'layout'"),
+            (),
+        )
+        .await
+        .map_err(|e| unavailable("reading layout", e))?
+        .into_rows_result()
+        .map_err(|e| unavailable("reading layout", e))?
+        .single_row::<(Vec<u8>,)>()
+        .map_err(|e| unavailable("reading layout", e))?
+        .0;
+    let stored: Layout =
+        postcard::from_bytes(&stored).map_err(|e| Error::Corrupt(format!("layout record: {e}")))?;
+    if stored != requested {
+        tracing::warn!(
+            stored_slots = stored.slots,
+            stored_bucket_ms = stored.bucket_ms,
+            "store.open: keyspace was created with another layout; keeping the stored one"
+        );
+    }
+    Ok(stored)
+}
+
+#[async_trait]
+impl TimerStore for ScyllaStore {
+    fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Inserted>> {
+        if timers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let now = self.now();
+        let min_bucket = self.layout.bucket_start(now) + self.layout.bucket_ms;
+        let ids: Vec<TimerId> = timers
+            .iter()
+            .map(|t| TimerId::generate(self.layout.bucket_start(t.fire_at_ms).max(min_bucket)))
+            .collect();
+        let encoded: Vec<Vec<u8>> = timers.iter().map(|t| t.to_bytes()).collect::<Result<_>>()?;
+        let layout = self.layout;
+        self.write_index(ids.iter().map(|id| (id.bucket_ms, layout.slot_of(id.rand))))
+            .await?;
+        let st = &self.st;
+        let rows: Vec<(i32, i64, i64, i64, Vec<u8>)> = ids
+            .iter()
+            .zip(encoded)
+            .map(|(id, spec)| {
+                (
+                    layout.slot_of(id.rand) as i32,
+                    id.bucket_ms as i64,
+                    id.rand as i64,
+                    now as i64,
+                    spec,
+                )
+            })
+            .collect();
+        stream::iter(rows.into_iter().map(|row| async move {
+            self.session
+                .execute_unpaged(&st.insert_timer, row)
+                .await
+                .map(|_| ())
+        }))
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e| unavailable("writing timers", e))?;
+        let mut out: Vec<Inserted> = ids
+            .iter()
+            .map(|&id| Inserted { id, created: true })
+            .collect();
+        // Idempotency keys: the timer row is written first, then the key is claimed with a
+        // lightweight transaction; on a lost claim our row is removed and the first id is
+        // returned. Sequential, so the first of two equal keys in one batch wins.
+        let ttl = self.retention.as_secs().clamp(1, i32::MAX as u64) as i32;
+        for (i, t) in timers.iter().enumerate() {
+            let Some(key) = &t.idempotency_key else {
+                continue;
+            };
+            let id = ids[i];
+            let r = self
+                .session
+                .execute_unpaged(
+                    &st.claim_idempotency,
+                    (key.as_str(), id.to_bytes().to_vec(), now as i64, ttl),
+                )
+                .await
+                .map_err(|e| unavailable("claiming idempotency key", e))?
+                .into_rows_result()
+                .map_err(|e| unavailable("claiming idempotency key", e))?;
+            let (applied, existing) = lwt_outcome(&r, "timer_id")?;
+            if applied {
+                continue;
+            }
+            let existing = existing
+                .and_then(|v| v.as_blob().cloned())
+                .filter(|b| b.len() == 16)
+                .ok_or_else(|| Error::Corrupt(format!("idempotency key {key:?}: bad id")))?;
+            let first = TimerId {
+                bucket_ms: u64::from_be_bytes(existing[..8].try_into().expect("8 bytes")),
+                rand: u64::from_be_bytes(existing[8..].try_into().expect("8 bytes")),
+            };
+            self.session
+                .execute_unpaged(
+                    &st.delete_timer,
+                    (
+                        layout.slot_of(id.rand) as i32,
+                        id.bucket_ms as i64,
+                        id.rand as i64,
+                    ),
+                )
+                .await
+                .map_err(|e| unavailable("removing duplicate timer", e))?;
+            out[i] = Inserted {
+                id: first,
+                created: false,
+            };
+        }
+        m::store_op("insert", started.elapsed());
+        Ok(out)
+    }
+
+    async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>> {
+        let started = Instant::now();
+        let slot = self.layout.slot_of(id.rand);
+        let rows = self
+            .session
+            .execute_unpaged(
+                &self.st.get_timer,
+                (slot as i32, id.bucket_ms as i64, id.rand as i64),
+            )
+            .await
+            .map_err(|e| unavailable("reading timer", e))?
+            .into_rows_result()
+            .map_err(|e| unavailable("reading timer", e))?;
+        let row = rows
+            .maybe_first_row::<(i8, i64, Vec<u8>)>()
+            .map_err(|e| unavailable("reading timer", e))?;
+        m::store_op("get", started.elapsed());
+        row.map(|(state, created, spec)| self.decode(id, state, created, &spec))
+            .transpose()
+    }
+
+    async fn cancel(&self, id: TimerId) -> Result<CancelOutcome> {
+        match self.get(id).await? {
+            None => return Ok(CancelOutcome::NotFound),
+            Some(t) if t.state == StoredState::Cancelled => {
+                return Ok(CancelOutcome::AlreadyCancelled);
+            }
+            Some(_) => {}
+        }
+        let slot = self.layout.slot_of(id.rand);
+        // IF EXISTS: a plain UPDATE would recreate a row whose bucket was just deleted.
+        let r = self
+            .session
+            .execute_unpaged(
+                &self.st.cancel_timer,
+                (slot as i32, id.bucket_ms as i64, id.rand as i64),
+            )
+            .await
+            .map_err(|e| unavailable("cancelling timer", e))?
+            .into_rows_result()
+            .map_err(|e| unavailable("cancelling timer", e))?;
+        let (applied, _) = lwt_outcome(&r, "state")?;
+        Ok(if applied {
+            CancelOutcome::Cancelled
+        } else {
+            CancelOutcome::NotFound
+        })
+    }
+
+    async fn load_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<LoadedBucket> {
+        let started = Instant::now();
+        let present = self.slots_in(slots, bucket_ms).await?;
+        let layout = self.layout;
+        let st = &self.st;
+        let parts: Vec<Vec<(i64, i8, i64, Vec<u8>)>> =
+            stream::iter(present.into_iter().map(|slot| async move {
+                let pager = self
+                    .session
+                    .execute_iter(st.load_partition.clone(), (slot as i32, bucket_ms as i64))
+                    .await
+                    .map_err(|e| unavailable("loading bucket", e))?;
+                pager
+                    .rows_stream::<(i64, i8, i64, Vec<u8>)>()
+                    .map_err(|e| unavailable("loading bucket", e))?
+                    .try_collect::<Vec<_>>()
+                    .await
+                    .map_err(|e| unavailable("loading bucket", e))
+            }))
+            .buffer_unordered(FAN_OUT)
+            .try_collect()
+            .await?;
+        let mut out = LoadedBucket::default();
+        for (rand, state, created, spec) in parts.into_iter().flatten() {
+            let id = TimerId {
+                bucket_ms,
+                rand: rand as u64,
+            };
+            debug_assert!(slots.contains(layout.slot_of(id.rand)));
+            let t = self.decode(id, state, created, &spec)?;
+            match t.state {
+                StoredState::Pending => out.timers.push(t.timer),
+                StoredState::Cancelled => out.cancelled += 1,
+            }
+        }
+        m::store_op("load_bucket", started.elapsed());
+        Ok(out)
+    }
+
+    async fn next_bucket(
+        &self,
+        _slots: SlotRange,
+        from_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<u64>> {
+        // The hour index is shared by all slot ranges, so the answer may be a bucket that
+        // only other ranges use: allowed, the load then finds nothing for this range.
+        let started = Instant::now();
+        let mut hour = from_ms / HOUR_MS;
+        while hour * HOUR_MS <= until_ms {
+            let rows = self
+                .session
+                .execute_unpaged(
+                    &self.st.next_in_hour,
+                    (hour as i64, from_ms as i64, until_ms as i64),
+                )
+                .await
+                .map_err(|e| unavailable("reading bucket index", e))?
+                .into_rows_result()
+                .map_err(|e| unavailable("reading bucket index", e))?;
+            if let Some((b,)) = rows
+                .maybe_first_row::<(i64,)>()
+                .map_err(|e| unavailable("reading bucket index", e))?
+            {
+                m::store_op("next_bucket", started.elapsed());
+                return Ok(Some(b as u64));
+            }
+            hour += 1;
+        }
+        m::store_op("next_bucket", started.elapsed());
+        Ok(None)
+    }
+
+    async fn delete_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<()> {
+        let started = Instant::now();
+        let present = self.slots_in(slots, bucket_ms).await?;
+        let st = &self.st;
+        stream::iter(present.into_iter().map(|slot| async move {
+            self.session
+                .execute_unpaged(&st.delete_partition, (slot as i32, bucket_ms as i64))
+                .await
+                .map(|_| ())
+        }))
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e| unavailable("deleting bucket", e))?;
+        // Index rows go after the data, so an interrupted delete is simply done again.
+        self.session
+            .execute_unpaged(
+                &st.delete_bucket_slots,
+                (bucket_ms as i64, slots.first as i32, slots.last as i32),
+            )
+            .await
+            .map_err(|e| unavailable("deleting bucket index", e))?;
+        let others = self
+            .session
+            .execute_unpaged(&st.bucket_has_slots, (bucket_ms as i64,))
+            .await
+            .map_err(|e| unavailable("reading bucket index", e))?
+            .into_rows_result()
+            .map_err(|e| unavailable("reading bucket index", e))?
+            .rows_num();
+        if others == 0 {
+            self.session
+                .execute_unpaged(
+                    &st.delete_bucket_hour,
+                    ((bucket_ms / HOUR_MS) as i64, bucket_ms as i64),
+                )
+                .await
+                .map_err(|e| unavailable("deleting bucket index", e))?;
+        }
+        m::store_op("delete_bucket", started.elapsed());
+        Ok(())
+    }
+
+    async fn low_water_mark(&self, slots: SlotRange) -> Result<Option<u64>> {
+        let pager = self
+            .session
+            .execute_iter(self.st.all_low_water.clone(), ())
+            .await
+            .map_err(|e| unavailable("reading low-water marks", e))?;
+        let rows: Vec<(i32, i64)> = pager
+            .rows_stream::<(i32, i64)>()
+            .map_err(|e| unavailable("reading low-water marks", e))?
+            .try_collect()
+            .await
+            .map_err(|e| unavailable("reading low-water marks", e))?;
+        Ok(rows
+            .into_iter()
+            .filter(|(s, _)| slots.contains(*s as u32))
+            .map(|(_, b)| b as u64)
+            .min())
+    }
+
+    async fn set_low_water_mark(&self, slots: SlotRange, bucket_ms: u64) -> Result<()> {
+        let st = &self.st;
+        stream::iter((slots.first..=slots.last).map(|slot| async move {
+            self.session
+                .execute_unpaged(&st.set_low_water, (slot as i32, bucket_ms as i64))
+                .await
+                .map(|_| ())
+        }))
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e| unavailable("writing low-water marks", e))?;
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_defaults_and_options() {
+        let u = ScyllaUrl::parse("scylla://127.0.0.1:9042/timerdb").unwrap();
+        assert_eq!(u.hosts, vec!["127.0.0.1:9042"]);
+        assert_eq!(u.keyspace, "timerdb");
+        assert_eq!(u.consistency, Consistency::Quorum);
+        let u = ScyllaUrl::parse(
+            "scylla://a,b:9043/ks_1?consistency=local_quorum&replication_factor=3&request_timeout=2s",
+        )
+        .unwrap();
+        assert_eq!(u.hosts, vec!["a:9042", "b:9043"]);
+        assert_eq!(u.consistency, Consistency::LocalQuorum);
+        assert_eq!(u.replication_factor, 3);
+        assert_eq!(u.request_timeout, Duration::from_secs(2));
+        for bad in [
+            "scylla://h:1",
+            "scylla:///ks",
+            "scylla://h/bad-name",
+            "scylla://h/ks?consistency=most",
+            "scylla://h/ks?colour=blue",
+        ] {
+            assert!(
+                matches!(ScyllaUrl::parse(bad), Err(Error::Config(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn migration_files_split_into_statements() {
+        let statements = split_statements(MIGRATIONS[0].2);
+        assert_eq!(statements.len(), 6);
+        assert!(
+            statements
+                .iter()
+                .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS {keyspace}."))
+        );
+    }
+}

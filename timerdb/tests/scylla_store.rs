@@ -1,0 +1,66 @@
+//! The `TimerStore` conformance suite on the Scylla store, against a real Cassandra
+//! (`TIMERDB_SCYLLA`).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use timerdb::store::scylla::ScyllaStore;
+use timerdb::store::{StoreOptions, TimerStore, conformance};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scylla_store_passes_the_conformance_suite() {
+    let Some(svc) = common::services() else {
+        return;
+    };
+    conformance::run_all(|retention: Duration| {
+        let url = format!("scylla://{}/{}", svc.scylla, common::unique("conf"));
+        async move {
+            let store = ScyllaStore::open(
+                &url,
+                StoreOptions {
+                    idempotency_retention: retention,
+                    ..StoreOptions::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("open {url}: {e}"));
+            Arc::new(store) as Arc<dyn TimerStore>
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scylla_store_reopens_with_its_layout_and_migrations_run_once() {
+    use timerdb::timer::Layout;
+    let Some(svc) = common::services() else {
+        return;
+    };
+    let url = format!("scylla://{}/{}", svc.scylla, common::unique("reopen"));
+    let layout = Layout {
+        slots: 128,
+        bucket_ms: 5000,
+    };
+    let first = ScyllaStore::open(
+        &url,
+        StoreOptions {
+            layout,
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.layout(), layout);
+    let again = ScyllaStore::open(&url, StoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.layout(), layout, "the stored layout wins");
+    let parsed = timerdb::store::scylla::ScyllaUrl::parse(&url).unwrap();
+    let session = timerdb::store::scylla::connect(&parsed).await.unwrap();
+    let applied = timerdb::store::scylla::migrate(&session, &parsed)
+        .await
+        .unwrap();
+    assert!(applied.is_empty(), "nothing left to migrate: {applied:?}");
+}
