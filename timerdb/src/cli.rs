@@ -37,6 +37,16 @@ pub enum Command {
     Get(IdArgs),
     /// Cancel a timer.
     Cancel(IdArgs),
+    /// Create or upgrade a Scylla/Cassandra schema, then exit (`serve` also does this).
+    Migrate(MigrateArgs),
+}
+
+/// `timerdb migrate`
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Store URL: scylla://host:9042/keyspace[?replication_factor=3&...].
+    #[arg(long, env = "TIMERDB_STORE")]
+    pub store: String,
 }
 
 /// `timerdb serve`
@@ -183,6 +193,20 @@ fn status(e: tonic::Status) -> anyhow::Error {
 pub async fn run_client(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(_) => unreachable!("serve is not a client command"),
+        Command::Migrate(a) => {
+            if a.store.starts_with("embedded:") {
+                println!("embedded stores need no migration; they are set up on first start");
+                return Ok(());
+            }
+            let url = crate::store::scylla::ScyllaUrl::parse(&a.store)?;
+            let session = crate::store::scylla::connect(&url).await?;
+            let applied = crate::store::scylla::migrate(&session, &url).await?;
+            if applied.is_empty() {
+                println!("keyspace {} is up to date", url.keyspace);
+            } else {
+                println!("keyspace {}: applied migrations {applied:?}", url.keyspace);
+            }
+        }
         Command::SetTimeout(a) => {
             let fire_at_ms = match (&a.in_, &a.at) {
                 (Some(d), _) => {
