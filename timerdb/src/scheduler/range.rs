@@ -416,7 +416,7 @@ impl RangeTask {
                     let backoff = self
                         .config
                         .retry_min
-                        .saturating_mul(1u32 << e.attempts.min(16))
+                        .saturating_mul(1u32 << (e.attempts - 1).min(16))
                         .min(self.config.retry_max);
                     e.state = State::Pending;
                     e.due_ms = now + backoff.as_millis() as u64;

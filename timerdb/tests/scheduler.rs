@@ -1,0 +1,141 @@
+//! The scheduler in-process, on the embedded store, with a sink that fails on purpose:
+//! failed deliveries are retried with backoff without holding back other timers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use timerdb::scheduler::{Scheduler, SchedulerConfig};
+use timerdb::sink::{Delivery, Sink};
+use timerdb::store::embedded::EmbeddedStore;
+use timerdb::store::{StoreOptions, TimerStore};
+use timerdb::timer::{Timer, TimerSpec, now_ms};
+
+/// Fails the first `failures` attempts of every timer on topic "flaky".
+struct FlakySink {
+    failures: u32,
+    attempts: Mutex<HashMap<String, u32>>,
+    delivered: Mutex<Vec<(Timer, u64)>>,
+}
+
+#[async_trait]
+impl Sink for FlakySink {
+    async fn deliver(&self, batch: &[Timer], fired_at_ms: u64) -> Vec<Delivery> {
+        let mut attempts = self.attempts.lock().unwrap();
+        let mut delivered = self.delivered.lock().unwrap();
+        batch
+            .iter()
+            .map(|t| {
+                let n = attempts.entry(t.id.to_string()).or_insert(0);
+                *n += 1;
+                if t.spec.topic == "flaky" && *n <= self.failures {
+                    Delivery::Failed(format!("attempt {n} refused on purpose"))
+                } else {
+                    delivered.push((t.clone(), fired_at_ms));
+                    Delivery::Delivered
+                }
+            })
+            .collect()
+    }
+
+    async fn flush(&self) -> timerdb::Result<()> {
+        Ok(())
+    }
+}
+
+fn spec(fire_at_ms: u64, topic: &str) -> TimerSpec {
+    TimerSpec {
+        fire_at_ms,
+        topic: topic.into(),
+        partition: 0,
+        key: None,
+        headers: vec![],
+        payload: "p".into(),
+        idempotency_key: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_deliveries_are_retried_without_blocking_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn TimerStore> = Arc::new(
+        EmbeddedStore::open(dir.path(), StoreOptions::default())
+            .await
+            .unwrap(),
+    );
+    let sink = Arc::new(FlakySink {
+        failures: 3,
+        attempts: Mutex::default(),
+        delivered: Mutex::default(),
+    });
+    let scheduler = Scheduler::new(
+        store.clone(),
+        sink.clone(),
+        SchedulerConfig {
+            retry_min: Duration::from_millis(300),
+            retry_max: Duration::from_secs(2),
+            ..SchedulerConfig::default()
+        },
+    );
+    scheduler
+        .assign(vec![store.layout().all_slots()])
+        .await
+        .unwrap();
+
+    let now = now_ms();
+    let specs: Vec<TimerSpec> = (0..40)
+        .map(|i| {
+            spec(
+                now + 100 + i * 10,
+                if i % 4 == 0 { "flaky" } else { "good" },
+            )
+        })
+        .collect();
+    let inserted = store.insert(&specs).await.unwrap();
+    let timers: Vec<Timer> = inserted
+        .iter()
+        .zip(&specs)
+        .map(|(i, s)| Timer {
+            id: i.id,
+            created_ms: now,
+            spec: s.clone(),
+        })
+        .collect();
+    scheduler.hand_off(timers.clone());
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sink.delivered.lock().unwrap().len() < timers.len() {
+        assert!(Instant::now() < deadline, "not all timers were delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let delivered = sink.delivered.lock().unwrap().clone();
+    assert_eq!(
+        delivered.len(),
+        timers.len(),
+        "each timer delivered exactly once"
+    );
+    let attempts = sink.attempts.lock().unwrap().clone();
+    let mut last_good = 0;
+    let mut first_flaky = u64::MAX;
+    for (t, fired_at) in &delivered {
+        assert!(*fired_at >= t.spec.fire_at_ms, "never early");
+        let n = attempts[&t.id.to_string()];
+        if t.spec.topic == "flaky" {
+            assert_eq!(n, 4, "three refusals, then delivered");
+            first_flaky = first_flaky.min(*fired_at);
+        } else {
+            assert_eq!(n, 1);
+            last_good = last_good.max(*fired_at);
+        }
+    }
+    // The failing timers (backoff 300 + 600 + 1200 ms, so ~2 s late) did not hold the good
+    // ones (all due within 0.5 s) back.
+    assert!(
+        last_good < first_flaky,
+        "good timers were not held back by failing ones"
+    );
+    scheduler.shutdown().await;
+    store.close().await.unwrap();
+}
