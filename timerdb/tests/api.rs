@@ -7,20 +7,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Node, b64, fire_counts, now_ms};
+use common::{Node, b64, fire_counts, now_ms, request};
 use timerdb::api::convert::timestamp;
 use timerdb_proto::v1;
 use tonic::Code;
-
-fn request(fire_at_ms: u64, topic: &str, partition: i32, payload: &str) -> v1::SetTimeoutRequest {
-    v1::SetTimeoutRequest {
-        fire_at: Some(timestamp(fire_at_ms)),
-        payload: Bytes::from(payload.to_owned()),
-        topic: topic.into(),
-        partition,
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timers_fire_once_never_early_with_exact_content() {

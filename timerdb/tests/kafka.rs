@@ -7,20 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::kafka::{collect, consumer, create_topic, delete_topic};
-use common::{Node, now_ms, services, unique};
-use timerdb::api::convert::timestamp;
+use common::{Node, now_ms, request, services, unique};
 use timerdb_proto::v1;
 use tonic::Code;
-
-fn request(fire_at_ms: u64, topic: &str, partition: i32, payload: &str) -> v1::SetTimeoutRequest {
-    v1::SetTimeoutRequest {
-        fire_at: Some(timestamp(fire_at_ms)),
-        payload: Bytes::from(payload.to_owned()),
-        topic: topic.into(),
-        partition,
-        ..Default::default()
-    }
-}
 
 /// Schedules a mix of timers and checks what a Kafka consumer receives.
 async fn delivers_exactly(store: Option<String>) {

@@ -396,6 +396,29 @@ impl ScyllaStore {
         })
     }
 
+    /// Executes `statement` once per row of values, up to `FAN_OUT` at a time.
+    async fn execute_all<V>(
+        &self,
+        statement: &PreparedStatement,
+        rows: Vec<V>,
+        what: &str,
+    ) -> Result<()>
+    where
+        V: scylla::serialize::row::SerializeRow + Send + Sync,
+    {
+        stream::iter(rows.into_iter().map(|values| async move {
+            self.session
+                .execute_unpaged(statement, values)
+                .await
+                .map(|_| ())
+        }))
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e| unavailable(what, e))?;
+        Ok(())
+    }
+
     fn now(&self) -> u64 {
         let now = now_ms();
         self.clock_ms.fetch_max(now, Ordering::SeqCst).max(now)
@@ -427,37 +450,18 @@ impl ScyllaStore {
         }
         slots_new.sort_unstable();
         slots_new.dedup();
-        let st = &self.st;
-        stream::iter(
-            hours_new
-                .clone()
-                .into_iter()
-                .map(|(hour, bucket)| async move {
-                    self.session
-                        .execute_unpaged(&st.insert_bucket_hour, (hour as i64, bucket as i64))
-                        .await
-                        .map(|_| ())
-                }),
-        )
-        .buffer_unordered(FAN_OUT)
-        .try_collect::<Vec<_>>()
-        .await
-        .map_err(|e| unavailable("writing bucket index", e))?;
-        stream::iter(
-            slots_new
-                .clone()
-                .into_iter()
-                .map(|(bucket, slot)| async move {
-                    self.session
-                        .execute_unpaged(&st.insert_bucket_slot, (bucket as i64, slot as i32))
-                        .await
-                        .map(|_| ())
-                }),
-        )
-        .buffer_unordered(FAN_OUT)
-        .try_collect::<Vec<_>>()
-        .await
-        .map_err(|e| unavailable("writing bucket index", e))?;
+        let hours: Vec<(i64, i64)> = hours_new
+            .iter()
+            .map(|&(h, b)| (h as i64, b as i64))
+            .collect();
+        self.execute_all(&self.st.insert_bucket_hour, hours, "writing bucket index")
+            .await?;
+        let slots: Vec<(i64, i32)> = slots_new
+            .iter()
+            .map(|&(b, s)| (b as i64, s as i32))
+            .collect();
+        self.execute_all(&self.st.insert_bucket_slot, slots, "writing bucket index")
+            .await?;
         self.written_slots.lock().expect("lock").extend(slots_new);
         self.written_hours.lock().expect("lock").extend(hours_new);
         Ok(())
@@ -589,16 +593,8 @@ impl TimerStore for ScyllaStore {
                 )
             })
             .collect();
-        stream::iter(rows.into_iter().map(|row| async move {
-            self.session
-                .execute_unpaged(&st.insert_timer, row)
-                .await
-                .map(|_| ())
-        }))
-        .buffer_unordered(FAN_OUT)
-        .try_collect::<Vec<_>>()
-        .await
-        .map_err(|e| unavailable("writing timers", e))?;
+        self.execute_all(&st.insert_timer, rows, "writing timers")
+            .await?;
         let mut out: Vec<Inserted> = ids
             .iter()
             .map(|&id| Inserted { id, created: true })
@@ -780,16 +776,12 @@ impl TimerStore for ScyllaStore {
         let started = Instant::now();
         let present = self.slots_in(slots, bucket_ms).await?;
         let st = &self.st;
-        stream::iter(present.into_iter().map(|slot| async move {
-            self.session
-                .execute_unpaged(&st.delete_partition, (slot as i32, bucket_ms as i64))
-                .await
-                .map(|_| ())
-        }))
-        .buffer_unordered(FAN_OUT)
-        .try_collect::<Vec<_>>()
-        .await
-        .map_err(|e| unavailable("deleting bucket", e))?;
+        let partitions: Vec<(i32, i64)> = present
+            .iter()
+            .map(|&s| (s as i32, bucket_ms as i64))
+            .collect();
+        self.execute_all(&st.delete_partition, partitions, "deleting bucket")
+            .await?;
         // Index rows go after the data, so an interrupted delete is simply done again.
         self.session
             .execute_unpaged(
@@ -839,18 +831,11 @@ impl TimerStore for ScyllaStore {
     }
 
     async fn set_low_water_mark(&self, slots: SlotRange, bucket_ms: u64) -> Result<()> {
-        let st = &self.st;
-        stream::iter((slots.first..=slots.last).map(|slot| async move {
-            self.session
-                .execute_unpaged(&st.set_low_water, (slot as i32, bucket_ms as i64))
-                .await
-                .map(|_| ())
-        }))
-        .buffer_unordered(FAN_OUT)
-        .try_collect::<Vec<_>>()
-        .await
-        .map_err(|e| unavailable("writing low-water marks", e))?;
-        Ok(())
+        let rows: Vec<(i32, i64)> = (slots.first..=slots.last)
+            .map(|slot| (slot as i32, bucket_ms as i64))
+            .collect();
+        self.execute_all(&self.st.set_low_water, rows, "writing low-water marks")
+            .await
     }
 
     async fn close(&self) -> Result<()> {

@@ -314,3 +314,19 @@ pub fn ctl(service: &str, action: &str) {
         "deploy/local/ctl {service} {action} failed"
     );
 }
+
+/// A `SetTimeoutRequest` with the common fields set.
+pub fn request(
+    fire_at_ms: u64,
+    topic: &str,
+    partition: i32,
+    payload: &str,
+) -> timerdb_proto::v1::SetTimeoutRequest {
+    timerdb_proto::v1::SetTimeoutRequest {
+        fire_at: Some(timerdb::api::convert::timestamp(fire_at_ms)),
+        payload: bytes::Bytes::from(payload.to_owned()),
+        topic: topic.into(),
+        partition,
+        ..Default::default()
+    }
+}
