@@ -64,3 +64,31 @@ async fn scylla_store_reopens_with_its_layout_and_migrations_run_once() {
         .unwrap();
     assert!(applied.is_empty(), "nothing left to migrate: {applied:?}");
 }
+
+#[test]
+fn timerdb_migrate_applies_the_schema_once() {
+    let Some(svc) = common::services() else {
+        return;
+    };
+    let url = format!("scylla://{}/{}", svc.scylla, common::unique("migrate"));
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+            .args(["migrate", "--store", &url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(run().contains("applied migrations [1]"));
+    assert!(run().contains("is up to date"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+        .args(["migrate", "--store", "scylla://127.0.0.1:1/bad-keyspace"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keyspace \"bad-keyspace\""));
+}

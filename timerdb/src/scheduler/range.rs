@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{CancelProbe, MemState, Msg, RangeHandle, SchedulerConfig};
 use crate::Result;
@@ -379,11 +380,16 @@ impl RangeTask {
             self.inflight += 1;
             let sink = self.sink.clone();
             let tx = self.tx.clone();
-            tokio::spawn(async move {
-                let fired_at = now_ms();
-                let outcomes = sink.deliver(&batch, fired_at).await;
-                let _ = tx.send(Msg::Delivered(batch, outcomes, fired_at));
-            });
+            let span =
+                tracing::debug_span!("scheduler.fire", range = %self.range, count = batch.len());
+            tokio::spawn(
+                async move {
+                    let fired_at = now_ms();
+                    let outcomes = sink.deliver(&batch, fired_at).await;
+                    let _ = tx.send(Msg::Delivered(batch, outcomes, fired_at));
+                }
+                .instrument(span),
+            );
         }
     }
 
