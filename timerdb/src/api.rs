@@ -63,19 +63,22 @@ impl TimerApi {
         Ok(ids)
     }
 
-    /// Checks each distinct (topic, partition) once against the sink.
-    async fn check_targets<'a>(
-        &self,
-        specs: impl Iterator<Item = &'a TimerSpec>,
-    ) -> HashMap<(String, i32), Option<Error>> {
-        let mut seen: HashMap<(String, i32), Option<Error>> = HashMap::new();
+    /// Checks each distinct (topic, partition) once against the sink; returns, per spec,
+    /// the refusal if its target was refused.
+    async fn check_targets(&self, specs: &[TimerSpec]) -> Vec<Option<(tonic::Code, String)>> {
+        let mut seen: HashMap<(&str, i32), Option<(tonic::Code, String)>> = HashMap::new();
         for s in specs {
-            let k = (s.topic.clone(), s.partition);
-            if let std::collections::hash_map::Entry::Vacant(slot) = seen.entry(k) {
-                slot.insert(self.sink.check_target(&s.topic, s.partition).await.err());
+            if let std::collections::hash_map::Entry::Vacant(slot) =
+                seen.entry((s.topic.as_str(), s.partition))
+            {
+                let verdict = self.sink.check_target(&s.topic, s.partition).await.err();
+                slot.insert(verdict.map(|e| (e.code(), e.to_string())));
             }
         }
-        seen
+        specs
+            .iter()
+            .map(|s| seen[&(s.topic.as_str(), s.partition)].clone())
+            .collect()
     }
 }
 
@@ -106,7 +109,7 @@ impl TimerService for TimerApi {
         let span =
             tracing::debug_span!("api.set_timeout", topic = %req.topic, partition = req.partition);
         let r = async {
-            let spec = convert::timer_spec(req, &self.limits, now_ms(), "")?;
+            let spec = convert::timer_spec(req, &self.limits, now_ms(), None)?;
             self.sink.check_target(&spec.topic, spec.partition).await?;
             let ids = self.store_timers(vec![spec]).await?;
             Ok(v1::SetTimeoutResponse {
@@ -137,7 +140,7 @@ impl TimerService for TimerApi {
             let mut valid = Vec::with_capacity(req.timers.len());
             let mut positions = Vec::with_capacity(req.timers.len());
             for (i, t) in req.timers.into_iter().enumerate() {
-                match convert::timer_spec(t, &self.limits, now, &format!("timers[{i}].")) {
+                match convert::timer_spec(t, &self.limits, now, Some(i)) {
                     Ok(spec) => {
                         valid.push(spec);
                         positions.push(i);
@@ -146,18 +149,18 @@ impl TimerService for TimerApi {
                     Err(e) => results.push(Some(item_error(e))),
                 }
             }
-            let checks = self.check_targets(valid.iter()).await;
+            let verdicts = self.check_targets(&valid).await;
             let mut ok_specs = Vec::with_capacity(valid.len());
             let mut ok_positions = Vec::with_capacity(valid.len());
-            for (spec, pos) in valid.into_iter().zip(positions) {
-                match checks.get(&(spec.topic.clone(), spec.partition)) {
-                    Some(Some(e)) => {
+            for ((spec, pos), verdict) in valid.into_iter().zip(positions).zip(verdicts) {
+                match verdict {
+                    Some((code, message)) => {
                         results[pos] = Some(v1::set_timeout_result::Result::Error(v1::ItemError {
-                            code: e.code() as i32,
-                            message: format!("timers[{pos}]: {e}"),
+                            code: code as i32,
+                            message: format!("timers[{pos}]: {message}"),
                         }))
                     }
-                    _ => {
+                    None => {
                         ok_specs.push(spec);
                         ok_positions.push(pos);
                     }

@@ -26,15 +26,22 @@ pub fn valid_topic(topic: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-/// Validates a `SetTimeoutRequest` and turns it into a [`TimerSpec`]. `field` prefixes
-/// error messages (e.g. `timers[3].`), `now_ms` bounds the fire time.
+/// Validates a `SetTimeoutRequest` and turns it into a [`TimerSpec`]. `index` is the
+/// item's position in a batch (error messages then start `timers[3].`), `now_ms` bounds
+/// the fire time.
 pub fn timer_spec(
     req: v1::SetTimeoutRequest,
     limits: &Limits,
     now_ms: u64,
-    field: &str,
+    index: Option<usize>,
 ) -> Result<TimerSpec> {
-    let bad = |m: String| Error::InvalidArgument(format!("{field}{m}"));
+    // Built only on error: the happy path of a large batch allocates nothing for it.
+    let bad = |m: String| {
+        Error::InvalidArgument(match index {
+            Some(i) => format!("timers[{i}].{m}"),
+            None => m,
+        })
+    };
     let Some(at) = req.fire_at else {
         return Err(bad(
             "fire_at is required (a timestamp; one in the past fires at once)".into(),
@@ -149,7 +156,7 @@ mod tests {
 
     #[test]
     fn a_good_request_converts() {
-        let s = timer_spec(req(), &Limits::default(), 5_000, "").unwrap();
+        let s = timer_spec(req(), &Limits::default(), 5_000, None).unwrap();
         assert_eq!(s.fire_at_ms, 10_000);
         assert_eq!(s.key, None);
     }
@@ -162,7 +169,9 @@ mod tests {
             nanos: 1,
         });
         assert_eq!(
-            timer_spec(r, &Limits::default(), 0, "").unwrap().fire_at_ms,
+            timer_spec(r, &Limits::default(), 0, None)
+                .unwrap()
+                .fire_at_ms,
             10_001
         );
     }
@@ -213,7 +222,7 @@ mod tests {
         for (mutate, expect) in cases {
             let mut r = req();
             mutate(&mut r);
-            let err = timer_spec(r, &limits, 5_000, "timers[2].").unwrap_err();
+            let err = timer_spec(r, &limits, 5_000, Some(2)).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)));
             let msg = err.to_string();
             assert!(msg.starts_with("timers[2]."), "{msg}");
