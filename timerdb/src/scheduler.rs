@@ -90,7 +90,8 @@ pub enum CancelProbe {
 
 enum Msg {
     HandOff(Vec<Timer>),
-    Loaded(u64, crate::store::LoadedBucket),
+    /// A slice of a bucket's timers; `true` on the bucket's last slice.
+    Loaded(u64, crate::store::LoadedBucket, bool),
     Settled(u64),
     Delivered(Vec<Timer>, Vec<crate::sink::Delivery>, u64),
     BucketDeleted(u64, bool),
