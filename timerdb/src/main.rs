@@ -4,6 +4,11 @@ use clap::Parser;
 use timerdb::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
+// The node allocates per timer on every path (requests, loads, fires): the profile in
+// docs/benchmarks.md put glibc's malloc/free at about a fifth of the node's CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
