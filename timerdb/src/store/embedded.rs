@@ -332,6 +332,9 @@ impl Writer {
         // bucket once it is past without racing a late writer.
         let min_bucket = self.layout.bucket_start(now) + self.layout.bucket_ms;
         let txn = self.db.begin_write()?;
+        // New rows of the whole group, inserted in key order after the other ops: sorted
+        // inserts touch neighbouring B-tree pages instead of a random page per timer.
+        let mut new_rows: Vec<([u8; 20], Vec<u8>)> = Vec::new();
         {
             let mut timers = txn.open_table(TIMERS)?;
             let mut low = txn.open_table(LOW_WATER)?;
@@ -363,10 +366,7 @@ impl Writer {
                             }
                             let bucket = self.layout.bucket_start(item.fire_at_ms).max(min_bucket);
                             let id = TimerId::generate(bucket);
-                            timers.insert(
-                                row_key(&self.layout, id).as_slice(),
-                                item.value.as_slice(),
-                            )?;
+                            new_rows.push((row_key(&self.layout, id), item.value));
                             if let Some(k) = &item.idempotency_key {
                                 let mut v = [0u8; 24];
                                 v[..16].copy_from_slice(&id.to_bytes());
@@ -435,6 +435,12 @@ impl Writer {
                         }
                     }
                 }
+            }
+            // Cancels and bucket deletes above cannot concern these rows: their ids are not
+            // known to anyone until this commit replies, and they lie in future buckets.
+            new_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (key, value) in &new_rows {
+                timers.insert(key.as_slice(), value.as_slice())?;
             }
         }
         txn.commit()?;
