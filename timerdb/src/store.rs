@@ -115,7 +115,7 @@ impl Default for StoreOptions {
         StoreOptions {
             layout: Layout::default(),
             idempotency_retention: Duration::from_secs(24 * 3600),
-            cache_bytes: 64 << 20,
+            cache_bytes: 32 << 20,
         }
     }
 }

@@ -438,7 +438,7 @@ impl Writer {
             }
             // Cancels and bucket deletes above cannot concern these rows: their ids are not
             // known to anyone until this commit replies, and they lie in future buckets.
-            new_rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            new_rows.sort_unstable_by_key(|r| r.0);
             for (key, value) in &new_rows {
                 timers.insert(key.as_slice(), value.as_slice())?;
             }
