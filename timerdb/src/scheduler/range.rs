@@ -171,24 +171,22 @@ impl Loader {
                 }
             };
             match self.store.load_bucket(self.range, bucket).await {
-                Ok(mut loaded) => {
+                Ok(loaded) => {
                     m::loaded(loaded.timers.len());
                     // In slices, so the range task fires between them instead of stalling
                     // for a whole bucket (a 60,000-timer bucket in one message delayed
                     // the timers due meanwhile by 15-75 ms).
-                    while loaded.timers.len() > LOAD_SLICE {
-                        let rest = loaded.timers.split_off(LOAD_SLICE);
-                        let slice = std::mem::replace(&mut loaded.timers, rest);
+                    let cancelled = loaded.cancelled;
+                    let mut parts = slices(loaded.timers, LOAD_SLICE).peekable();
+                    while let Some(timers) = parts.next() {
+                        let last = parts.peek().is_none();
                         let part = LoadedBucket {
-                            timers: slice,
-                            cancelled: 0,
+                            timers,
+                            cancelled: if last { cancelled } else { 0 },
                         };
-                        if self.tx.send(Msg::Loaded(bucket, part, false)).is_err() {
+                        if self.tx.send(Msg::Loaded(bucket, part, last)).is_err() {
                             return;
                         }
-                    }
-                    if self.tx.send(Msg::Loaded(bucket, loaded, true)).is_err() {
-                        return;
                     }
                     next = bucket + w;
                 }
@@ -199,6 +197,16 @@ impl Loader {
             }
         }
     }
+}
+
+/// Cuts `timers` into owned slices of at most `n`, each allocated for its own length only
+/// (`Vec::split_off` would leave every front slice holding the whole original buffer).
+/// Always yields at least one slice, so an empty bucket still reports itself loaded.
+fn slices(timers: Vec<Timer>, n: usize) -> impl Iterator<Item = Vec<Timer>> {
+    let total = timers.len();
+    let mut it = timers.into_iter();
+    let count = total.div_ceil(n).max(1);
+    (0..count).map(move |_| it.by_ref().take(n).collect())
 }
 
 struct RangeTask {
@@ -614,5 +622,51 @@ impl RangeTask {
             }
             m::bucket_deleted();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::timer::TimerSpec;
+
+    fn timers(n: usize) -> Vec<Timer> {
+        (0..n)
+            .map(|i| Timer {
+                id: TimerId::generate(1000),
+                created_ms: 0,
+                spec: TimerSpec {
+                    fire_at_ms: i as u64,
+                    topic: "t".into(),
+                    partition: 0,
+                    key: None,
+                    headers: vec![],
+                    payload: bytes::Bytes::new(),
+                    idempotency_key: None,
+                },
+            })
+            .collect()
+    }
+
+    #[test]
+    fn slices_keep_order_and_own_only_their_length() {
+        let all = timers(10_000);
+        let expected: Vec<u64> = all.iter().map(|t| t.spec.fire_at_ms).collect();
+        let parts: Vec<Vec<Timer>> = slices(all, 2048).collect();
+        assert_eq!(parts.len(), 5);
+        for p in &parts {
+            assert!(p.len() <= 2048);
+            // The regression this guards: each slice pinning the whole bucket's buffer.
+            assert!(p.capacity() <= 2048, "slice capacity {}", p.capacity());
+        }
+        let got: Vec<u64> = parts.iter().flatten().map(|t| t.spec.fire_at_ms).collect();
+        assert_eq!(got, expected);
+        let empty: Vec<Vec<Timer>> = slices(Vec::new(), 2048).collect();
+        assert_eq!(
+            empty.len(),
+            1,
+            "an empty bucket still yields its one (last) slice"
+        );
+        assert!(empty[0].is_empty());
     }
 }
