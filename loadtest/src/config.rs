@@ -1,0 +1,270 @@
+//! What a run does: the scenario presets and the settings they fill in.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// When the timers of a run fire, relative to when each is sent (or to the run start).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FireDist {
+    /// `fixed:5s`: every timer fires this long after it is sent.
+    Fixed(Duration),
+    /// `uniform:1s..30s` (or just `1s..30s`): uniformly between the two delays.
+    Uniform(Duration, Duration),
+    /// `burst:10s`: every timer is due in the same millisecond, this long after the run starts.
+    Burst(Duration),
+    /// `past:0s..60s`: epochs this far in the past, which must fire at once.
+    Past(Duration, Duration),
+}
+
+impl FromStr for FireDist {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<FireDist> {
+        let (kind, arg) = s.split_once(':').unwrap_or(("uniform", s));
+        let one = |a: &str| -> anyhow::Result<Duration> {
+            humantime::parse_duration(a.trim()).with_context(|| format!("bad duration {a:?}"))
+        };
+        let range = |a: &str| -> anyhow::Result<(Duration, Duration)> {
+            let (lo, hi) = a
+                .split_once("..")
+                .with_context(|| format!("expected LO..HI, got {a:?}"))?;
+            let (lo, hi) = (one(lo)?, one(hi)?);
+            if lo > hi {
+                bail!("empty range {a:?}");
+            }
+            Ok((lo, hi))
+        };
+        Ok(match kind {
+            "fixed" => FireDist::Fixed(one(arg)?),
+            "uniform" => {
+                let (lo, hi) = range(arg)?;
+                FireDist::Uniform(lo, hi)
+            }
+            "burst" => FireDist::Burst(one(arg)?),
+            "past" => {
+                let (lo, hi) = range(arg)?;
+                FireDist::Past(lo, hi)
+            }
+            _ => bail!("unknown fire distribution {kind:?} (fixed, uniform, burst, past)"),
+        })
+    }
+}
+
+impl std::fmt::Display for FireDist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = |d: &Duration| humantime::format_duration(*d).to_string();
+        match self {
+            FireDist::Fixed(x) => write!(f, "fixed:{}", d(x)),
+            FireDist::Uniform(lo, hi) => write!(f, "uniform:{}..{}", d(lo), d(hi)),
+            FireDist::Burst(x) => write!(f, "burst:{}", d(x)),
+            FireDist::Past(lo, hi) => write!(f, "past:{}..{}", d(lo), d(hi)),
+        }
+    }
+}
+
+/// Where fired timers are read back from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// Tail the node's JSON-lines sink file, from its length when the run starts.
+    Jsonl(PathBuf),
+    /// Consume the target topics from this Kafka bootstrap address.
+    Kafka(String),
+}
+
+/// The named presets; every setting can be overridden afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// A constant rate for a while, delays 1–30 s.
+    Steady,
+    /// Many timers due in the same millisecond.
+    Burst,
+    /// Store many far-future timers first, then run `steady`.
+    Backlog,
+    /// Long and at a low rate.
+    Soak,
+}
+
+/// Far-future timers stored before the measured phase (never checked for delivery: they
+/// are due after the run; one that arrives counts as early).
+#[derive(Debug, Clone)]
+pub struct Backlog {
+    /// How many to store.
+    pub count: u64,
+    /// Send rate while storing them, timers/s (set it above what the node takes to mean
+    /// "as fast as it goes").
+    pub rate: u64,
+    /// They fire between `delay` and `delay + spread` from when they are sent.
+    pub delay: Duration,
+    /// See `delay`.
+    pub spread: Duration,
+    /// Payload size of each.
+    pub payload_bytes: usize,
+}
+
+/// Everything one run needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The preset this started from (named in the reports).
+    pub scenario: Scenario,
+    /// gRPC endpoint, e.g. `http://127.0.0.1:7420`.
+    pub target: String,
+    /// Where fired timers are read back.
+    pub source: Source,
+    /// Target send rate, timers/s.
+    pub rate: u64,
+    /// How long to send; `count` wins when set.
+    pub duration: Duration,
+    /// Number of timers to send instead of `rate * duration`.
+    pub count: Option<u64>,
+    /// Fire-time distribution.
+    pub fire: FireDist,
+    /// Payload size in bytes (at least the 40-byte stamp).
+    pub payload_bytes: usize,
+    /// Timers per `SetTimeouts` call.
+    pub batch: usize,
+    /// gRPC connections (HTTP/2 channels).
+    pub connections: usize,
+    /// Calls in flight per connection.
+    pub inflight: usize,
+    /// Timers are spread round-robin over this many topics...
+    pub topics: usize,
+    /// ...and this many partitions per topic.
+    pub partitions: i32,
+    /// Topic names are `{prefix}-{i}`.
+    pub topic_prefix: String,
+    /// How long to wait after the last fire time for stragglers.
+    pub drain: Duration,
+    /// A backlog stored before the measured phase.
+    pub backlog: Option<Backlog>,
+    /// Sample this process's RSS and CPU (the node's pid).
+    pub server_pid: Option<u32>,
+    /// Deadline of one `SetTimeouts` call.
+    pub call_timeout: Duration,
+    /// Show a progress bar on stderr (only drawn when it is a terminal).
+    pub progress: bool,
+}
+
+impl RunConfig {
+    /// The preset `scenario` against `target`, reading fired timers from `source`.
+    pub fn preset(scenario: Scenario, target: impl Into<String>, source: Source) -> RunConfig {
+        let mut c = RunConfig {
+            scenario,
+            target: target.into(),
+            source,
+            rate: 10_000,
+            duration: Duration::from_secs(30),
+            count: None,
+            fire: FireDist::Uniform(Duration::from_secs(1), Duration::from_secs(30)),
+            payload_bytes: 64,
+            batch: 500,
+            connections: 4,
+            inflight: 2,
+            topics: 4,
+            partitions: 8,
+            topic_prefix: "timerdb-loadtest".into(),
+            drain: Duration::from_secs(10),
+            backlog: None,
+            server_pid: None,
+            call_timeout: Duration::from_secs(30),
+            progress: true,
+        };
+        match scenario {
+            Scenario::Steady => {}
+            Scenario::Burst => {
+                c.count = Some(100_000);
+                c.rate = 50_000;
+                c.fire = FireDist::Burst(Duration::from_secs(10));
+            }
+            Scenario::Backlog => {
+                c.backlog = Some(Backlog {
+                    count: 1_000_000,
+                    rate: 1_000_000,
+                    delay: Duration::from_secs(86_400),
+                    spread: Duration::from_secs(3_600),
+                    payload_bytes: 64,
+                });
+            }
+            Scenario::Soak => {
+                c.rate = 1_000;
+                c.duration = Duration::from_secs(3_600);
+                c.fire = FireDist::Uniform(Duration::from_secs(1), Duration::from_secs(300));
+            }
+        }
+        c
+    }
+
+    /// Timers in the measured phase.
+    pub fn total(&self) -> u64 {
+        self.count
+            .unwrap_or_else(|| (self.rate as f64 * self.duration.as_secs_f64()).round() as u64)
+    }
+
+    /// Refuses settings that cannot make a meaningful run.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.rate == 0 || self.batch == 0 || self.connections == 0 || self.inflight == 0 {
+            bail!("rate, batch, connections and inflight must be > 0");
+        }
+        if self.topics == 0 || self.partitions <= 0 {
+            bail!("topics and partitions must be > 0");
+        }
+        if self.payload_bytes < crate::payload::STAMP_LEN {
+            bail!(
+                "payload_bytes must be at least {} (the stamp)",
+                crate::payload::STAMP_LEN
+            );
+        }
+        if let Some(b) = &self.backlog
+            && (b.rate == 0 || b.payload_bytes < crate::payload::STAMP_LEN)
+        {
+            bail!("backlog rate must be > 0 and its payload at least the stamp");
+        }
+        Ok(())
+    }
+
+    /// The target topic names, indexed by what `route` returns.
+    pub fn topic_names(&self) -> Vec<String> {
+        (0..self.topics)
+            .map(|t| format!("{}-{t}", self.topic_prefix))
+            .collect()
+    }
+
+    /// The topic index and partition of timer `seq`, so the checker can tell a misrouted one.
+    pub fn route(&self, seq: u64) -> (usize, i32) {
+        let topics = self.topics as u64;
+        let t = seq % topics;
+        let p = (seq / topics) % self.partitions as u64;
+        (t as usize, p as i32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_distributions() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            "fixed:5s".parse::<FireDist>().unwrap(),
+            FireDist::Fixed(s(5))
+        );
+        assert_eq!(
+            "0s..3s".parse::<FireDist>().unwrap(),
+            FireDist::Uniform(s(0), s(3))
+        );
+        assert_eq!(
+            "past:1s..1m".parse::<FireDist>().unwrap(),
+            FireDist::Past(s(1), s(60))
+        );
+        assert_eq!(
+            "burst:10s".parse::<FireDist>().unwrap(),
+            FireDist::Burst(s(10))
+        );
+        assert!("uniform:5s..1s".parse::<FireDist>().is_err());
+        assert!("weird:1s".parse::<FireDist>().is_err());
+    }
+}
