@@ -419,6 +419,15 @@ impl ScyllaStore {
         Ok(())
     }
 
+    /// The CQL primary key of a timer's row: (slot, bucket, rand).
+    fn row_key(&self, id: TimerId) -> (i32, i64, i64) {
+        (
+            self.layout.slot_of(id.rand) as i32,
+            id.bucket_ms as i64,
+            id.rand as i64,
+        )
+    }
+
     fn now(&self) -> u64 {
         let now = now_ms();
         self.clock_ms.fetch_max(now, Ordering::SeqCst).max(now)
@@ -584,13 +593,8 @@ impl TimerStore for ScyllaStore {
             .iter()
             .zip(encoded)
             .map(|(id, spec)| {
-                (
-                    layout.slot_of(id.rand) as i32,
-                    id.bucket_ms as i64,
-                    id.rand as i64,
-                    now as i64,
-                    spec,
-                )
+                let (slot, bucket, rand) = self.row_key(*id);
+                (slot, bucket, rand, now as i64, spec)
             })
             .collect();
         self.execute_all(&st.insert_timer, rows, "writing timers")
@@ -631,14 +635,7 @@ impl TimerStore for ScyllaStore {
                 rand: u64::from_be_bytes(existing[8..].try_into().expect("8 bytes")),
             };
             self.session
-                .execute_unpaged(
-                    &st.delete_timer,
-                    (
-                        layout.slot_of(id.rand) as i32,
-                        id.bucket_ms as i64,
-                        id.rand as i64,
-                    ),
-                )
+                .execute_unpaged(&st.delete_timer, self.row_key(id))
                 .await
                 .map_err(|e| unavailable("removing duplicate timer", e))?;
             out[i] = Inserted {
@@ -652,13 +649,9 @@ impl TimerStore for ScyllaStore {
 
     async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>> {
         let started = Instant::now();
-        let slot = self.layout.slot_of(id.rand);
         let rows = self
             .session
-            .execute_unpaged(
-                &self.st.get_timer,
-                (slot as i32, id.bucket_ms as i64, id.rand as i64),
-            )
+            .execute_unpaged(&self.st.get_timer, self.row_key(id))
             .await
             .map_err(|e| unavailable("reading timer", e))?
             .into_rows_result()
@@ -679,14 +672,10 @@ impl TimerStore for ScyllaStore {
             }
             Some(_) => {}
         }
-        let slot = self.layout.slot_of(id.rand);
         // IF EXISTS: a plain UPDATE would recreate a row whose bucket was just deleted.
         let r = self
             .session
-            .execute_unpaged(
-                &self.st.cancel_timer,
-                (slot as i32, id.bucket_ms as i64, id.rand as i64),
-            )
+            .execute_unpaged(&self.st.cancel_timer, self.row_key(id))
             .await
             .map_err(|e| unavailable("cancelling timer", e))?
             .into_rows_result()
