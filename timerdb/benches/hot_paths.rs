@@ -74,5 +74,76 @@ fn spec_codec(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, jsonl, spec_codec);
+/// Where a group commit's new rows land in the embedded store's B-tree: keys ordered by
+/// (bucket, slot, random) scatter each group over the whole tree, one page per row;
+/// keys ordered by (bucket, sequence) append at the end of the few buckets being filled.
+fn store_key_order(c: &mut Criterion) {
+    use redb::{Database, TableDefinition};
+    const T: TableDefinition<&[u8], &[u8]> = TableDefinition::new("t");
+    const BUCKETS: u64 = 30;
+    const GROUP: usize = 1000;
+    let dir = tempfile::tempdir_in(shm_or_tmp()).unwrap();
+    let value = vec![7u8; 110];
+    let mut g = c.benchmark_group("store_group_commit");
+    g.throughput(Throughput::Elements(GROUP as u64));
+    g.sample_size(30);
+    for (name, sequential) in [("random_slot_keys", false), ("sequential_keys", true)] {
+        let db = Database::create(dir.path().join(format!("{name}.redb"))).unwrap();
+        let mut seq: u64 = 0;
+        let mut key = |i: u64, seq: &mut u64| -> Vec<u8> {
+            let bucket = i % BUCKETS;
+            let mut k = bucket.to_be_bytes().to_vec();
+            if sequential {
+                *seq += 1;
+                k.extend_from_slice(&(*seq << 40 | (rand::random::<u64>() >> 24)).to_be_bytes());
+            } else {
+                k.extend_from_slice(&(rand::random::<u32>() % 1024).to_be_bytes());
+                k.extend_from_slice(&rand::random::<u64>().to_be_bytes());
+            }
+            k
+        };
+        // A tree the size of 30 s at ~30k timers/s, so pages are not all hot.
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(T).unwrap();
+            for i in 0..900_000u64 {
+                t.insert(key(i, &mut seq).as_slice(), value.as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let mut i = 0u64;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut rows: Vec<Vec<u8>> = (0..GROUP)
+                    .map(|_| {
+                        i += 1;
+                        key(i, &mut seq)
+                    })
+                    .collect();
+                rows.sort_unstable();
+                let txn = db.begin_write().unwrap();
+                {
+                    let mut t = txn.open_table(T).unwrap();
+                    for k in &rows {
+                        t.insert(k.as_slice(), value.as_slice()).unwrap();
+                    }
+                }
+                txn.commit().unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+fn shm_or_tmp() -> std::path::PathBuf {
+    let shm = std::path::PathBuf::from("/dev/shm");
+    if shm.is_dir() {
+        shm
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+criterion_group!(benches, jsonl, spec_codec, store_key_order);
 criterion_main!(benches);

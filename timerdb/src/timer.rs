@@ -86,9 +86,18 @@ impl fmt::Display for SlotRange {
     }
 }
 
-/// A timer id: the start of the bucket the timer is stored in plus 64 random bits.
-/// That is enough to find the row without any index: the bucket and the slot
-/// (crc32 of the random part) name its partition. Written as 32 lowercase hex digits.
+/// A timer id: the start of the bucket the timer is stored in plus 64 bits that tell
+/// timers of one bucket apart. That is enough to find the row without any index: the
+/// bucket and the slot (crc32 of the second part) name its partition. Written as 32
+/// lowercase hex digits.
+///
+/// The second part is a 24-bit sequence number (per process, started at a random value)
+/// followed by 40 random bits. Ids made one after another therefore sort one after
+/// another within a bucket, so a group of new timers lands at the end of each bucket's
+/// key range in the embedded store's B-tree instead of on one page per timer (7× less
+/// work per commit, see `docs/design.md`). Uniqueness is unchanged: within a process the
+/// sequence separates ids until it wraps every 16.7 M ids; otherwise two ids of one bucket
+/// collide only if 64 bits agree, as with 64 random bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TimerId {
     /// Start of the storage bucket, ms since the Unix epoch.
@@ -100,9 +109,15 @@ pub struct TimerId {
 impl TimerId {
     /// A new id in the bucket starting at `bucket_ms`.
     pub fn generate(bucket_ms: u64) -> TimerId {
+        static SEQUENCE: std::sync::OnceLock<std::sync::atomic::AtomicU64> =
+            std::sync::OnceLock::new();
+        let seq = SEQUENCE
+            .get_or_init(|| std::sync::atomic::AtomicU64::new(rand::random()))
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         TimerId {
             bucket_ms,
-            rand: rand::random(),
+            rand: (seq & SEQUENCE_MASK) << RANDOM_BITS
+                | rand::random::<u64>() >> (64 - RANDOM_BITS),
         }
     }
 
@@ -138,6 +153,10 @@ impl FromStr for TimerId {
         Ok(TimerId { bucket_ms, rand })
     }
 }
+
+/// Random low bits of an id's second part; the 24 bits above them are a sequence number.
+const RANDOM_BITS: u32 = 40;
+const SEQUENCE_MASK: u64 = (1 << (64 - RANDOM_BITS)) - 1;
 
 /// What a client asked for: fire `payload` to `topic`/`partition` at `fire_at_ms`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +227,26 @@ mod tests {
         let text = id.to_string();
         assert_eq!(text.len(), 32);
         assert_eq!(text.parse::<TimerId>().unwrap(), id);
+    }
+
+    #[test]
+    fn ids_made_in_a_row_sort_in_a_row_and_spread_over_slots() {
+        let layout = Layout::default();
+        let ids: Vec<TimerId> = (0..100_000).map(|_| TimerId::generate(5_000)).collect();
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        // Apart from one wrap of the 24-bit sequence, each id sorts after the previous one.
+        let descents = ids.windows(2).filter(|w| w[1] <= w[0]).count();
+        assert!(
+            descents <= 1,
+            "{descents} ids sorted before their predecessor"
+        );
+        let mut counts = vec![0u32; layout.slots as usize];
+        for id in &ids {
+            counts[layout.slot_of(id.rand) as usize] += 1;
+        }
+        let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(*min > 40 && *max < 160, "min {min} max {max}");
     }
 
     #[test]

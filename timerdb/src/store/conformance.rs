@@ -181,6 +181,22 @@ pub async fn delete_bucket_removes_only_that_bucket(store: Arc<dyn TimerStore>) 
     assert!(store.get(ids[2].id).await.unwrap().is_some());
     let loaded = store.load_bucket(l.all_slots(), b).await.unwrap();
     assert!(loaded.timers.is_empty() && loaded.cancelled == 0);
+
+    // Deleting for a slot range leaves the other slots' rows of the bucket in place.
+    let b2 = b + 2 * l.bucket_ms;
+    let specs: Vec<TimerSpec> = (0..200u32)
+        .map(|n| spec(b2 + 1 + u64::from(n) % 900, n))
+        .collect();
+    let ids = store.insert(&specs).await.unwrap();
+    let lower = crate::timer::SlotRange {
+        first: 0,
+        last: l.slots / 2 - 1,
+    };
+    store.delete_bucket(lower, b2).await.unwrap();
+    for i in &ids {
+        let kept = store.get(i.id).await.unwrap().is_some();
+        assert_eq!(kept, !lower.contains(l.slot_of(i.id.rand)), "{}", i.id);
+    }
 }
 
 /// Cancel marks the row, reports repeats and unknown ids.

@@ -1,8 +1,12 @@
 //! The embedded store: one node, no external service, on redb.
 //!
-//! Rows are keyed `bucket_ms (8) | slot (4) | rand (8)`, all big-endian, so the timers of
-//! one bucket and a contiguous slot range are one contiguous key range: loading a bucket is
-//! one range scan, deleting a fired bucket is one range delete.
+//! Rows are keyed `bucket_ms (8) | rand (8)`, both big-endian, so the timers of one bucket
+//! are one contiguous key range: loading a bucket is one range scan, deleting a fired
+//! bucket is one range delete. The slot (crc32 of `rand`) is not part of the key: one node
+//! owns every slot of an embedded store, and the second part of an id starts with a
+//! sequence number, so a group of new timers is appended at the end of each bucket rather
+//! than written to one B-tree page per timer. A slot range other than all slots is served
+//! by filtering the bucket's rows.
 //!
 //! Every write goes through one writer thread that takes all requests waiting in its queue,
 //! applies them in one transaction and syncs once (group commit). A `SetTimeout` therefore
@@ -30,7 +34,11 @@ const IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 const IDEM_BY_TIME: TableDefinition<&[u8], ()> = TableDefinition::new("idempotency_by_time");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// Version of a row's value.
 const FORMAT_VERSION: u8 = 1;
+/// Version of the file as a whole (key layout included), kept in `meta` as "format".
+/// Format 1 keyed rows by `bucket | slot | rand`.
+const STORE_FORMAT: u8 = 2;
 /// Most requests folded into one transaction; bounds the latency of the first one.
 const MAX_GROUP: usize = 2048;
 
@@ -76,24 +84,31 @@ fn decode_value(id: TimerId, v: &[u8]) -> Result<StoredTimer> {
     })
 }
 
-fn row_key(layout: &Layout, id: TimerId) -> [u8; 20] {
-    key_parts(id.bucket_ms, layout.slot_of(id.rand), id.rand)
+fn row_key(id: TimerId) -> [u8; 16] {
+    id.to_bytes()
 }
 
-fn key_parts(bucket_ms: u64, slot: u32, rand: u64) -> [u8; 20] {
-    let mut k = [0u8; 20];
-    k[..8].copy_from_slice(&bucket_ms.to_be_bytes());
-    k[8..12].copy_from_slice(&slot.to_be_bytes());
-    k[12..].copy_from_slice(&rand.to_be_bytes());
-    k
+fn split_key(k: &[u8]) -> TimerId {
+    TimerId {
+        bucket_ms: u64::from_be_bytes(k[..8].try_into().expect("key")),
+        rand: u64::from_be_bytes(k[8..16].try_into().expect("key")),
+    }
 }
 
-fn split_key(k: &[u8]) -> (u64, u32, u64) {
+/// First and last key of a bucket.
+fn bucket_keys(bucket_ms: u64) -> ([u8; 16], [u8; 16]) {
     (
-        u64::from_be_bytes(k[..8].try_into().expect("key")),
-        u32::from_be_bytes(k[8..12].try_into().expect("key")),
-        u64::from_be_bytes(k[12..20].try_into().expect("key")),
+        row_key(TimerId { bucket_ms, rand: 0 }),
+        row_key(TimerId {
+            bucket_ms,
+            rand: u64::MAX,
+        }),
     )
+}
+
+/// Whether the row with key `k` belongs to `slots`; true without hashing for all slots.
+fn in_slots(layout: &Layout, slots: SlotRange, k: &[u8]) -> bool {
+    slots == layout.all_slots() || slots.contains(layout.slot_of(split_key(k).rand))
 }
 
 struct EncodedTimer {
@@ -176,7 +191,7 @@ impl EmbeddedStore {
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
-        let layout = init_meta(&db, options.layout)?;
+        let layout = init_meta(&db, options.layout, dir)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(4096);
         let writer_db = db.clone();
@@ -242,13 +257,23 @@ impl EmbeddedStore {
 
 /// Writes the layout on first open; afterwards the stored layout wins, and a different
 /// requested one is reported rather than silently reinterpreting existing ids.
-fn init_meta(db: &Database, requested: Layout) -> Result<Layout> {
+fn init_meta(db: &Database, requested: Layout, dir: &Path) -> Result<Layout> {
     let txn = db.begin_write()?;
     let layout = {
         let mut meta = txn.open_table(META)?;
         let stored = meta.get("layout")?.map(|v| v.value().to_vec());
         match stored {
             Some(bytes) => {
+                let format = meta.get("format")?.and_then(|v| v.value().first().copied());
+                if format != Some(STORE_FORMAT) {
+                    return Err(Error::Config(format!(
+                        "store {}: on-disk format {} is not the format {STORE_FORMAT} this \
+                         version reads; let an older TimerDB fire its timers and start this \
+                         version on a new directory",
+                        dir.display(),
+                        format.map_or("unknown".to_string(), |f| f.to_string()),
+                    )));
+                }
                 let stored: Layout = postcard::from_bytes(&bytes)
                     .map_err(|e| Error::Corrupt(format!("layout record: {e}")))?;
                 if stored != requested {
@@ -266,7 +291,7 @@ fn init_meta(db: &Database, requested: Layout) -> Result<Layout> {
                 let bytes = postcard::to_allocvec(&requested)
                     .map_err(|e| Error::Internal(e.to_string()))?;
                 meta.insert("layout", bytes.as_slice())?;
-                meta.insert("format", [FORMAT_VERSION].as_slice())?;
+                meta.insert("format", [STORE_FORMAT].as_slice())?;
                 requested
             }
         }
@@ -334,7 +359,7 @@ impl Writer {
         let txn = self.db.begin_write()?;
         // New rows of the whole group, inserted in key order after the other ops: sorted
         // inserts touch neighbouring B-tree pages instead of a random page per timer.
-        let mut new_rows: Vec<([u8; 20], Vec<u8>)> = Vec::new();
+        let mut new_rows: Vec<([u8; 16], Vec<u8>)> = Vec::new();
         {
             let mut timers = txn.open_table(TIMERS)?;
             let mut low = txn.open_table(LOW_WATER)?;
@@ -366,7 +391,7 @@ impl Writer {
                             }
                             let bucket = self.layout.bucket_start(item.fire_at_ms).max(min_bucket);
                             let id = TimerId::generate(bucket);
-                            new_rows.push((row_key(&self.layout, id), item.value));
+                            new_rows.push((row_key(id), item.value));
                             if let Some(k) = &item.idempotency_key {
                                 let mut v = [0u8; 24];
                                 v[..16].copy_from_slice(&id.to_bytes());
@@ -381,7 +406,7 @@ impl Writer {
                         replies.push(Reply::Insert(reply, out));
                     }
                     WriteOp::Cancel(id, reply) => {
-                        let key = row_key(&self.layout, id);
+                        let key = row_key(id);
                         let current = timers.get(key.as_slice())?.map(|v| v.value().to_vec());
                         let outcome = match current {
                             None => CancelOutcome::NotFound,
@@ -400,9 +425,11 @@ impl Writer {
                         replies.push(Reply::Cancel(reply, outcome));
                     }
                     WriteOp::DeleteBucket(slots, bucket, reply) => {
-                        let lo = key_parts(bucket, slots.first, 0);
-                        let hi = key_parts(bucket, slots.last, u64::MAX);
-                        timers.retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)?;
+                        let (lo, hi) = bucket_keys(bucket);
+                        let layout = self.layout;
+                        timers.retain_in(lo.as_slice()..=hi.as_slice(), |k, _| {
+                            !in_slots(&layout, slots, k)
+                        })?;
                         replies.push(Reply::Unit(reply));
                     }
                     WriteOp::SetLowWater(slots, bucket, reply) => {
@@ -477,7 +504,7 @@ impl TimerStore for EmbeddedStore {
     }
 
     async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>> {
-        let key = row_key(&self.layout, id);
+        let key = row_key(id);
         self.read("get", move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(TIMERS)?;
@@ -493,22 +520,18 @@ impl TimerStore for EmbeddedStore {
     }
 
     async fn load_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<LoadedBucket> {
+        let layout = self.layout;
         self.read("load_bucket", move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(TIMERS)?;
-            let lo = key_parts(bucket_ms, slots.first, 0);
-            let hi = key_parts(bucket_ms, slots.last, u64::MAX);
+            let (lo, hi) = bucket_keys(bucket_ms);
             let mut out = LoadedBucket::default();
             for row in table.range(lo.as_slice()..=hi.as_slice())? {
                 let (k, v) = row?;
-                let (bucket, _slot, rand) = split_key(k.value());
-                let stored = decode_value(
-                    TimerId {
-                        bucket_ms: bucket,
-                        rand,
-                    },
-                    v.value(),
-                )?;
+                if !in_slots(&layout, slots, k.value()) {
+                    continue;
+                }
+                let stored = decode_value(split_key(k.value()), v.value())?;
                 match stored.state {
                     StoredState::Pending => out.timers.push(stored.timer),
                     StoredState::Cancelled => out.cancelled += 1,
@@ -525,30 +548,22 @@ impl TimerStore for EmbeddedStore {
         from_ms: u64,
         until_ms: u64,
     ) -> Result<Option<u64>> {
-        let bucket_ms = self.layout.bucket_ms;
+        let layout = self.layout;
         self.read("next_bucket", move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(TIMERS)?;
-            let mut from = key_parts(from_ms, slots.first, 0);
-            loop {
-                let Some(row) = table.range(from.as_slice()..)?.next() else {
-                    return Ok(None);
-                };
+            let (from, _) = bucket_keys(from_ms);
+            for row in table.range(from.as_slice()..)? {
                 let (k, _) = row?;
-                let (bucket, slot, _) = split_key(k.value());
-                if bucket > until_ms {
+                let id = split_key(k.value());
+                if id.bucket_ms > until_ms {
                     return Ok(None);
                 }
-                if slots.contains(slot) {
-                    return Ok(Some(bucket));
+                if in_slots(&layout, slots, k.value()) {
+                    return Ok(Some(id.bucket_ms));
                 }
-                // Skip other owners' slots with one seek rather than row by row.
-                from = if slot < slots.first {
-                    key_parts(bucket, slots.first, 0)
-                } else {
-                    key_parts(bucket + bucket_ms, slots.first, 0)
-                };
             }
+            Ok(None)
         })
         .await
     }
