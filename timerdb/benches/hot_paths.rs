@@ -90,7 +90,7 @@ fn store_key_order(c: &mut Criterion) {
     for (name, sequential) in [("random_slot_keys", false), ("sequential_keys", true)] {
         let db = Database::create(dir.path().join(format!("{name}.redb"))).unwrap();
         let mut seq: u64 = 0;
-        let mut key = |i: u64, seq: &mut u64| -> Vec<u8> {
+        let key = |i: u64, seq: &mut u64| -> Vec<u8> {
             let bucket = i % BUCKETS;
             let mut k = bucket.to_be_bytes().to_vec();
             if sequential {
