@@ -19,6 +19,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, Row};
@@ -40,6 +41,12 @@ const HOUR_MS: u64 = 3_600_000;
 const FAN_OUT: usize = 64;
 /// Index entries remembered as written, before the memory is dropped and rebuilt.
 const INDEX_CACHE_MAX: usize = 500_000;
+/// Most rows of one partition written as one unlogged batch, and most spec bytes in it.
+const BATCH_ROWS: usize = 64;
+const BATCH_BYTES: usize = 32 * 1024;
+
+/// Values of one `timers` row: slot, bucket, rand, created ms, spec.
+type TimerRow = (i32, i64, i64, i64, Vec<u8>);
 
 /// Parsed `scylla://` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -419,6 +426,48 @@ impl ScyllaStore {
         Ok(())
     }
 
+    /// Writes timer rows with one request per partition: rows of the same (slot, bucket)
+    /// go in one unlogged batch, which the server applies as a single mutation of that
+    /// partition (at most `BATCH_ROWS` rows and about `BATCH_BYTES` of specs per batch).
+    async fn insert_rows(&self, mut rows: Vec<TimerRow>) -> Result<()> {
+        rows.sort_unstable_by_key(|r| (r.0, r.1, r.2));
+        let mut groups: Vec<Vec<TimerRow>> = Vec::new();
+        let mut bytes = 0;
+        for row in rows {
+            match groups.last_mut() {
+                Some(g)
+                    if (g[0].0, g[0].1) == (row.0, row.1)
+                        && g.len() < BATCH_ROWS
+                        && bytes + row.4.len() <= BATCH_BYTES =>
+                {
+                    bytes += row.4.len();
+                    g.push(row);
+                }
+                _ => {
+                    bytes = row.4.len();
+                    groups.push(vec![row]);
+                }
+            }
+        }
+        let insert = &self.st.insert_timer;
+        stream::iter(groups.into_iter().map(|mut group| async move {
+            if group.len() == 1 {
+                let row = group.pop().expect("one row");
+                return self.session.execute_unpaged(insert, row).await.map(|_| ());
+            }
+            let mut batch = Batch::new(BatchType::Unlogged);
+            for _ in &group {
+                batch.append_statement(insert.clone());
+            }
+            self.session.batch(&batch, group).await.map(|_| ())
+        }))
+        .buffer_unordered(FAN_OUT)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e| unavailable("writing timers", e))?;
+        Ok(())
+    }
+
     /// The CQL primary key of a timer's row: (slot, bucket, rand).
     fn row_key(&self, id: TimerId) -> (i32, i64, i64) {
         (
@@ -589,7 +638,7 @@ impl TimerStore for ScyllaStore {
         self.write_index(ids.iter().map(|id| (id.bucket_ms, layout.slot_of(id.rand))))
             .await?;
         let st = &self.st;
-        let rows: Vec<(i32, i64, i64, i64, Vec<u8>)> = ids
+        let rows: Vec<TimerRow> = ids
             .iter()
             .zip(encoded)
             .map(|(id, spec)| {
@@ -597,8 +646,7 @@ impl TimerStore for ScyllaStore {
                 (slot, bucket, rand, now as i64, spec)
             })
             .collect();
-        self.execute_all(&st.insert_timer, rows, "writing timers")
-            .await?;
+        self.insert_rows(rows).await?;
         let mut out: Vec<Inserted> = ids
             .iter()
             .map(|&id| Inserted { id, created: true })
