@@ -1,7 +1,6 @@
 //! The scheduler of one owned slot range: its in-memory wheel, its loader and its firing.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -96,8 +95,9 @@ pub(super) async fn start(
         sink,
         config,
         tx: tx.clone(),
-        entries: HashMap::new(),
-        due: BinaryHeap::new(),
+        entries: HashMap::with_hasher(foldhash::fast::RandomState::default()),
+        due: DueQueue::default(),
+        deleted_ids: VecDeque::new(),
         buckets: BTreeMap::new(),
         next_unsettled: start_bucket,
         in_memory,
@@ -209,6 +209,41 @@ fn slices(timers: Vec<Timer>, n: usize) -> impl Iterator<Item = Vec<Timer>> {
     (0..count).map(move |_| it.by_ref().take(n).collect())
 }
 
+/// Pending timers by due millisecond: a list per millisecond, in a map holding the few
+/// thousand distinct milliseconds in memory. Adding and taking a timer cost a lookup in
+/// that small map plus a push or pop, where a binary heap over every pending timer cost
+/// a cache miss per level on each pop (8 % of the node's CPU at 100,000 timers/s).
+#[derive(Default)]
+struct DueQueue {
+    by_ms: BTreeMap<u64, Vec<TimerId>>,
+}
+
+impl DueQueue {
+    fn push(&mut self, due_ms: u64, id: TimerId) {
+        self.by_ms.entry(due_ms).or_default().push(id);
+    }
+
+    /// The earliest due time queued.
+    fn first_due(&self) -> Option<u64> {
+        self.by_ms.first_key_value().map(|(due, _)| *due)
+    }
+
+    /// Takes one timer due at or before `now`, earliest millisecond first.
+    fn pop_due(&mut self, now: u64) -> Option<(u64, TimerId)> {
+        let mut first = self.by_ms.first_entry()?;
+        let due = *first.key();
+        if due > now {
+            return None;
+        }
+        let id = first.get_mut().pop();
+        if first.get().is_empty() {
+            first.remove();
+        }
+        // Lists are never left empty, so a due entry always yields a timer.
+        id.map(|id| (due, id))
+    }
+}
+
 struct RangeTask {
     range: SlotRange,
     layout: Layout,
@@ -216,8 +251,11 @@ struct RangeTask {
     sink: Arc<dyn Sink>,
     config: SchedulerConfig,
     tx: mpsc::UnboundedSender<Msg>,
-    entries: HashMap<TimerId, Entry>,
-    due: BinaryHeap<Reverse<(u64, TimerId)>>,
+    entries: HashMap<TimerId, Entry, foldhash::fast::RandomState>,
+    due: DueQueue,
+    /// Ids of deleted buckets still to be dropped from `entries`, a bounded number per
+    /// pass so that forgetting a 100,000-timer bucket does not hold up firing.
+    deleted_ids: VecDeque<Vec<TimerId>>,
     buckets: BTreeMap<u64, Bucket>,
     /// Every bucket before this was read (or found empty) by the loader.
     next_unsettled: u64,
@@ -257,6 +295,9 @@ impl RangeTask {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = housekeeping.tick() => self.housekeeping(),
             }
+            if !self.deleted_ids.is_empty() {
+                self.forget_deleted();
+            }
             if self.stopping.is_none() {
                 self.fire_due();
             }
@@ -288,9 +329,12 @@ impl RangeTask {
     }
 
     fn next_wake(&self) -> Instant {
+        if !self.deleted_ids.is_empty() {
+            return Instant::now();
+        }
         let now = now_ms();
-        match self.due.peek() {
-            Some(Reverse((due, _))) if self.inflight < self.config.max_inflight_batches => {
+        match self.due.first_due() {
+            Some(due) if self.inflight < self.config.max_inflight_batches => {
                 Instant::now() + Duration::from_millis(due.saturating_sub(now))
             }
             _ => Instant::now() + Duration::from_secs(1),
@@ -374,7 +418,7 @@ impl RangeTask {
         let b = self.buckets.entry(id.bucket_ms).or_default();
         b.ids.push(id);
         b.open += 1;
-        self.due.push(Reverse((due_ms, id)));
+        self.due.push(due_ms, id);
         self.hold(1);
     }
 
@@ -396,19 +440,15 @@ impl RangeTask {
         let now = now_ms();
         while self.inflight < self.config.max_inflight_batches {
             let mut batch = Vec::new();
+            // Never early: a timer is taken only once the wall clock reached its epoch.
             while batch.len() < self.config.max_batch {
-                let Some(Reverse((due, id))) = self.due.peek().copied() else {
+                let Some((due, id)) = self.due.pop_due(now) else {
                     break;
                 };
-                // Never early: a timer fires only once the wall clock reached its epoch.
-                if due > now {
-                    break;
-                }
-                self.due.pop();
                 let Some(e) = self.entries.get_mut(&id) else {
                     continue;
                 };
-                // Stale heap items (cancelled, rescheduled) are skipped here.
+                // Stale queue items (cancelled, rescheduled) are skipped here.
                 if e.state != State::Pending || e.due_ms != due {
                     continue;
                 }
@@ -467,7 +507,7 @@ impl RangeTask {
                         .min(self.config.retry_max);
                     e.state = State::Pending;
                     e.due_ms = now + backoff.as_millis() as u64;
-                    self.due.push(Reverse((e.due_ms, t.id)));
+                    self.due.push(e.due_ms, t.id);
                     if e.attempts == 1 || e.attempts.is_power_of_two() {
                         tracing::warn!(timer_id = %t.id, topic = %t.spec.topic, attempts = e.attempts, error = %why, "sink.deliver failed; will retry");
                     }
@@ -542,7 +582,7 @@ impl RangeTask {
             (None, true) => {
                 // The durable cancel failed: the timer is pending again.
                 e.state = State::Pending;
-                self.due.push(Reverse((e.due_ms, id)));
+                self.due.push(e.due_ms, id);
             }
         }
     }
@@ -617,10 +657,27 @@ impl RangeTask {
             return;
         }
         if let Some(b) = self.buckets.remove(&bucket) {
-            for id in b.ids {
+            self.deleted_ids.push_back(b.ids);
+            self.forget_deleted();
+            m::bucket_deleted();
+        }
+    }
+
+    /// Drops up to `MAX_WORK_BETWEEN_FIRES` ids of deleted buckets from `entries`.
+    fn forget_deleted(&mut self) {
+        let mut done = 0;
+        while done < MAX_WORK_BETWEEN_FIRES {
+            let Some(ids) = self.deleted_ids.front_mut() else {
+                break;
+            };
+            let n = ids.len().min(MAX_WORK_BETWEEN_FIRES - done);
+            for id in ids.drain(ids.len() - n..) {
                 self.entries.remove(&id);
             }
-            m::bucket_deleted();
+            done += n;
+            if ids.is_empty() {
+                self.deleted_ids.pop_front();
+            }
         }
     }
 }
@@ -646,6 +703,33 @@ mod tests {
                 },
             })
             .collect()
+    }
+
+    #[test]
+    fn due_queue_yields_earliest_first_and_nothing_before_its_time() {
+        let mut q = DueQueue::default();
+        let ids: Vec<TimerId> = (0..6).map(|_| TimerId::generate(1000)).collect();
+        for (i, due) in [(0, 30), (1, 10), (2, 20), (3, 10), (4, 40), (5, 20)] {
+            q.push(due, ids[i]);
+        }
+        assert_eq!(q.first_due(), Some(10));
+        assert_eq!(q.pop_due(9), None, "nothing is due before 10");
+        let mut got = Vec::new();
+        while let Some((due, id)) = q.pop_due(25) {
+            got.push((due, id));
+        }
+        let dues: Vec<u64> = got.iter().map(|g| g.0).collect();
+        assert_eq!(dues, [10, 10, 20, 20]);
+        let mut taken: Vec<TimerId> = got.iter().map(|g| g.1).collect();
+        taken.sort();
+        let mut expected = vec![ids[1], ids[3], ids[2], ids[5]];
+        expected.sort();
+        assert_eq!(taken, expected);
+        assert_eq!(q.first_due(), Some(30));
+        assert_eq!(q.pop_due(100).map(|g| g.0), Some(30));
+        assert_eq!(q.pop_due(100).map(|g| g.0), Some(40));
+        assert_eq!(q.pop_due(100), None);
+        assert_eq!(q.first_due(), None);
     }
 
     #[test]
