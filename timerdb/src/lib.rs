@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 mod error;
 pub mod metrics;
+pub mod priority;
 pub mod scheduler;
 pub mod server;
 pub mod sink;

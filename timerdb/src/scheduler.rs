@@ -90,8 +90,8 @@ pub enum CancelProbe {
 
 enum Msg {
     HandOff(Vec<Timer>),
-    /// A slice of a bucket's timers; `true` on the bucket's last slice.
-    Loaded(u64, crate::store::LoadedBucket, bool),
+    /// A slice of a bucket's timers; `true` on the bucket's last slice; the bucket's size.
+    Loaded(u64, crate::store::LoadedBucket, bool, usize),
     Settled(u64),
     Delivered(Vec<Timer>, Vec<crate::sink::Delivery>, u64),
     BucketDeleted(u64, bool),

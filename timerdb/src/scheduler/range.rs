@@ -1,6 +1,6 @@
 //! The scheduler of one owned slot range: its in-memory wheel, its loader and its firing.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -17,7 +17,11 @@ use crate::store::{CancelOutcome, LoadedBucket, TimerStore};
 use crate::timer::{Layout, SlotRange, Timer, TimerId, now_ms};
 
 /// Timers per `Loaded` message.
-const LOAD_SLICE: usize = 2048;
+const LOAD_SLICE: usize = 1024;
+/// Pause between the slices of a bucket that is not due yet.
+const LOAD_PACE: Duration = Duration::from_millis(2);
+/// Slices of a bucket due sooner than this are not paced.
+const LOAD_PACE_MARGIN_MS: u64 = 500;
 /// Timers the range task applies from its queue before it fires what is due.
 const MAX_WORK_BETWEEN_FIRES: usize = 4096;
 
@@ -44,9 +48,12 @@ struct Entry {
 
 const _: () = assert!(std::mem::size_of::<Entry>() <= 32);
 
+/// The timers of one bucket this range holds in memory. Keeping them in a map per bucket
+/// (rather than one map of every timer) makes forgetting a deleted bucket one drop instead
+/// of a removal per timer, and lets a loaded bucket reserve its whole map at once.
 #[derive(Default)]
 struct Bucket {
-    ids: Vec<TimerId>,
+    entries: HashMap<TimerId, Entry, foldhash::fast::RandomState>,
     /// Timers that are pending, in flight, or being cancelled.
     open: usize,
     deleting: bool,
@@ -95,9 +102,7 @@ pub(super) async fn start(
         sink,
         config,
         tx: tx.clone(),
-        entries: HashMap::with_hasher(foldhash::fast::RandomState::default()),
         due: DueQueue::default(),
-        deleted_ids: VecDeque::new(),
         buckets: BTreeMap::new(),
         next_unsettled: start_bucket,
         in_memory,
@@ -177,6 +182,7 @@ impl Loader {
                     // for a whole bucket (a 60,000-timer bucket in one message delayed
                     // the timers due meanwhile by 15-75 ms).
                     let cancelled = loaded.cancelled;
+                    let total = loaded.timers.len();
                     let mut parts = slices(loaded.timers, LOAD_SLICE).peekable();
                     while let Some(timers) = parts.next() {
                         let last = parts.peek().is_none();
@@ -184,8 +190,19 @@ impl Loader {
                             timers,
                             cancelled: if last { cancelled } else { 0 },
                         };
-                        if self.tx.send(Msg::Loaded(bucket, part, last)).is_err() {
+                        if self
+                            .tx
+                            .send(Msg::Loaded(bucket, part, last, total))
+                            .is_err()
+                        {
                             return;
+                        }
+                        // A bucket read ahead of time is handed over at a pace, so the
+                        // range task fires what is due between slices rather than
+                        // spending a burst of milliseconds on admitting a whole bucket.
+                        // Overdue buckets (catching up after a restart) go at once.
+                        if !last && bucket > now_ms() + LOAD_PACE_MARGIN_MS {
+                            tokio::time::sleep(LOAD_PACE).await;
                         }
                     }
                     next = bucket + w;
@@ -251,11 +268,7 @@ struct RangeTask {
     sink: Arc<dyn Sink>,
     config: SchedulerConfig,
     tx: mpsc::UnboundedSender<Msg>,
-    entries: HashMap<TimerId, Entry, foldhash::fast::RandomState>,
     due: DueQueue,
-    /// Ids of deleted buckets still to be dropped from `entries`, a bounded number per
-    /// pass so that forgetting a 100,000-timer bucket does not hold up firing.
-    deleted_ids: VecDeque<Vec<TimerId>>,
     buckets: BTreeMap<u64, Bucket>,
     /// Every bucket before this was read (or found empty) by the loader.
     next_unsettled: u64,
@@ -295,9 +308,6 @@ impl RangeTask {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = housekeeping.tick() => self.housekeeping(),
             }
-            if !self.deleted_ids.is_empty() {
-                self.forget_deleted();
-            }
             if self.stopping.is_none() {
                 self.fire_due();
             }
@@ -329,9 +339,6 @@ impl RangeTask {
     }
 
     fn next_wake(&self) -> Instant {
-        if !self.deleted_ids.is_empty() {
-            return Instant::now();
-        }
         let now = now_ms();
         match self.due.first_due() {
             Some(due) if self.inflight < self.config.max_inflight_batches => {
@@ -345,7 +352,7 @@ impl RangeTask {
     fn handle(&mut self, msg: Msg) -> usize {
         let work = match &msg {
             Msg::HandOff(t) => t.len(),
-            Msg::Loaded(_, l, _) => l.timers.len(),
+            Msg::Loaded(_, l, _, _) => l.timers.len(),
             Msg::Delivered(b, _, _) => b.len(),
             _ => 1,
         };
@@ -355,7 +362,7 @@ impl RangeTask {
                     self.admit(t);
                 }
             }
-            Msg::Loaded(bucket, loaded, last) => self.loaded(bucket, loaded, last),
+            Msg::Loaded(bucket, loaded, last, total) => self.loaded(bucket, loaded, last, total),
             Msg::Settled(upto) => {
                 self.next_unsettled = self.next_unsettled.max(upto + self.layout.bucket_ms)
             }
@@ -372,7 +379,11 @@ impl RangeTask {
             }
             Msg::EndCancel(id, outcome) => self.end_cancel(id, outcome),
             Msg::Status(id, reply) => {
-                let _ = reply.send(self.entries.get(&id).map(|e| match e.state {
+                let entry = self
+                    .buckets
+                    .get(&id.bucket_ms)
+                    .and_then(|b| b.entries.get(&id));
+                let _ = reply.send(entry.map(|e| match e.state {
                     State::Pending => MemState::Pending,
                     State::InFlight => MemState::Firing,
                     State::Fired => MemState::Fired,
@@ -401,31 +412,29 @@ impl RangeTask {
     /// Adds a pending timer unless its id is already known (loaded and handed off, fired,
     /// or cancelled).
     fn admit(&mut self, t: Timer) {
-        if self.entries.contains_key(&t.id) {
-            return;
-        }
         let id = t.id;
         let due_ms = t.spec.fire_at_ms;
-        self.entries.insert(
-            id,
-            Entry {
-                due_ms,
-                state: State::Pending,
-                attempts: 0,
-                timer: Some(Box::new(t)),
-            },
-        );
         let b = self.buckets.entry(id.bucket_ms).or_default();
-        b.ids.push(id);
+        let std::collections::hash_map::Entry::Vacant(slot) = b.entries.entry(id) else {
+            return;
+        };
+        slot.insert(Entry {
+            due_ms,
+            state: State::Pending,
+            attempts: 0,
+            timer: Some(Box::new(t)),
+        });
         b.open += 1;
         self.due.push(due_ms, id);
         self.hold(1);
     }
 
-    fn loaded(&mut self, bucket: u64, loaded: LoadedBucket, last: bool) {
-        if loaded.cancelled > 0 {
+    fn loaded(&mut self, bucket: u64, loaded: LoadedBucket, last: bool, total: usize) {
+        if loaded.cancelled > 0 || total > 0 {
             // Cancelled rows are not loaded, but the bucket must still be deleted.
-            self.buckets.entry(bucket).or_default();
+            let b = self.buckets.entry(bucket).or_default();
+            // Room for the whole bucket at its first slice: no rehashing while it comes in.
+            b.entries.reserve(total.saturating_sub(b.entries.len()));
         }
         for t in loaded.timers {
             self.admit(t);
@@ -445,7 +454,11 @@ impl RangeTask {
                 let Some((due, id)) = self.due.pop_due(now) else {
                     break;
                 };
-                let Some(e) = self.entries.get_mut(&id) else {
+                let Some(e) = self
+                    .buckets
+                    .get_mut(&id.bucket_ms)
+                    .and_then(|b| b.entries.get_mut(&id))
+                else {
                     continue;
                 };
                 // Stale queue items (cancelled, rescheduled) are skipped here.
@@ -484,17 +497,18 @@ impl RangeTask {
                 .get(i)
                 .cloned()
                 .unwrap_or_else(|| Delivery::Failed("sink gave no outcome".into()));
-            let Some(e) = self.entries.get_mut(&t.id) else {
+            let Some(b) = self.buckets.get_mut(&t.id.bucket_ms) else {
+                continue;
+            };
+            let Some(e) = b.entries.get_mut(&t.id) else {
                 continue;
             };
             match outcome {
                 Delivery::Delivered | Delivery::DeadLettered => {
                     e.state = State::Fired;
+                    b.open -= 1;
                     let due = t.spec.fire_at_ms.max(t.created_ms);
                     lateness.push(Duration::from_millis(fired_at.saturating_sub(due)));
-                    if let Some(b) = self.buckets.get_mut(&t.id.bucket_ms) {
-                        b.open -= 1;
-                    }
                     self.hold(-1);
                 }
                 Delivery::Failed(why) => {
@@ -522,7 +536,8 @@ impl RangeTask {
     }
 
     fn begin_cancel(&mut self, id: TimerId) -> CancelProbe {
-        match self.entries.get_mut(&id) {
+        let b = self.buckets.entry(id.bucket_ms).or_default();
+        match b.entries.get_mut(&id) {
             Some(e) => match e.state {
                 State::Pending => {
                     e.state = State::Cancelling { had_timer: true };
@@ -534,7 +549,7 @@ impl RangeTask {
             },
             None => {
                 // Not in memory (yet): leave a marker so a load racing the cancel skips it.
-                self.entries.insert(
+                b.entries.insert(
                     id,
                     Entry {
                         due_ms: 0,
@@ -543,8 +558,6 @@ impl RangeTask {
                         timer: None,
                     },
                 );
-                let b = self.buckets.entry(id.bucket_ms).or_default();
-                b.ids.push(id);
                 b.open += 1;
                 CancelProbe::Proceed
             }
@@ -552,32 +565,30 @@ impl RangeTask {
     }
 
     fn end_cancel(&mut self, id: TimerId, outcome: Option<CancelOutcome>) {
-        let Some(e) = self.entries.get_mut(&id) else {
+        let Some(b) = self.buckets.get_mut(&id.bucket_ms) else {
+            return;
+        };
+        let Some(e) = b.entries.get_mut(&id) else {
             return;
         };
         let State::Cancelling { had_timer } = e.state else {
             return;
-        };
-        let close = |buckets: &mut BTreeMap<u64, Bucket>| {
-            if let Some(b) = buckets.get_mut(&id.bucket_ms) {
-                b.open -= 1;
-            }
         };
         match (outcome, had_timer) {
             (Some(_), true) => {
                 // Cancelled in the store (or the row is gone): it never fires.
                 e.state = State::Cancelled;
                 e.timer = None;
-                close(&mut self.buckets);
+                b.open -= 1;
                 self.hold(-1);
             }
             (Some(CancelOutcome::Cancelled | CancelOutcome::AlreadyCancelled), false) => {
                 e.state = State::Cancelled;
-                close(&mut self.buckets);
+                b.open -= 1;
             }
             (Some(CancelOutcome::NotFound), false) | (None, false) => {
-                self.entries.remove(&id);
-                close(&mut self.buckets);
+                b.entries.remove(&id);
+                b.open -= 1;
             }
             (None, true) => {
                 // The durable cancel failed: the timer is pending again.
@@ -656,28 +667,8 @@ impl RangeTask {
             }
             return;
         }
-        if let Some(b) = self.buckets.remove(&bucket) {
-            self.deleted_ids.push_back(b.ids);
-            self.forget_deleted();
+        if self.buckets.remove(&bucket).is_some() {
             m::bucket_deleted();
-        }
-    }
-
-    /// Drops up to `MAX_WORK_BETWEEN_FIRES` ids of deleted buckets from `entries`.
-    fn forget_deleted(&mut self) {
-        let mut done = 0;
-        while done < MAX_WORK_BETWEEN_FIRES {
-            let Some(ids) = self.deleted_ids.front_mut() else {
-                break;
-            };
-            let n = ids.len().min(MAX_WORK_BETWEEN_FIRES - done);
-            for id in ids.drain(ids.len() - n..) {
-                self.entries.remove(&id);
-            }
-            done += n;
-            if ids.is_empty() {
-                self.deleted_ids.pop_front();
-            }
         }
     }
 }

@@ -199,6 +199,7 @@ impl EmbeddedStore {
         let writer_thread = std::thread::Builder::new()
             .name("timerdb-store-writer".into())
             .spawn(move || {
+                crate::priority::lower_current_thread();
                 Writer {
                     db: writer_db,
                     layout,
@@ -247,9 +248,12 @@ impl EmbeddedStore {
     ) -> Result<T> {
         let db = self.db.clone();
         let started = Instant::now();
-        let out = tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        let out = tokio::task::spawn_blocking(move || {
+            crate::priority::lower_current_thread_once();
+            f(&db)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
         m::store_op(op, started.elapsed());
         out
     }
