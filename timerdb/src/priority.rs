@@ -4,7 +4,7 @@
 //! work that has slack (the embedded store's writer thread, and the blocking threads that
 //! read whole buckets seconds before they are due) runs a few nice levels lower, so when a
 //! bucket load and a bucket delete coincide on a busy machine they wait for the firing
-//! path rather than the other way round. Measured in `docs/benchmarks.md` (section 10).
+//! path rather than the other way round. Measured in `docs/benchmarks.md` (section 9).
 
 /// How many nice levels background threads sit below the process.
 pub const BACKGROUND_NICE_DELTA: i32 = 10;
