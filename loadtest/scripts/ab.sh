@@ -26,15 +26,13 @@ NODE_PID=
 cargo build --release -p timerdb-loadtest
 mkdir -p "$OUT"
 
-stop_node() {
-  if [[ -n "$NODE_PID" ]]; then
-    kill "$NODE_PID" 2>/dev/null || true
-    wait "$NODE_PID" 2>/dev/null || true
-    NODE_PID=
-  fi
+# shellcheck source=lib.sh
+source loadtest/scripts/lib.sh
+stop_and_clean() {
+  stop_node
   rm -rf "$DATA_DIR"
 }
-trap stop_node EXIT
+trap stop_and_clean EXIT
 
 {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); data dir $DATA_DIR"
@@ -45,7 +43,7 @@ trap stop_node EXIT
 for rate in $RATES; do
   for run in $(seq 1 "$RUNS"); do
     for side in A B; do
-      stop_node
+      stop_and_clean
       mkdir -p "$DATA_DIR"
       : > "$SINK"
       "${!side}" serve --listen "127.0.0.1:$PORT" --metrics-listen off \
@@ -58,7 +56,7 @@ for rate in $RATES; do
     done
   done
 done
-stop_node
+stop_and_clean
 for side in A B; do
   echo "== $side" | tee -a "$OUT/summary.txt"
   mkdir -p "$OUT/by-side/$side"

@@ -32,13 +32,8 @@ for t in 0 1 2 3; do
   deploy/local/kafka-tool topics --create --if-not-exists --topic "lt-$t" --partitions 8 >/dev/null
 done
 
-stop_node() {
-  if [[ -n "$NODE_PID" ]]; then
-    kill "$NODE_PID" 2>/dev/null || true
-    wait "$NODE_PID" 2>/dev/null || true
-    NODE_PID=
-  fi
-}
+# shellcheck source=lib.sh
+source loadtest/scripts/lib.sh
 trap stop_node EXIT
 
 echo "machine: $(nproc) cores; Kafka $TIMERDB_KAFKA; Cassandra $TIMERDB_SCYLLA" | tee "$OUT/summary.txt"

@@ -44,13 +44,8 @@ start_node() {
   NODE_PID=$!
 }
 
-stop_node() {
-  if [[ -n "$NODE_PID" ]]; then
-    kill "$NODE_PID" 2>/dev/null || true
-    wait "$NODE_PID" 2>/dev/null || true
-    NODE_PID=
-  fi
-}
+# shellcheck source=lib.sh
+source loadtest/scripts/lib.sh
 trap stop_node EXIT
 
 # One loadtest run into $OUT/$1; the sink file is emptied first (the node appends with
