@@ -6,8 +6,10 @@
 #   loadtest/scripts/bench-cassandra.sh
 #
 # Starts the local Kafka and Cassandra of deploy/local if they are not running (and leaves
-# them running). Settings (env): RATES, SLOTS, RUNS, DURATION, FIRE, BATCH, PORT, OUT,
-# CEILING_CONCURRENCY.
+# them running). A freshly started Cassandra is slow for its first minute or two (the first
+# runs after `up` fired late by seconds), so the script first warms both servers with an
+# unreported run of $WARMUP. Settings (env): RATES, SLOTS, RUNS, DURATION, FIRE, BATCH,
+# PORT, OUT, CEILING_CONCURRENCY, WARMUP (empty: none), NODE (node binary).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -19,8 +21,9 @@ FIRE=${FIRE:-1s..5s}
 BATCH=${BATCH:-1000}
 PORT=${PORT:-17430}
 CEILING_CONCURRENCY=${CEILING_CONCURRENCY:-"64 256"}
+WARMUP=${WARMUP-60s}
 OUT=${OUT:-target/loadtest-reports/cassandra-$(date +%Y%m%d-%H%M%S)}
-NODE=target/release/timerdb
+NODE=${NODE:-target/release/timerdb}
 LOADTEST=target/release/timerdb-loadtest
 CEILING=target/release/timerdb-cql-ceiling
 NODE_PID=
@@ -38,25 +41,34 @@ trap stop_node EXIT
 
 echo "machine: $(nproc) cores; Kafka $TIMERDB_KAFKA; Cassandra $TIMERDB_SCYLLA" | tee "$OUT/summary.txt"
 n=0
+# One node on a fresh keyspace with $1 slots, then one loadtest run at $2/s for $3 into $4.
+run() {
+  local slots=$1 rate=$2 duration=$3 dir=$4 keyspace
+  n=$((n + 1))
+  keyspace="bench_$(date +%s)_$n"
+  "$NODE" serve --listen "127.0.0.1:$PORT" --metrics-listen off --slots "$slots" \
+    --store "scylla://$TIMERDB_SCYLLA/$keyspace" --sink "kafka://$TIMERDB_KAFKA" \
+    >"$OUT/node-$n.log" 2>&1 &
+  NODE_PID=$!
+  for _ in $(seq 1 100); do
+    grep -q "timerdb ready" "$OUT/node-$n.log" && break
+    sleep 0.2
+  done
+  "$LOADTEST" steady --rate "$rate" --duration "$duration" --fire "$FIRE" --batch "$BATCH" \
+    --target "127.0.0.1:$PORT" --kafka "$TIMERDB_KAFKA" --topic-prefix lt --topics 4 \
+    --partitions 8 --server-pid "$NODE_PID" --no-progress --report-dir "$dir" || true
+  stop_node
+}
+if [[ -n "$WARMUP" ]]; then
+  set -- $SLOTS $RATES
+  echo "== warm-up, not reported: $WARMUP" | tee -a "$OUT/summary.txt"
+  run "$1" "${@: -1}" "$WARMUP" "$OUT/warmup" >/dev/null
+fi
 for slots in $SLOTS; do
   for rate in $RATES; do
-    for run in $(seq 1 "$RUNS"); do
-      n=$((n + 1))
-      keyspace="bench_$(date +%s)_$n"
-      "$NODE" serve --listen "127.0.0.1:$PORT" --metrics-listen off --slots "$slots" \
-        --store "scylla://$TIMERDB_SCYLLA/$keyspace" --sink "kafka://$TIMERDB_KAFKA" \
-        >"$OUT/node-$n.log" 2>&1 &
-      NODE_PID=$!
-      for _ in $(seq 1 100); do
-        grep -q "timerdb ready" "$OUT/node-$n.log" && break
-        sleep 0.2
-      done
-      echo "== slots $slots, rate $rate, run $run (keyspace $keyspace)" | tee -a "$OUT/summary.txt"
-      "$LOADTEST" steady --rate "$rate" --duration "$DURATION" --fire "$FIRE" --batch "$BATCH" \
-        --target "127.0.0.1:$PORT" --kafka "$TIMERDB_KAFKA" --topic-prefix lt --topics 4 \
-        --partitions 8 --server-pid "$NODE_PID" --no-progress \
-        --report-dir "$OUT/slots-$slots/rate-$rate" | tee -a "$OUT/summary.txt" || true
-      stop_node
+    for r in $(seq 1 "$RUNS"); do
+      echo "== slots $slots, rate $rate, run $r" | tee -a "$OUT/summary.txt"
+      run "$slots" "$rate" "$DURATION" "$OUT/slots-$slots/rate-$rate" | tee -a "$OUT/summary.txt"
     done
   done
 done

@@ -67,7 +67,7 @@ pub struct ServeArgs {
     /// Sink URL: stdout:, jsonl:///file, kafka://host:port [default: stdout:].
     #[arg(long, env = "TIMERDB_SINK")]
     pub sink: Option<String>,
-    /// Slots of a new store [default: 1024].
+    /// Slots of a new store [default: 256].
     #[arg(long, env = "TIMERDB_SLOTS")]
     pub slots: Option<u32>,
     /// Bucket width of a new store [default: 1s].

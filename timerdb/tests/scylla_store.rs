@@ -32,6 +32,35 @@ async fn scylla_store_passes_the_conformance_suite() {
     .await;
 }
 
+/// With two slots, most timers of a call share a partition, so inserts go as unlogged
+/// single-partition batches (up to 64 rows); the suite must pass the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scylla_store_passes_the_conformance_suite_with_batched_inserts() {
+    let Some(svc) = common::services() else {
+        return;
+    };
+    conformance::run_all(|retention: Duration| {
+        let url = format!("scylla://{}/{}", svc.scylla, common::unique("batch"));
+        async move {
+            let store = ScyllaStore::open(
+                &url,
+                StoreOptions {
+                    idempotency_retention: retention,
+                    layout: timerdb::timer::Layout {
+                        slots: 2,
+                        bucket_ms: 1000,
+                    },
+                    ..StoreOptions::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("open {url}: {e}"));
+            Arc::new(store) as Arc<dyn TimerStore>
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scylla_store_reopens_with_its_layout_and_migrations_run_once() {
     use timerdb::timer::Layout;
