@@ -9,18 +9,19 @@ use std::time::Duration;
 use timerdb::store::scylla::ScyllaStore;
 use timerdb::store::{StoreOptions, TimerStore, conformance};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scylla_store_passes_the_conformance_suite() {
+/// The conformance suite on fresh keyspaces (named `{prefix}_…`) of stores with `layout`.
+async fn run_conformance(prefix: &'static str, layout: timerdb::timer::Layout) {
     let Some(svc) = common::services() else {
         return;
     };
     conformance::run_all(|retention: Duration| {
-        let url = format!("scylla://{}/{}", svc.scylla, common::unique("conf"));
+        let url = format!("scylla://{}/{}", svc.scylla, common::unique(prefix));
         async move {
             let store = ScyllaStore::open(
                 &url,
                 StoreOptions {
                     idempotency_retention: retention,
+                    layout,
                     ..StoreOptions::default()
                 },
             )
@@ -32,33 +33,20 @@ async fn scylla_store_passes_the_conformance_suite() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scylla_store_passes_the_conformance_suite() {
+    run_conformance("conf", timerdb::timer::Layout::default()).await;
+}
+
 /// With two slots, most timers of a call share a partition, so inserts go as unlogged
 /// single-partition batches (up to 64 rows); the suite must pass the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scylla_store_passes_the_conformance_suite_with_batched_inserts() {
-    let Some(svc) = common::services() else {
-        return;
+    let layout = timerdb::timer::Layout {
+        slots: 2,
+        bucket_ms: 1000,
     };
-    conformance::run_all(|retention: Duration| {
-        let url = format!("scylla://{}/{}", svc.scylla, common::unique("batch"));
-        async move {
-            let store = ScyllaStore::open(
-                &url,
-                StoreOptions {
-                    idempotency_retention: retention,
-                    layout: timerdb::timer::Layout {
-                        slots: 2,
-                        bucket_ms: 1000,
-                    },
-                    ..StoreOptions::default()
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("open {url}: {e}"));
-            Arc::new(store) as Arc<dyn TimerStore>
-        }
-    })
-    .await;
+    run_conformance("batch", layout).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
