@@ -44,23 +44,16 @@ impl TimerApi {
     }
 
     /// Stores `specs` (all valid) and hands the near-term ones to the scheduler.
+    ///
+    /// The write and its hand-off run in a task of their own: a caller that goes away
+    /// (deadline, disconnect) drops only its wait, never the hand-off of a timer whose
+    /// write may already be durable.
     async fn store_timers(&self, specs: Vec<TimerSpec>) -> Result<Vec<TimerId>> {
-        let created_ms = now_ms();
-        let inserted = self.store.insert(&specs).await?;
-        let ids = inserted.iter().map(|i| i.id).collect();
-        let fresh: Vec<Timer> = inserted
-            .into_iter()
-            .zip(specs)
-            .filter(|(i, _)| i.created)
-            .map(|(i, spec)| Timer {
-                id: i.id,
-                created_ms,
-                spec,
-            })
-            .collect();
-        m::scheduled(fresh.len());
-        self.scheduler.hand_off(fresh);
-        Ok(ids)
+        let store = self.store.clone();
+        let scheduler = self.scheduler.clone();
+        tokio::spawn(store_and_hand_off(store, scheduler, specs))
+            .await
+            .map_err(|e| Error::Internal(format!("store task: {e}")))?
     }
 
     /// Checks each distinct (topic, partition) once against the sink; returns, per spec,
@@ -79,6 +72,84 @@ impl TimerApi {
             .iter()
             .map(|s| seen[&(s.topic.as_str(), s.partition)].clone())
             .collect()
+    }
+}
+
+async fn store_and_hand_off(
+    store: Arc<dyn TimerStore>,
+    scheduler: Arc<Scheduler>,
+    specs: Vec<TimerSpec>,
+) -> Result<Vec<TimerId>> {
+    // Registered before the write: until the hand-off is applied, no bucket this write may
+    // use is deleted and the recorded progress stays before `created_ms`.
+    let guard = scheduler.begin_write();
+    let created_ms = guard.started_ms;
+    crate::failpoint::hit("api.before_store")?;
+    let inserted = store.insert(&specs).await?;
+    crate::failpoint::hit("api.after_store")?;
+    let ids = inserted.iter().map(|i| i.id).collect();
+    let mut fresh = Vec::with_capacity(inserted.len());
+    let mut repeated = Vec::new();
+    for (i, spec) in inserted.into_iter().zip(specs) {
+        if i.created {
+            fresh.push(Timer {
+                id: i.id,
+                created_ms,
+                spec,
+            });
+        } else if scheduler.is_loaded(i.id) {
+            repeated.push(i.id);
+        }
+    }
+    m::scheduled(fresh.len());
+    scheduler.hand_off(fresh, Some(guard.clone()));
+    // A repeated idempotency key whose timer is due inside the loaded window: hand it off
+    // again (the range admits each id once), in case the first call's hand-off never came.
+    for id in repeated {
+        if let Some(stored) = store.get(id).await?
+            && stored.state == StoredState::Pending
+        {
+            scheduler.hand_off(vec![stored.timer], Some(guard.clone()));
+        }
+    }
+    Ok(ids)
+}
+
+/// Both phases of a cancel, in a task of their own so that a caller going away between
+/// them cannot leave the timer blocked from firing.
+async fn cancel_in_task(
+    store: Arc<dyn TimerStore>,
+    scheduler: Arc<Scheduler>,
+    id: TimerId,
+) -> Result<v1::CancelTimeoutResponse> {
+    match scheduler.begin_cancel(id).await? {
+        Some(CancelProbe::AlreadyFired) => {
+            return Err(Error::FailedPrecondition(format!(
+                "timer {id} has already fired; it can no longer be cancelled"
+            )));
+        }
+        Some(CancelProbe::AlreadyCancelled) => {
+            return Ok(v1::CancelTimeoutResponse { cancelled: false });
+        }
+        Some(CancelProbe::InProgress) => {
+            return Err(Error::FailedPrecondition(format!(
+                "timer {id} is being cancelled by another call"
+            )));
+        }
+        Some(CancelProbe::Proceed) | None => {}
+    }
+    let outcome = match crate::failpoint::hit("api.cancel_between_phases") {
+        Ok(()) => store.cancel(id).await,
+        Err(e) => Err(e),
+    };
+    scheduler.end_cancel(id, outcome.as_ref().ok().copied());
+    match outcome? {
+        CancelOutcome::Cancelled => {
+            m::cancelled();
+            Ok(v1::CancelTimeoutResponse { cancelled: true })
+        }
+        CancelOutcome::AlreadyCancelled => Ok(v1::CancelTimeoutResponse { cancelled: false }),
+        CancelOutcome::NotFound => Err(not_found(id)),
     }
 }
 
@@ -223,35 +294,13 @@ impl TimerService for TimerApi {
         let req = request.into_inner();
         let r = async {
             let id = parse_id(&req.timer_id)?;
-            match self.scheduler.begin_cancel(id).await? {
-                Some(CancelProbe::AlreadyFired) => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "timer {id} has already fired; it can no longer be cancelled"
-                    )));
-                }
-                Some(CancelProbe::AlreadyCancelled) => {
-                    return Ok(v1::CancelTimeoutResponse { cancelled: false });
-                }
-                Some(CancelProbe::InProgress) => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "timer {id} is being cancelled by another call"
-                    )));
-                }
-                Some(CancelProbe::Proceed) | None => {}
-            }
-            let outcome = self.store.cancel(id).await;
-            self.scheduler
-                .end_cancel(id, outcome.as_ref().ok().copied());
-            match outcome? {
-                CancelOutcome::Cancelled => {
-                    m::cancelled();
-                    Ok(v1::CancelTimeoutResponse { cancelled: true })
-                }
-                CancelOutcome::AlreadyCancelled => {
-                    Ok(v1::CancelTimeoutResponse { cancelled: false })
-                }
-                CancelOutcome::NotFound => Err(not_found(id)),
-            }
+            tokio::spawn(cancel_in_task(
+                self.store.clone(),
+                self.scheduler.clone(),
+                id,
+            ))
+            .await
+            .map_err(|e| Error::Internal(format!("cancel task: {e}")))?
         }
         .instrument(tracing::debug_span!("api.cancel_timeout", timer_id = %req.timer_id))
         .await;

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 mod error;
+pub mod failpoint;
 pub mod metrics;
 pub mod priority;
 pub mod scheduler;

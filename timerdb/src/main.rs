@@ -12,6 +12,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Only with the `failpoints` feature: kill-points and injected errors from FAILPOINTS.
+    let _failpoints = timerdb::failpoint::setup_from_env();
     // Logs go to stderr; stdout carries command output (and the stdout: sink's lines).
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -20,6 +20,7 @@ const LOADED: &str = "timerdb_scheduler_timers_loaded_total";
 const STORE_OP: &str = "timerdb_store_operation_duration_seconds";
 const STORE_GROUP: &str = "timerdb_store_commit_group_size";
 const BUCKETS_DELETED: &str = "timerdb_scheduler_buckets_deleted_total";
+const SKIPPED_AS_FIRED: &str = "timerdb_scheduler_timers_skipped_as_fired_total";
 
 /// Starts the Prometheus endpoint on `addr` (`GET /metrics`) and describes every metric.
 pub fn install(addr: SocketAddr) -> Result<()> {
@@ -69,6 +70,10 @@ fn describe() {
     );
     describe_histogram!(STORE_GROUP, "Write requests folded into one store commit");
     describe_counter!(BUCKETS_DELETED, "Fired buckets removed from the store");
+    describe_counter!(
+        SKIPPED_AS_FIRED,
+        "Timers read after a restart that the recorded progress shows as delivered, not fired again"
+    );
 }
 
 /// Timers accepted.
@@ -130,4 +135,9 @@ pub fn store_group_size(n: usize) {
 /// A fired bucket was deleted.
 pub fn bucket_deleted() {
     counter!(BUCKETS_DELETED).increment(1);
+}
+
+/// Loaded timers not fired again because the recorded progress covers them.
+pub fn skipped_as_fired(n: usize) {
+    counter!(SKIPPED_AS_FIRED).increment(n as u64);
 }

@@ -11,18 +11,23 @@
 //! 2. A timer leaves the store only with its whole bucket, once every timer of the bucket
 //!    was confirmed by the sink or cancelled, and the bucket has been over for `grace`.
 //! 3. The durable low-water mark never passes a bucket that still holds unfired timers.
+//! 4. While a write is under way ([`Scheduler::begin_write`]), no bucket it may write into
+//!    is deleted and the range's durable progress stays before its start, until its
+//!    hand-off has been applied by the range: a slow write cannot land in a deleted bucket,
+//!    and a crash cannot skip a timer that was acknowledged but not yet in memory.
 
 mod range;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::sink::Sink;
 use crate::store::{CancelOutcome, TimerStore};
-use crate::timer::{Layout, SlotRange, Timer, TimerId};
+use crate::timer::{Layout, SlotRange, Timer, TimerId, now_ms};
 use crate::{Error, Result};
 
 /// Tuning of the scheduler.
@@ -88,12 +93,56 @@ pub enum CancelProbe {
     InProgress,
 }
 
+/// The writes under way, by the time each began.
+#[derive(Default)]
+pub struct Writes {
+    started: Mutex<BTreeMap<u64, usize>>,
+}
+
+impl Writes {
+    /// The start of the oldest write under way.
+    pub fn floor(&self) -> Option<u64> {
+        self.started
+            .lock()
+            .expect("writes lock")
+            .first_key_value()
+            .map(|(k, _)| *k)
+    }
+
+    /// Whether no write is under way.
+    pub fn is_empty(&self) -> bool {
+        self.started.lock().expect("writes lock").is_empty()
+    }
+}
+
+/// One write under way; dropped once its hand-off was applied (or was not needed).
+pub struct WriteGuard {
+    writes: Arc<Writes>,
+    /// When the write began (ms); every timer it stores is created at or after this.
+    pub started_ms: u64,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        let mut started = self.writes.started.lock().expect("writes lock");
+        if let Some(n) = started.get_mut(&self.started_ms) {
+            *n -= 1;
+            if *n == 0 {
+                started.remove(&self.started_ms);
+            }
+        }
+    }
+}
+
 enum Msg {
-    HandOff(Vec<Timer>),
+    /// Timers to admit; the write they came from stays registered until they are admitted.
+    HandOff(Vec<Timer>, Option<Arc<WriteGuard>>),
     /// A slice of a bucket's timers; `true` on the bucket's last slice; the bucket's size.
     Loaded(u64, crate::store::LoadedBucket, bool, usize),
     Settled(u64),
-    Delivered(Vec<Timer>, Vec<crate::sink::Delivery>, u64),
+    /// A delivered batch, its outcomes, when it was fired, and its earliest due time.
+    Delivered(Vec<Timer>, Vec<crate::sink::Delivery>, u64, u64),
+    ProgressWritten(crate::store::Progress, bool),
     BucketDeleted(u64, bool),
     LowWaterWritten(u64, bool),
     BeginCancel(TimerId, oneshot::Sender<CancelProbe>),
@@ -107,6 +156,9 @@ struct RangeHandle {
     tx: mpsc::UnboundedSender<Msg>,
     horizon: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
+    /// Lets the loader begin; sent once the handle is registered, so no write can miss
+    /// both the loader and the hand-off.
+    go: Option<oneshot::Sender<()>>,
 }
 
 /// The schedulers of the slot ranges this node owns.
@@ -116,6 +168,9 @@ pub struct Scheduler {
     layout: Layout,
     config: SchedulerConfig,
     in_memory: Arc<AtomicUsize>,
+    writes: Arc<Writes>,
+    /// Serialises `assign`, so two changes of the owned set cannot interleave.
+    assigning: tokio::sync::Mutex<()>,
     ranges: RwLock<Vec<RangeHandle>>,
 }
 
@@ -132,6 +187,8 @@ impl Scheduler {
             sink,
             config,
             in_memory: Arc::new(AtomicUsize::new(0)),
+            writes: Arc::new(Writes::default()),
+            assigning: tokio::sync::Mutex::new(()),
             ranges: RwLock::new(Vec::new()),
         })
     }
@@ -144,16 +201,17 @@ impl Scheduler {
     /// Makes `ranges` the owned set: ranges no longer owned stop (after finishing their
     /// in-flight deliveries), new ones start by scanning from their low-water mark.
     pub async fn assign(&self, ranges: Vec<SlotRange>) -> Result<()> {
-        let (keep, stop): (Vec<RangeHandle>, Vec<RangeHandle>) = {
+        let _one_at_a_time = self.assigning.lock().await;
+        let stop: Vec<RangeHandle> = {
+            // One critical section: the ranges kept never look unowned to a concurrent
+            // hand-off or cancel.
             let mut current = self.ranges.write().expect("ranges lock");
-            std::mem::take(&mut *current)
+            let (keep, stop) = std::mem::take(&mut *current)
                 .into_iter()
-                .partition(|h| ranges.contains(&h.range))
+                .partition(|h| ranges.contains(&h.range));
+            *current = keep;
+            stop
         };
-        {
-            let mut current = self.ranges.write().expect("ranges lock");
-            current.extend(keep);
-        }
         for h in stop {
             stop_range(h).await;
         }
@@ -173,9 +231,15 @@ impl Scheduler {
                 self.sink.clone(),
                 self.config.clone(),
                 self.in_memory.clone(),
+                self.writes.clone(),
             )
             .await?;
+            let mut handle = handle;
+            let go = handle.go.take();
             self.ranges.write().expect("ranges lock").push(handle);
+            if let Some(go) = go {
+                let _ = go.send(());
+            }
         }
         Ok(())
     }
@@ -195,24 +259,45 @@ impl Scheduler {
         self.in_memory.load(Ordering::Relaxed)
     }
 
-    /// Gives freshly stored timers to the owning range if their bucket is already loaded
-    /// (or being loaded); the others will be read from the store in time.
-    pub fn hand_off(&self, timers: Vec<Timer>) {
+    /// Registers a write about to begin; hold the guard until its hand-off is done.
+    /// Timers the write stores must be created at or after `guard.started_ms`.
+    pub fn begin_write(&self) -> Arc<WriteGuard> {
+        let started_ms = now_ms();
+        *self
+            .writes
+            .started
+            .lock()
+            .expect("writes lock")
+            .entry(started_ms)
+            .or_default() += 1;
+        Arc::new(WriteGuard {
+            writes: self.writes.clone(),
+            started_ms,
+        })
+    }
+
+    /// The writes under way.
+    pub fn writes(&self) -> &Writes {
+        &self.writes
+    }
+
+    /// Whether the bucket of `id` is already read (or being read) by its range here, so a
+    /// timer stored in it must be handed off to fire.
+    pub fn is_loaded(&self, id: TimerId) -> bool {
+        let slot = self.layout.slot_of(id.rand);
+        self.ranges
+            .read()
+            .expect("ranges lock")
+            .iter()
+            .any(|h| h.range.contains(slot) && id.bucket_ms <= h.horizon.load(Ordering::SeqCst))
+    }
+
+    /// Gives stored timers to the owning range if their bucket is already loaded (or being
+    /// loaded); the others will be read from the store in time. A timer the range already
+    /// knows (loaded, fired, cancelled, or in a bucket it deleted) is not admitted again.
+    /// `guard` is released once every range has applied its share.
+    pub fn hand_off(&self, timers: Vec<Timer>, guard: Option<Arc<WriteGuard>>) {
         let ranges = self.ranges.read().expect("ranges lock");
-        if ranges.len() == 1 {
-            let h = &ranges[0];
-            let horizon = h.horizon.load(Ordering::SeqCst);
-            let near: Vec<Timer> = timers
-                .into_iter()
-                .filter(|t| {
-                    t.id.bucket_ms <= horizon && h.range.contains(self.layout.slot_of(t.id.rand))
-                })
-                .collect();
-            if !near.is_empty() {
-                let _ = h.tx.send(Msg::HandOff(near));
-            }
-            return;
-        }
         let mut per_range: Vec<Vec<Timer>> = ranges.iter().map(|_| Vec::new()).collect();
         for t in timers {
             let slot = self.layout.slot_of(t.id.rand);
@@ -224,7 +309,7 @@ impl Scheduler {
         }
         for (h, near) in ranges.iter().zip(per_range) {
             if !near.is_empty() {
-                let _ = h.tx.send(Msg::HandOff(near));
+                let _ = h.tx.send(Msg::HandOff(near, guard.clone()));
             }
         }
     }

@@ -78,6 +78,12 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()> + Send
     health_reporter
         .set_not_serving::<TimerServiceServer<TimerApi>>()
         .await;
+    // Writes already under way finish and hand off first, so the progress each range
+    // records at its stop covers their timers too.
+    let waited = std::time::Instant::now();
+    while !scheduler.writes().is_empty() && waited.elapsed() < config.scheduler.shutdown_timeout {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     scheduler.shutdown().await;
     store.close().await?;
     tracing::info!("timerdb stopped");

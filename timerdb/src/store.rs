@@ -54,6 +54,41 @@ pub struct LoadedBucket {
     pub cancelled: usize,
 }
 
+/// How far the firing of one slot range got, written every ~100 ms and at a graceful stop,
+/// so a restart does not fire again what was already delivered.
+///
+/// Every pending timer of a bucket before `loaded_through` whose due time (the later of its
+/// epoch and its creation) is at or before `fired_through_ms` was confirmed by the sink,
+/// except the ones in `unconfirmed` (timers whose delivery was failing, still retried).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Timers due at or before this (ms) were delivered, but for `unconfirmed`.
+    pub fired_through_ms: u64,
+    /// The statement covers buckets before this one only (the ones read into memory).
+    pub loaded_through: u64,
+    /// Due by `fired_through_ms` but not confirmed: these fire again after a restart.
+    pub unconfirmed: Vec<TimerId>,
+}
+
+impl Progress {
+    /// Whether `timer`, read from bucket `bucket_ms`, was already delivered.
+    pub fn covers(&self, bucket_ms: u64, timer: &Timer) -> bool {
+        bucket_ms < self.loaded_through
+            && timer.spec.fire_at_ms.max(timer.created_ms) <= self.fired_through_ms
+            && !self.unconfirmed.contains(&timer.id)
+    }
+
+    /// Encoded for storage.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        postcard::to_allocvec(self).map_err(|e| Error::Internal(format!("encoding progress: {e}")))
+    }
+
+    /// Decoded from storage.
+    pub fn from_bytes(b: &[u8]) -> Result<Progress> {
+        postcard::from_bytes(b).map_err(|e| Error::Corrupt(format!("range progress record: {e}")))
+    }
+}
+
 /// Durable storage for timers. Every implementation passes [`conformance`].
 #[async_trait]
 pub trait TimerStore: Send + Sync + 'static {
@@ -94,6 +129,12 @@ pub trait TimerStore: Send + Sync + 'static {
 
     /// Records that no bucket of `slots` before `bucket_ms` holds unfired timers.
     async fn set_low_water_mark(&self, slots: SlotRange, bucket_ms: u64) -> Result<()>;
+
+    /// The progress last recorded for exactly `slots`, if any.
+    async fn progress(&self, slots: SlotRange) -> Result<Option<Progress>>;
+
+    /// Records the progress of `slots` (replacing the previous record).
+    async fn set_progress(&self, slots: SlotRange, progress: &Progress) -> Result<()>;
 
     /// Flushes and releases resources; later calls fail.
     async fn close(&self) -> Result<()>;

@@ -98,7 +98,7 @@ impl fmt::Display for SlotRange {
 /// work per commit, see `docs/design.md`). Uniqueness is unchanged: within a process the
 /// sequence separates ids until it wraps every 16.7 M ids; otherwise two ids of one bucket
 /// collide only if 64 bits agree, as with 64 random bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TimerId {
     /// Start of the storage bucket, ms since the Unix epoch.
     pub bucket_ms: u64,

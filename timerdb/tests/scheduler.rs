@@ -102,7 +102,7 @@ async fn failed_deliveries_are_retried_without_blocking_others() {
             spec: s.clone(),
         })
         .collect();
-    scheduler.hand_off(timers.clone());
+    scheduler.hand_off(timers.clone(), None);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     while sink.delivered.lock().unwrap().len() < timers.len() {

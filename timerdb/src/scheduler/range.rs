@@ -1,6 +1,6 @@
 //! The scheduler of one owned slot range: its in-memory wheel, its loader and its firing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -9,11 +9,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::{CancelProbe, MemState, Msg, RangeHandle, SchedulerConfig};
+use super::{CancelProbe, MemState, Msg, RangeHandle, SchedulerConfig, Writes};
 use crate::Result;
 use crate::metrics as m;
 use crate::sink::{Delivery, Sink};
-use crate::store::{CancelOutcome, LoadedBucket, TimerStore};
+use crate::store::{CancelOutcome, LoadedBucket, Progress, TimerStore};
 use crate::timer::{Layout, SlotRange, Timer, TimerId, now_ms};
 
 /// Timers per `Loaded` message.
@@ -24,6 +24,14 @@ const LOAD_PACE: Duration = Duration::from_millis(2);
 const LOAD_PACE_MARGIN_MS: u64 = 500;
 /// Timers the range task applies from its queue before it fires what is due.
 const MAX_WORK_BETWEEN_FIRES: usize = 4096;
+/// How often the range's progress (delivered-through mark) is written: after a crash,
+/// about this much of the fires before it happen again.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+/// Most failing timers a progress record lists by id; past that it stops advancing.
+const MAX_UNCONFIRMED: usize = 1024;
+/// How long a deleted bucket is remembered, so a late repeat hand-off into it is dropped
+/// instead of firing a timer a second time.
+const DELETED_MEMORY_MS: u64 = 10 * 60 * 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -66,6 +74,7 @@ pub(super) async fn start(
     sink: Arc<dyn Sink>,
     config: SchedulerConfig,
     in_memory: Arc<AtomicUsize>,
+    writes: Arc<Writes>,
 ) -> Result<RangeHandle> {
     let layout = store.layout();
     let start_bucket = match store.low_water_mark(range).await? {
@@ -78,7 +87,15 @@ pub(super) async fn start(
             b
         }
     };
-    tracing::info!(range = %range, low_water_ms = start_bucket, "scheduler.start");
+    // What the last owner confirmed as delivered: not fired again.
+    let resume = store.progress(range).await?;
+    tracing::info!(
+        range = %range,
+        low_water_ms = start_bucket,
+        fired_through_ms = resume.as_ref().map(|p| p.fired_through_ms),
+        "scheduler.start"
+    );
+    let (go, go_rx) = tokio::sync::oneshot::channel();
     let horizon = Arc::new(AtomicU64::new(start_bucket.saturating_sub(1)));
     let (tx, rx) = mpsc::unbounded_channel();
     let stop_loader = Arc::new(AtomicBool::new(false));
@@ -93,7 +110,7 @@ pub(super) async fn start(
             tx: tx.clone(),
             stop: stop_loader.clone(),
         }
-        .run(start_bucket),
+        .run(start_bucket, go_rx),
     );
     let task = RangeTask {
         range,
@@ -102,6 +119,16 @@ pub(super) async fn start(
         sink,
         config,
         tx: tx.clone(),
+        horizon: horizon.clone(),
+        writes,
+        resume,
+        deleted: BTreeSet::new(),
+        retrying: HashSet::new(),
+        inflight_due: BTreeMap::new(),
+        cancelling: HashMap::new(),
+        progress_written: None,
+        progress_writing: false,
+        last_progress_write: Instant::now(),
         due: DueQueue::default(),
         buckets: BTreeMap::new(),
         next_unsettled: start_bucket,
@@ -121,6 +148,7 @@ pub(super) async fn start(
         tx,
         horizon,
         task,
+        go: Some(go),
     })
 }
 
@@ -138,7 +166,10 @@ struct Loader {
 impl Loader {
     /// Reads buckets from `next` on, each a little before it is due, and settles the
     /// empty stretches in between without reading them one by one.
-    async fn run(self, mut next: u64) {
+    async fn run(self, mut next: u64, go: tokio::sync::oneshot::Receiver<()>) {
+        if go.await.is_err() {
+            return;
+        }
         let w = self.layout.bucket_ms;
         let lookahead = self.config.lookahead.as_millis() as u64;
         while !self.stop.load(Ordering::SeqCst) {
@@ -268,6 +299,23 @@ struct RangeTask {
     sink: Arc<dyn Sink>,
     config: SchedulerConfig,
     tx: mpsc::UnboundedSender<Msg>,
+    /// The loader's horizon: buckets at or before it are read (or being read).
+    horizon: Arc<AtomicU64>,
+    /// Writes under way on this node (rule 4).
+    writes: Arc<Writes>,
+    /// The progress found at start: loaded timers it covers count as fired.
+    resume: Option<Progress>,
+    /// Buckets deleted lately; a hand-off into one of them is a repeat of a fired timer.
+    deleted: BTreeSet<u64>,
+    /// Timers whose delivery failed and that are not confirmed yet.
+    retrying: HashSet<TimerId>,
+    /// Batches at the sink, by their earliest due time.
+    inflight_due: BTreeMap<u64, usize>,
+    /// Loaded timers being cancelled, with their due time.
+    cancelling: HashMap<TimerId, u64>,
+    progress_written: Option<Progress>,
+    progress_writing: bool,
+    last_progress_write: Instant,
     due: DueQueue,
     buckets: BTreeMap<u64, Bucket>,
     /// Every bucket before this was read (or found empty) by the loader.
@@ -313,7 +361,8 @@ impl RangeTask {
             }
             if let Some((_, since)) = &self.stopping {
                 let timed_out = since.elapsed() >= self.config.shutdown_timeout;
-                if (self.inflight == 0 && !self.lwm_writing) || timed_out {
+                if (self.inflight == 0 && !self.lwm_writing && !self.progress_writing) || timed_out
+                {
                     if timed_out {
                         tracing::warn!(range = %self.range, inflight = self.inflight, "scheduler.stop: deliveries still in flight at timeout; they will fire again after restart");
                     }
@@ -325,7 +374,14 @@ impl RangeTask {
         self.loader.abort();
         self.in_memory.fetch_sub(self.held, Ordering::Relaxed);
         m::in_memory(self.in_memory.load(Ordering::Relaxed));
-        // Persist how far this range got, so a restart scans as little as possible.
+        // Persist how far this range got, so a restart scans as little as possible and
+        // fires nothing again that was confirmed.
+        let progress = self.progress_candidate();
+        if let Some(progress) = progress.filter(|p| Some(p) != self.progress_written.as_ref())
+            && let Err(e) = self.store.set_progress(self.range, &progress).await
+        {
+            tracing::warn!(range = %self.range, error = %e, "scheduler.stop: progress not written; recent fires will fire again after restart");
+        }
         let lwm = self.low_water_candidate();
         if lwm > self.lwm_written
             && let Err(e) = self.store.set_low_water_mark(self.range, lwm).await
@@ -351,22 +407,36 @@ impl RangeTask {
     /// Applies one message; returns roughly how many timers it touched.
     fn handle(&mut self, msg: Msg) -> usize {
         let work = match &msg {
-            Msg::HandOff(t) => t.len(),
+            Msg::HandOff(t, _) => t.len(),
             Msg::Loaded(_, l, _, _) => l.timers.len(),
-            Msg::Delivered(b, _, _) => b.len(),
+            Msg::Delivered(b, _, _, _) => b.len(),
             _ => 1,
         };
         match msg {
-            Msg::HandOff(timers) => {
+            Msg::HandOff(timers, guard) => {
                 for t in timers {
-                    self.admit(t);
+                    // A bucket deleted here had every timer fired or cancelled; no new
+                    // write goes into it (rule 4), so this is a repeat: drop it.
+                    if !self.deleted.contains(&t.id.bucket_ms) {
+                        self.admit(t);
+                    }
                 }
+                // Admitted: the write no longer holds back deletes and progress.
+                drop(guard);
             }
             Msg::Loaded(bucket, loaded, last, total) => self.loaded(bucket, loaded, last, total),
             Msg::Settled(upto) => {
                 self.next_unsettled = self.next_unsettled.max(upto + self.layout.bucket_ms)
             }
-            Msg::Delivered(batch, outcomes, fired_at) => self.delivered(batch, outcomes, fired_at),
+            Msg::Delivered(batch, outcomes, fired_at, first_due) => {
+                self.delivered(batch, outcomes, fired_at, first_due)
+            }
+            Msg::ProgressWritten(progress, ok) => {
+                self.progress_writing = false;
+                if ok {
+                    self.progress_written = Some(progress);
+                }
+            }
             Msg::BucketDeleted(bucket, ok) => self.bucket_deleted(bucket, ok),
             Msg::LowWaterWritten(lwm, ok) => {
                 self.lwm_writing = false;
@@ -415,8 +485,21 @@ impl RangeTask {
         let id = t.id;
         let due_ms = t.spec.fire_at_ms;
         let b = self.buckets.entry(id.bucket_ms).or_default();
-        let std::collections::hash_map::Entry::Vacant(slot) = b.entries.entry(id) else {
-            return;
+        let slot = match b.entries.entry(id) {
+            std::collections::hash_map::Entry::Vacant(slot) => slot,
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                // A cancel is being written for a timer that was not in memory: keep the
+                // timer with the marker, so a failed cancel leaves it pending, not lost.
+                let e = e.get_mut();
+                if e.state == (State::Cancelling { had_timer: false }) {
+                    e.state = State::Cancelling { had_timer: true };
+                    e.due_ms = due_ms;
+                    e.timer = Some(Box::new(t));
+                    self.cancelling.insert(id, due_ms);
+                    self.hold(1);
+                }
+                return;
+            }
         };
         slot.insert(Entry {
             due_ms,
@@ -436,19 +519,38 @@ impl RangeTask {
             // Room for the whole bucket at its first slice: no rehashing while it comes in.
             b.entries.reserve(total.saturating_sub(b.entries.len()));
         }
+        let resume = self.resume.take();
         for t in loaded.timers {
-            self.admit(t);
+            match &resume {
+                Some(p) if p.covers(bucket, &t) => self.admit_fired(t.id),
+                _ => self.admit(t),
+            }
         }
+        self.resume = resume.filter(|p| bucket + self.layout.bucket_ms < p.loaded_through);
         if last {
             self.next_unsettled = self.next_unsettled.max(bucket + self.layout.bucket_ms);
         }
         m::in_memory(self.in_memory.load(Ordering::Relaxed));
     }
 
+    /// Records a loaded timer that the last recorded progress says was delivered: it is
+    /// known (a late duplicate of it is not admitted) but does not fire again.
+    fn admit_fired(&mut self, id: TimerId) {
+        let b = self.buckets.entry(id.bucket_ms).or_default();
+        b.entries.entry(id).or_insert(Entry {
+            due_ms: 0,
+            state: State::Fired,
+            attempts: 0,
+            timer: None,
+        });
+        m::skipped_as_fired(1);
+    }
+
     fn fire_due(&mut self) {
         let now = now_ms();
         while self.inflight < self.config.max_inflight_batches {
             let mut batch = Vec::new();
+            let mut first_due = u64::MAX;
             // Never early: a timer is taken only once the wall clock reached its epoch.
             while batch.len() < self.config.max_batch {
                 let Some((due, id)) = self.due.pop_due(now) else {
@@ -466,11 +568,13 @@ impl RangeTask {
                     continue;
                 }
                 e.state = State::InFlight;
+                first_due = first_due.min(due);
                 batch.push(*e.timer.take().expect("pending entry holds its timer"));
             }
             if batch.is_empty() {
                 return;
             }
+            *self.inflight_due.entry(first_due).or_default() += 1;
             self.inflight += 1;
             let sink = self.sink.clone();
             let tx = self.tx.clone();
@@ -480,15 +584,27 @@ impl RangeTask {
                 async move {
                     let fired_at = now_ms();
                     let outcomes = sink.deliver(&batch, fired_at).await;
-                    let _ = tx.send(Msg::Delivered(batch, outcomes, fired_at));
+                    let _ = tx.send(Msg::Delivered(batch, outcomes, fired_at, first_due));
                 }
                 .instrument(span),
             );
         }
     }
 
-    fn delivered(&mut self, batch: Vec<Timer>, outcomes: Vec<Delivery>, fired_at: u64) {
+    fn delivered(
+        &mut self,
+        batch: Vec<Timer>,
+        outcomes: Vec<Delivery>,
+        fired_at: u64,
+        first_due: u64,
+    ) {
         self.inflight -= 1;
+        if let Some(n) = self.inflight_due.get_mut(&first_due) {
+            *n -= 1;
+            if *n == 0 {
+                self.inflight_due.remove(&first_due);
+            }
+        }
         let mut failed = 0;
         let mut lateness = Vec::with_capacity(batch.len());
         let now = now_ms();
@@ -507,6 +623,9 @@ impl RangeTask {
                 Delivery::Delivered | Delivery::DeadLettered => {
                     e.state = State::Fired;
                     b.open -= 1;
+                    if e.attempts > 0 {
+                        self.retrying.remove(&t.id);
+                    }
                     let due = t.spec.fire_at_ms.max(t.created_ms);
                     lateness.push(Duration::from_millis(fired_at.saturating_sub(due)));
                     self.hold(-1);
@@ -514,6 +633,7 @@ impl RangeTask {
                 Delivery::Failed(why) => {
                     failed += 1;
                     e.attempts += 1;
+                    self.retrying.insert(t.id);
                     let backoff = self
                         .config
                         .retry_min
@@ -541,6 +661,7 @@ impl RangeTask {
             Some(e) => match e.state {
                 State::Pending => {
                     e.state = State::Cancelling { had_timer: true };
+                    self.cancelling.insert(id, e.due_ms);
                     CancelProbe::Proceed
                 }
                 State::InFlight | State::Fired => CancelProbe::AlreadyFired,
@@ -574,13 +695,27 @@ impl RangeTask {
         let State::Cancelling { had_timer } = e.state else {
             return;
         };
+        self.cancelling.remove(&id);
         match (outcome, had_timer) {
             (Some(_), true) => {
                 // Cancelled in the store (or the row is gone): it never fires.
                 e.state = State::Cancelled;
                 e.timer = None;
                 b.open -= 1;
+                self.retrying.remove(&id);
                 self.hold(-1);
+            }
+            (Some(CancelOutcome::Cancelled | CancelOutcome::AlreadyCancelled), false)
+                if id.bucket_ms > self.horizon.load(Ordering::SeqCst) =>
+            {
+                // The loader has not begun this bucket: it will read the row as cancelled,
+                // so the marker need not hold memory until then (a year, for a timer a
+                // year out).
+                b.entries.remove(&id);
+                b.open -= 1;
+                if b.entries.is_empty() {
+                    self.buckets.remove(&id.bucket_ms);
+                }
             }
             (Some(CancelOutcome::Cancelled | CancelOutcome::AlreadyCancelled), false) => {
                 e.state = State::Cancelled;
@@ -589,6 +724,9 @@ impl RangeTask {
             (Some(CancelOutcome::NotFound), false) | (None, false) => {
                 b.entries.remove(&id);
                 b.open -= 1;
+                if b.entries.is_empty() && id.bucket_ms > self.horizon.load(Ordering::SeqCst) {
+                    self.buckets.remove(&id.bucket_ms);
+                }
             }
             (None, true) => {
                 // The durable cancel failed: the timer is pending again.
@@ -603,12 +741,15 @@ impl RangeTask {
         let now = now_ms();
         let w = self.layout.bucket_ms;
         let grace = self.config.grace.as_millis() as u64;
+        // Rule 4: a write under way may still put a timer in any bucket after the one it
+        // began in, and hand it off later.
+        let write_floor = self.writes.floor().map(|f| self.layout.bucket_start(f));
         // Rule 2: a bucket goes when it is over (plus grace), fully read, and nothing in it
         // is still open.
         let ready: Vec<u64> = self
             .buckets
             .iter()
-            .take_while(|(b, _)| **b + w + grace <= now)
+            .take_while(|(b, _)| **b + w + grace <= now && write_floor.is_none_or(|f| **b < f))
             .filter(|(b, bucket)| **b < self.next_unsettled && bucket.open == 0 && !bucket.deleting)
             .map(|(b, _)| *b)
             .collect();
@@ -630,6 +771,34 @@ impl RangeTask {
                 let _ = tx.send(Msg::BucketDeleted(b, ok));
             });
         }
+        if !self.progress_writing && self.last_progress_write.elapsed() >= PROGRESS_EVERY {
+            let progress = self.progress_candidate();
+            if let Some(progress) = progress.filter(|p| Some(p) != self.progress_written.as_ref()) {
+                self.progress_writing = true;
+                self.last_progress_write = Instant::now();
+                let store = self.store.clone();
+                let tx = self.tx.clone();
+                let range = self.range;
+                tokio::spawn(async move {
+                    let written = match crate::failpoint::hit("scheduler.before_progress") {
+                        Ok(()) => store.set_progress(range, &progress).await,
+                        Err(e) => Err(e),
+                    };
+                    let ok = match written {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(range = %range, error = %e, "scheduler.progress: write failed; will retry");
+                            false
+                        }
+                    };
+                    let _ = tx.send(Msg::ProgressWritten(progress, ok));
+                });
+            }
+        }
+        let forget_before = now.saturating_sub(DELETED_MEMORY_MS);
+        while self.deleted.first().is_some_and(|b| *b < forget_before) {
+            self.deleted.pop_first();
+        }
         // Rule 3: persist the low-water mark, at most once a second.
         let lwm = self.low_water_candidate();
         if lwm > self.lwm_written
@@ -642,10 +811,44 @@ impl RangeTask {
             let tx = self.tx.clone();
             let range = self.range;
             tokio::spawn(async move {
-                let ok = store.set_low_water_mark(range, lwm).await.is_ok();
+                let ok = crate::failpoint::hit("scheduler.before_low_water").is_ok()
+                    && store.set_low_water_mark(range, lwm).await.is_ok();
                 let _ = tx.send(Msg::LowWaterWritten(lwm, ok));
             });
         }
+    }
+
+    /// What may be recorded as delivered now: every timer due at or before the returned
+    /// mark was confirmed, but for the failing ones listed. `None` while too many fail to
+    /// list them (the last record stays, and stays true).
+    fn progress_candidate(&self) -> Option<Progress> {
+        let mut through = now_ms();
+        // Pending timers (stale queue entries only make this earlier, never later).
+        if let Some(d) = self.due.first_due() {
+            through = through.min(d.saturating_sub(1));
+        }
+        // Batches at the sink.
+        if let Some((d, _)) = self.inflight_due.first_key_value() {
+            through = through.min(d.saturating_sub(1));
+        }
+        // Timers being cancelled: if the cancel fails they fire.
+        if let Some(d) = self.cancelling.values().min() {
+            through = through.min(d.saturating_sub(1));
+        }
+        // Writes not yet in memory: their timers are created at or after the write began.
+        if let Some(f) = self.writes.floor() {
+            through = through.min(f.saturating_sub(1));
+        }
+        if self.retrying.len() > MAX_UNCONFIRMED {
+            return None;
+        }
+        let mut unconfirmed: Vec<TimerId> = self.retrying.iter().copied().collect();
+        unconfirmed.sort_unstable();
+        Some(Progress {
+            fired_through_ms: through,
+            loaded_through: self.next_unsettled,
+            unconfirmed,
+        })
     }
 
     /// The oldest bucket that may still hold unfired timers of this range.
@@ -654,6 +857,9 @@ impl RangeTask {
         let mut lwm = self.next_unsettled;
         if let Some((b, _)) = self.buckets.first_key_value() {
             lwm = lwm.min(*b);
+        }
+        if let Some(f) = self.writes.floor() {
+            lwm = lwm.min(self.layout.bucket_start(f));
         }
         // A write acknowledged just now may still be on its way to us; stay behind it.
         lwm.min(self.layout.bucket_start(now_ms().saturating_sub(grace)))
@@ -670,6 +876,7 @@ impl RangeTask {
         if self.buckets.remove(&bucket).is_some() {
             m::bucket_deleted();
         }
+        self.deleted.insert(bucket);
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{CancelOutcome, TimerStore};
+use super::{CancelOutcome, Progress, TimerStore};
 use crate::timer::{StoredState, TimerSpec, now_ms};
 
 fn spec(fire_at_ms: u64, n: u32) -> TimerSpec {
@@ -40,6 +40,7 @@ where
     idempotency_key_returns_the_first_id(make(day).await).await;
     idempotency_key_expires_after_retention(make(Duration::from_secs(1)).await).await;
     low_water_mark_is_the_minimum_over_slots(make(day).await).await;
+    progress_is_kept_per_range(make(day).await).await;
 }
 
 /// A stored timer reads back exactly; an unknown id reads as absent.
@@ -272,4 +273,32 @@ pub async fn low_water_mark_is_the_minimum_over_slots(store: Arc<dyn TimerStore>
     store.set_low_water_mark(upper, 9_000).await.unwrap();
     assert_eq!(store.low_water_mark(all).await.unwrap(), Some(5_000));
     assert_eq!(store.low_water_mark(upper).await.unwrap(), Some(9_000));
+}
+
+/// A range's progress reads back exactly, replaced by the next write, and only for that
+/// exact range.
+pub async fn progress_is_kept_per_range(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let all = l.all_slots();
+    let lower = crate::timer::SlotRange {
+        first: 0,
+        last: l.slots / 2 - 1,
+    };
+    assert_eq!(store.progress(all).await.unwrap(), None);
+    let ids = store.insert(&[spec(now_ms() + 60_000, 1)]).await.unwrap();
+    let p1 = Progress {
+        fired_through_ms: 1_700_000_000_123,
+        loaded_through: 1_700_000_002_000,
+        unconfirmed: vec![ids[0].id],
+    };
+    store.set_progress(all, &p1).await.unwrap();
+    assert_eq!(store.progress(all).await.unwrap(), Some(p1.clone()));
+    assert_eq!(store.progress(lower).await.unwrap(), None);
+    let p2 = Progress {
+        fired_through_ms: p1.fired_through_ms + 100,
+        loaded_through: p1.loaded_through,
+        unconfirmed: vec![],
+    };
+    store.set_progress(all, &p2).await.unwrap();
+    assert_eq!(store.progress(all).await.unwrap(), Some(p2));
 }

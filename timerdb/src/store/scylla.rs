@@ -24,17 +24,26 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, Row};
 
-use super::{CancelOutcome, Inserted, LoadedBucket, StoreOptions, StoredTimer, TimerStore};
+use super::{
+    CancelOutcome, Inserted, LoadedBucket, Progress, StoreOptions, StoredTimer, TimerStore,
+};
 use crate::metrics as m;
 use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec, now_ms};
 use crate::{Error, Result};
 
 /// The schema migrations, in order: (version, description, CQL).
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "timers, bucket indexes, low-water marks, idempotency, meta",
-    include_str!("../../migrations/scylla/0001_init.cql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "timers, bucket indexes, low-water marks, idempotency, meta",
+        include_str!("../../migrations/scylla/0001_init.cql"),
+    ),
+    (
+        2,
+        "range progress (delivered-through marks)",
+        include_str!("../../migrations/scylla/0002_range_progress.cql"),
+    ),
+];
 
 const HOUR_MS: u64 = 3_600_000;
 /// Concurrent requests one store call may have in flight.
@@ -178,6 +187,8 @@ struct Statements {
     delete_bucket_hour: PreparedStatement,
     all_low_water: PreparedStatement,
     set_low_water: PreparedStatement,
+    get_progress: PreparedStatement,
+    set_progress: PreparedStatement,
 }
 
 /// Timers in ScyllaDB / Cassandra.
@@ -374,6 +385,14 @@ impl ScyllaStore {
                 "INSERT INTO {ks}.low_water_marks (slot, bucket) VALUES (?, ?)"
             ))
             .await?,
+            get_progress: prep(format!(
+                "SELECT progress FROM {ks}.range_progress WHERE first_slot = ? AND last_slot = ?"
+            ))
+            .await?,
+            set_progress: prep(format!(
+                "INSERT INTO {ks}.range_progress (first_slot, last_slot, progress) VALUES (?, ?, ?)"
+            ))
+            .await?,
         };
         st.load_partition.set_page_size(5000);
         for s in [
@@ -388,6 +407,8 @@ impl ScyllaStore {
             &mut st.delete_bucket_slots,
             &mut st.delete_bucket_hour,
             &mut st.set_low_water,
+            &mut st.get_progress,
+            &mut st.set_progress,
         ] {
             // Safe to retry on timeouts: each one writes the same values again.
             s.set_is_idempotent(true);
@@ -637,6 +658,7 @@ impl TimerStore for ScyllaStore {
         let layout = self.layout;
         self.write_index(ids.iter().map(|id| (id.bucket_ms, layout.slot_of(id.rand))))
             .await?;
+        crate::failpoint::hit("scylla.between_index_and_rows")?;
         let st = &self.st;
         let rows: Vec<TimerRow> = ids
             .iter()
@@ -820,6 +842,7 @@ impl TimerStore for ScyllaStore {
         self.execute_all(&st.delete_partition, partitions, "deleting bucket")
             .await?;
         // Index rows go after the data, so an interrupted delete is simply done again.
+        crate::failpoint::hit("scylla.between_partition_and_index_delete")?;
         self.session
             .execute_unpaged(
                 &st.delete_bucket_slots,
@@ -873,6 +896,38 @@ impl TimerStore for ScyllaStore {
             .collect();
         self.execute_all(&self.st.set_low_water, rows, "writing low-water marks")
             .await
+    }
+
+    async fn progress(&self, slots: SlotRange) -> Result<Option<Progress>> {
+        let started = Instant::now();
+        let rows = self
+            .session
+            .execute_unpaged(
+                &self.st.get_progress,
+                (slots.first as i32, slots.last as i32),
+            )
+            .await
+            .map_err(|e| unavailable("reading range progress", e))?
+            .into_rows_result()
+            .map_err(|e| unavailable("reading range progress", e))?;
+        let row = rows
+            .maybe_first_row::<(Vec<u8>,)>()
+            .map_err(|e| unavailable("reading range progress", e))?;
+        m::store_op("progress", started.elapsed());
+        row.map(|(b,)| Progress::from_bytes(&b)).transpose()
+    }
+
+    async fn set_progress(&self, slots: SlotRange, progress: &Progress) -> Result<()> {
+        let started = Instant::now();
+        self.session
+            .execute_unpaged(
+                &self.st.set_progress,
+                (slots.first as i32, slots.last as i32, progress.to_bytes()?),
+            )
+            .await
+            .map_err(|e| unavailable("writing range progress", e))?;
+        m::store_op("set_progress", started.elapsed());
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {
