@@ -84,9 +84,9 @@ async fn store_and_hand_off(
     // use is deleted and the recorded progress stays before `created_ms`.
     let guard = scheduler.begin_write();
     let created_ms = guard.started_ms;
-    crate::failpoint::hit("api.before_store")?;
+    crate::failpoint::hit_async("api.before_store").await?;
     let inserted = store.insert(&specs).await?;
-    crate::failpoint::hit("api.after_store")?;
+    crate::failpoint::hit_async("api.after_store").await?;
     let ids = inserted.iter().map(|i| i.id).collect();
     let mut fresh = Vec::with_capacity(inserted.len());
     let mut repeated = Vec::new();
@@ -138,7 +138,7 @@ async fn cancel_in_task(
         }
         Some(CancelProbe::Proceed) | None => {}
     }
-    let outcome = match crate::failpoint::hit("api.cancel_between_phases") {
+    let outcome = match crate::failpoint::hit_async("api.cancel_between_phases").await {
         Ok(()) => store.cancel(id).await,
         Err(e) => Err(e),
     };

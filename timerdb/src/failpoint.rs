@@ -5,7 +5,8 @@
 //! Actions (the `fail` crate's syntax, in-process with `fail::cfg`, or for a spawned node
 //! in the `FAILPOINTS` environment variable, `name=action;name=action`):
 //! `return` fails the operation there with `UNAVAILABLE`; `return(abort)` kills the
-//! process on the spot, as `kill -9` would; `sleep(ms)` and `pause` delay it.
+//! process on the spot, as `kill -9` would; `return(delay:MS)` waits without blocking
+//! (async sites only); `sleep(MS)` and `pause` block the thread.
 
 use crate::Result;
 
@@ -21,27 +22,62 @@ pub const NAMES: &[&str] = &[
     "scheduler.before_progress",
 ];
 
-/// Passes through the failpoint `name`: an error, a crash or a delay if it is configured.
+/// The argument of a `return` action configured at `name`, if any.
+#[cfg(feature = "failpoints")]
+fn injected(name: &str) -> Option<String> {
+    debug_assert!(NAMES.contains(&name), "unknown failpoint {name}");
+    fail::fail_point!(name, |arg: Option<String>| Some(arg.unwrap_or_default()));
+    None
+}
+
+#[cfg(feature = "failpoints")]
+fn act(name: &str, arg: String) -> Result<()> {
+    if arg == "abort" {
+        eprintln!("failpoint {name}: aborting the process");
+        std::process::abort();
+    }
+    Err(crate::Error::Unavailable(format!(
+        "failpoint {name}: injected failure {arg}"
+    )))
+}
+
+/// Passes through the failpoint `name`: an error, a crash or a (blocking) delay if one is
+/// configured there.
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) -> Result<()> {
-    debug_assert!(NAMES.contains(&name), "unknown failpoint {name}");
-    fail::fail_point!(name, |arg: Option<String>| {
-        if arg.as_deref() == Some("abort") {
-            eprintln!("failpoint {name}: aborting the process");
-            std::process::abort();
-        }
-        Err(crate::Error::Unavailable(format!(
-            "failpoint {name}: {}",
-            arg.unwrap_or_else(|| "injected failure".into())
-        )))
-    });
-    Ok(())
+    match injected(name) {
+        None => Ok(()),
+        Some(arg) => act(name, arg),
+    }
+}
+
+/// Like [`hit`], for async code; also takes `return(delay:MS)`, which waits without
+/// blocking the thread, so a caller that goes away meanwhile really drops its future.
+#[cfg(feature = "failpoints")]
+pub async fn hit_async(name: &str) -> Result<()> {
+    match injected(name) {
+        None => Ok(()),
+        Some(arg) => match arg.strip_prefix("delay:").map(str::parse::<u64>) {
+            Some(Ok(ms)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                Ok(())
+            }
+            _ => act(name, arg),
+        },
+    }
 }
 
 /// Passes through the failpoint `name` (a no-op: built without `failpoints`).
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn hit(_name: &str) -> Result<()> {
+    Ok(())
+}
+
+/// Passes through the failpoint `name` (a no-op: built without `failpoints`).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub async fn hit_async(_name: &str) -> Result<()> {
     Ok(())
 }
 

@@ -30,8 +30,8 @@ pub enum Delivery {
     Failed(String),
 }
 
-/// A destination for fired timers. Implementations pass [`crate::sink::tests`]-style checks
-/// and must answer every item of a batch.
+/// A destination for fired timers. An implementation must answer every item of a batch,
+/// in order, and report `Delivered` only once the message is durably written.
 #[async_trait]
 pub trait Sink: Send + Sync + 'static {
     /// Checks, at `SetTimeout` time, that the target exists. `FAILED_PRECONDITION` if it

@@ -415,6 +415,39 @@ async fn a_repeated_idempotency_key_returns_the_first_id_and_fires_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_after_an_abandoned_call_fires_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]).await;
+    let mut client = node.client().await;
+    let mut ids = Vec::new();
+    let mut abandoned = 0;
+    for i in 0..300u64 {
+        let r = v1::SetTimeoutRequest {
+            idempotency_key: format!("abandoned-{i}"),
+            ..request(now_ms() + 1000, "retries", 0, &format!("retry-{i}"))
+        };
+        // A deadline shorter than the write: the client gives up during the call, after
+        // the write may have committed and before the answer.
+        let mut first = tonic::Request::new(r.clone());
+        first.set_timeout(Duration::from_micros(500 + 400 * (i % 10)));
+        if client.set_timeout(first).await.is_err() {
+            abandoned += 1;
+        }
+        let id = client.set_timeout(r).await.unwrap().into_inner().timer_id;
+        ids.push(id);
+    }
+    eprintln!("{abandoned} of 300 first calls abandoned by their deadline");
+    assert!(abandoned > 0, "no call was cut off; the test shows nothing");
+    node.wait_fired(&ids, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let counts = fire_counts(&node.fired());
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "timer {id} fired once");
+    }
+    assert_eq!(counts.len(), ids.len(), "nothing else fired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_answer() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;

@@ -1,1 +1,394 @@
-//! placeholder replaced below
+//! Failures and crashes at the exact places where an ordering matters, through the real
+//! binary built with the `failpoints` feature (`FAILPOINTS` in the node's environment):
+//! nothing acknowledged is lost, no cancelled timer fires, nothing fires twice without
+//! a crash. Run with `cargo test -p timerdb --features failpoints --test failpoints`.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{Node, fire_counts, now_ms, request};
+use timerdb_proto::v1;
+use tonic::Code;
+
+/// Sends batches of 20 timers due 0.5–3 s out until a call fails (the node died) or
+/// `calls` succeeded; returns the acknowledged (id, fire_at) and the payload prefix of the
+/// call that failed.
+async fn stream_until_failure(node: &Node, calls: u64) -> (Vec<(String, u64)>, Option<String>) {
+    let mut client = node.client().await;
+    let mut acked = Vec::new();
+    for seq in 0..calls {
+        let now = now_ms();
+        let timers: Vec<v1::SetTimeoutRequest> = (0..20)
+            .map(|i| {
+                request(
+                    now + 500 + (i * 137 + seq * 61) % 2500,
+                    "fp",
+                    0,
+                    &format!("{seq}-{i}"),
+                )
+            })
+            .collect();
+        let due: Vec<u64> = timers
+            .iter()
+            .map(|t| t.fire_at.unwrap())
+            .map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
+            .collect();
+        match client.set_timeouts(v1::SetTimeoutsRequest { timers }).await {
+            Ok(r) => {
+                for (res, f) in r.into_inner().results.into_iter().zip(due) {
+                    if let Some(v1::set_timeout_result::Result::TimerId(id)) = res.result {
+                        acked.push((id, f));
+                    }
+                }
+            }
+            Err(_) => return (acked, Some(format!("{seq}-"))),
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    (acked, None)
+}
+
+/// Every acknowledged timer fired, none early; anything else that fired came from the
+/// call cut off by the crash.
+async fn assert_all_fired(node: &Node, acked: &[(String, u64)], cut_off: Option<&str>) {
+    let ids: Vec<String> = acked.iter().map(|(id, _)| id.clone()).collect();
+    let lines = node.wait_fired(&ids, Duration::from_secs(60)).await;
+    let due: HashMap<&str, u64> = acked.iter().map(|(id, f)| (id.as_str(), *f)).collect();
+    for l in &lines {
+        match due.get(l.timer_id.as_str()) {
+            Some(f) => assert_eq!(l.fire_at_ms, *f),
+            None => {
+                let payload = String::from_utf8(common::b64(&l.payload)).unwrap();
+                assert!(
+                    cut_off.is_some_and(|c| payload.starts_with(c)),
+                    "only acknowledged timers (or the cut-off call's) fire: {l:?}"
+                );
+            }
+        }
+        assert!(l.fired_at_ms >= l.fire_at_ms, "fired early: {l:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_the_write_then_an_idempotent_retry_fires_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first call's write is durable, then the call fails before its hand-off.
+    let node = Node::start_full(
+        dir.path(),
+        None,
+        None,
+        &[],
+        &[("FAILPOINTS", "api.after_store=1*return")],
+    )
+    .await;
+    let mut client = node.client().await;
+    let r = v1::SetTimeoutRequest {
+        idempotency_key: "order-7".into(),
+        ..request(now_ms() + 800, "fp", 0, "once")
+    };
+    let err = client.set_timeout(r.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let id = client.set_timeout(r).await.unwrap().into_inner().timer_id;
+    node.wait_fired(std::slice::from_ref(&id), Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let counts = fire_counts(&node.fired());
+    assert_eq!(counts.get(&id), Some(&1));
+    assert_eq!(counts.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_write_and_the_hand_off_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start_full(
+        dir.path(),
+        None,
+        None,
+        &[],
+        &[("FAILPOINTS", "api.after_store=40*off->return(abort)")],
+    )
+    .await;
+    let (acked, cut_off) = stream_until_failure(&node, 1000).await;
+    assert_eq!(
+        acked.len(),
+        40 * 20,
+        "40 calls acknowledged before the crash"
+    );
+    let status = node.wait_exit(Duration::from_secs(10)).await;
+    assert!(!status.success(), "the kill-point ended the process");
+    node.env.clear();
+    node.restart().await;
+    assert_all_fired(&node, &acked, cut_off.as_deref()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_the_commit_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start_full(
+        dir.path(),
+        None,
+        None,
+        &[],
+        &[("FAILPOINTS", "embedded.before_commit=60*off->return(abort)")],
+    )
+    .await;
+    let (acked, cut_off) = stream_until_failure(&node, 1000).await;
+    assert!(!acked.is_empty());
+    node.wait_exit(Duration::from_secs(10)).await;
+    node.env.clear();
+    node.restart().await;
+    assert_all_fired(&node, &acked, cut_off.as_deref()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_acknowledges_nothing_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start_full(dir.path(), None, None, &[], &[]).await;
+    let mut client = node.client().await;
+    let before = client
+        .set_timeout(request(now_ms() + 1500, "fp", 0, "before"))
+        .await
+        .unwrap()
+        .into_inner()
+        .timer_id;
+    node.terminate();
+    // Every commit fails: the call gets UNAVAILABLE and no id.
+    node.env = vec![("FAILPOINTS".into(), "embedded.before_commit=return".into())];
+    node.restart().await;
+    let mut client = node.client().await;
+    let err = client
+        .set_timeout(request(now_ms() + 500, "fp", 0, "refused"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    node.kill9();
+    node.env.clear();
+    node.restart().await;
+    node.wait_fired(std::slice::from_ref(&before), Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fired: Vec<String> = node.fired().into_iter().map(|l| l.timer_id).collect();
+    assert_eq!(fired, vec![before], "the refused timer was never stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_cancel_write_leaves_the_timer_to_fire() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_full(
+        dir.path(),
+        None,
+        None,
+        &[],
+        &[("FAILPOINTS", "api.cancel_between_phases=return")],
+    )
+    .await;
+    let mut client = node.client().await;
+    let now = now_ms();
+    // One already in memory, one not yet loaded.
+    let mut ids = Vec::new();
+    for at in [now + 1000, now + 4000] {
+        ids.push(
+            client
+                .set_timeout(request(at, "fp", 0, "keep"))
+                .await
+                .unwrap()
+                .into_inner()
+                .timer_id,
+        );
+    }
+    for id in &ids {
+        let err = client
+            .cancel_timeout(v1::CancelTimeoutRequest {
+                timer_id: id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+    node.wait_fired(&ids, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let counts = fire_counts(&node.fired());
+    assert!(
+        ids.iter().all(|id| counts.get(id) == Some(&1)),
+        "{counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_abandoned_between_its_phases_still_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start_full(
+        dir.path(),
+        None,
+        None,
+        &[],
+        &[("FAILPOINTS", "api.cancel_between_phases=return(delay:1500)")],
+    )
+    .await;
+    let mut client = node.client().await;
+    let fire_at = now_ms() + 3000;
+    let id = client
+        .set_timeout(request(fire_at, "fp", 0, "cancelled"))
+        .await
+        .unwrap()
+        .into_inner()
+        .timer_id;
+    // The caller gives up while the cancel sits between its two phases.
+    let mut cancel = tonic::Request::new(v1::CancelTimeoutRequest {
+        timer_id: id.clone(),
+    });
+    cancel.set_timeout(Duration::from_millis(200));
+    let err = client.cancel_timeout(cancel).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // The cancel was written durably: a restart does not bring the timer back.
+    node.terminate();
+    node.env.clear();
+    node.restart().await;
+    let mut client = node.client().await;
+    let got = client
+        .get_timer(v1::GetTimerRequest {
+            timer_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, v1::TimerState::Cancelled as i32);
+    tokio::time::sleep(Duration::from_millis(
+        fire_at.saturating_sub(now_ms()) + 1500,
+    ))
+    .await;
+    assert!(node.fired().is_empty(), "a cancelled timer fired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_progress_and_low_water_writes_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start_full(
+        dir.path(),
+        None,
+        None,
+        &[],
+        &[(
+            "FAILPOINTS",
+            "scheduler.before_progress=return;scheduler.before_low_water=return",
+        )],
+    )
+    .await;
+    let (acked, _) = stream_until_failure(&node, 60).await;
+    node.kill9();
+    node.env.clear();
+    node.restart().await;
+    assert_all_fired(&node, &acked, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_a_progress_write_loses_nothing_and_repeats_little() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start_full(
+        dir.path(),
+        None,
+        None,
+        &[],
+        &[(
+            "FAILPOINTS",
+            "scheduler.before_progress=30*off->return(abort)",
+        )],
+    )
+    .await;
+    let (acked, cut_off) = stream_until_failure(&node, 1000).await;
+    let killed_ms = now_ms();
+    node.wait_exit(Duration::from_secs(10)).await;
+    node.env.clear();
+    node.restart().await;
+    assert_all_fired(&node, &acked, cut_off.as_deref()).await;
+    // Timers confirmed before the last progress record do not come again.
+    let lines = node.fired();
+    let mut first: HashMap<&str, u64> = HashMap::new();
+    let mut twice = HashSet::new();
+    for l in &lines {
+        if first.insert(l.timer_id.as_str(), l.fired_at_ms).is_some() {
+            twice.insert(l.timer_id.as_str());
+        }
+    }
+    for id in twice {
+        assert!(
+            killed_ms.saturating_sub(first[id]) <= 1500,
+            "timer {id} first delivered {} ms before the crash came again",
+            killed_ms - first[id]
+        );
+    }
+}
+
+/// The Scylla store's two orderings, against the real Cassandra of the test command.
+mod scylla {
+    use super::*;
+
+    fn store_url() -> Option<String> {
+        let services = common::services()?;
+        Some(format!(
+            "scylla://{}/{}",
+            services.scylla,
+            common::unique("fp")
+        ))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn index_rows_without_timer_rows_refuse_the_call_and_harm_nothing() {
+        let Some(url) = store_url() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::start_full(
+            dir.path(),
+            Some(url),
+            None,
+            &[],
+            &[("FAILPOINTS", "scylla.between_index_and_rows=1*return")],
+        )
+        .await;
+        let mut client = node.client().await;
+        let now = now_ms();
+        let err = client
+            .set_timeout(request(now + 1000, "fp", 0, "refused"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        let id = client
+            .set_timeout(request(now + 1000, "fp", 0, "kept"))
+            .await
+            .unwrap()
+            .into_inner()
+            .timer_id;
+        node.wait_fired(std::slice::from_ref(&id), Duration::from_secs(20))
+            .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let fired: Vec<String> = node.fired().into_iter().map(|l| l.timer_id).collect();
+        assert_eq!(fired, vec![id]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_between_partition_and_index_delete_loses_nothing() {
+        let Some(url) = store_url() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = Node::start_full(
+            dir.path(),
+            Some(url),
+            None,
+            &[],
+            &[(
+                "FAILPOINTS",
+                "scylla.between_partition_and_index_delete=2*off->return(abort)",
+            )],
+        )
+        .await;
+        let (acked, cut_off) = stream_until_failure(&node, 400).await;
+        node.wait_exit(Duration::from_secs(30)).await;
+        node.env.clear();
+        node.restart().await;
+        assert_all_fired(&node, &acked, cut_off.as_deref()).await;
+    }
+}

@@ -139,3 +139,57 @@ async fn failed_deliveries_are_retried_without_blocking_others() {
     scheduler.shutdown().await;
     store.close().await.unwrap();
 }
+
+/// A cancel whose durable write fails while the timer's bucket is being read: the timer
+/// was admitted under the cancel's marker, and must fire as if no cancel had been asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_cancel_during_the_load_leaves_the_timer_to_fire() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn TimerStore> = Arc::new(
+        EmbeddedStore::open(dir.path(), StoreOptions::default())
+            .await
+            .unwrap(),
+    );
+    let sink = Arc::new(FlakySink {
+        failures: 0,
+        attempts: Mutex::default(),
+        delivered: Mutex::default(),
+    });
+    let scheduler = Scheduler::new(store.clone(), sink.clone(), SchedulerConfig::default());
+    scheduler
+        .assign(vec![store.layout().all_slots()])
+        .await
+        .unwrap();
+    // Beyond the 2 s look-ahead: not in memory when the cancel begins.
+    let fire_at = now_ms() + 4000;
+    let id = store.insert(&[spec(fire_at, "good")]).await.unwrap()[0].id;
+    assert!(!scheduler.is_loaded(id));
+    assert_eq!(
+        scheduler.begin_cancel(id).await.unwrap(),
+        Some(timerdb::scheduler::CancelProbe::Proceed)
+    );
+    // The durable cancel is slow: its bucket is read meanwhile...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !scheduler.is_loaded(id) {
+        assert!(Instant::now() < deadline, "bucket never loaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...and then it fails.
+    scheduler.end_cancel(id, None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.delivered.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the timer whose cancel failed never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let delivered = sink.delivered.lock().unwrap().clone();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].0.id, id);
+    assert!(delivered[0].1 >= fire_at, "never early");
+    scheduler.shutdown().await;
+    store.close().await.unwrap();
+}

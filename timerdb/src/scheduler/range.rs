@@ -780,10 +780,11 @@ impl RangeTask {
                 let tx = self.tx.clone();
                 let range = self.range;
                 tokio::spawn(async move {
-                    let written = match crate::failpoint::hit("scheduler.before_progress") {
-                        Ok(()) => store.set_progress(range, &progress).await,
-                        Err(e) => Err(e),
-                    };
+                    let written =
+                        match crate::failpoint::hit_async("scheduler.before_progress").await {
+                            Ok(()) => store.set_progress(range, &progress).await,
+                            Err(e) => Err(e),
+                        };
                     let ok = match written {
                         Ok(()) => true,
                         Err(e) => {
@@ -811,7 +812,9 @@ impl RangeTask {
             let tx = self.tx.clone();
             let range = self.range;
             tokio::spawn(async move {
-                let ok = crate::failpoint::hit("scheduler.before_low_water").is_ok()
+                let ok = crate::failpoint::hit_async("scheduler.before_low_water")
+                    .await
+                    .is_ok()
                     && store.set_low_water_mark(range, lwm).await.is_ok();
                 let _ = tx.send(Msg::LowWaterWritten(lwm, ok));
             });

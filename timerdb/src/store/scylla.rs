@@ -658,7 +658,7 @@ impl TimerStore for ScyllaStore {
         let layout = self.layout;
         self.write_index(ids.iter().map(|id| (id.bucket_ms, layout.slot_of(id.rand))))
             .await?;
-        crate::failpoint::hit("scylla.between_index_and_rows")?;
+        crate::failpoint::hit_async("scylla.between_index_and_rows").await?;
         let st = &self.st;
         let rows: Vec<TimerRow> = ids
             .iter()
@@ -842,7 +842,7 @@ impl TimerStore for ScyllaStore {
         self.execute_all(&st.delete_partition, partitions, "deleting bucket")
             .await?;
         // Index rows go after the data, so an interrupted delete is simply done again.
-        crate::failpoint::hit("scylla.between_partition_and_index_delete")?;
+        crate::failpoint::hit_async("scylla.between_partition_and_index_delete").await?;
         self.session
             .execute_unpaged(
                 &st.delete_bucket_slots,

@@ -38,6 +38,8 @@ pub struct Node {
     store: String,
     sink: String,
     extra: Vec<String>,
+    /// Environment of the next start (e.g. `FAILPOINTS`).
+    pub env: Vec<(String, String)>,
     starts: u32,
 }
 
@@ -56,6 +58,18 @@ impl Node {
         sink: Option<String>,
         extra: &[&str],
     ) -> Node {
+        Node::start_full(dir, store, sink, extra, &[]).await
+    }
+
+    /// Starts a node like [`Node::start_with`], with extra environment variables
+    /// (e.g. `FAILPOINTS`).
+    pub async fn start_full(
+        dir: &Path,
+        store: Option<String>,
+        sink: Option<String>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         let fired_path = dir.join("fired.jsonl");
         let mut node = Node {
             child: None,
@@ -66,10 +80,31 @@ impl Node {
             sink: sink.unwrap_or_else(|| format!("jsonl://{}", fired_path.display())),
             fired_path,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             starts: 0,
         };
         node.spawn().await;
         node
+    }
+
+    /// Waits (up to `timeout`) for the process to exit by itself, as a kill-point makes it.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timerdb did not exit:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The node's Prometheus text.
@@ -103,6 +138,7 @@ impl Node {
             .arg(&self.sink)
             .args(&self.extra)
             .env("TIMERDB_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
