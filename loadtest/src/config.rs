@@ -86,6 +86,20 @@ pub enum Scenario {
     Backlog,
     /// Long and at a low rate.
     Soak,
+    /// Steady load while the node is killed with SIGKILL and started again: counts lost,
+    /// early and re-delivered timers and the re-delivery window.
+    Crash,
+}
+
+/// The crash scenario's kill and restart.
+#[derive(Debug, Clone)]
+pub struct Crash {
+    /// Kill the node (`server_pid`) with SIGKILL this long into the measured phase.
+    pub kill_at: Duration,
+    /// Then wait this long...
+    pub down_for: Duration,
+    /// ...and run this shell command, which starts the node again (in the background).
+    pub restart_cmd: String,
 }
 
 /// Far-future timers stored before the measured phase (never checked for delivery: they
@@ -146,6 +160,8 @@ pub struct RunConfig {
     pub call_timeout: Duration,
     /// Show a progress bar on stderr (only drawn when it is a terminal).
     pub progress: bool,
+    /// Kill and restart the node during the run.
+    pub crash: Option<Crash>,
 }
 
 impl RunConfig {
@@ -171,6 +187,7 @@ impl RunConfig {
             server_pid: None,
             call_timeout: Duration::from_secs(30),
             progress: true,
+            crash: None,
         };
         match scenario {
             Scenario::Steady => {}
@@ -186,6 +203,16 @@ impl RunConfig {
                     delay: Duration::from_secs(86_400),
                     spread: Duration::from_secs(3_600),
                     payload_bytes: 64,
+                });
+            }
+            Scenario::Crash => {
+                c.duration = Duration::from_secs(20);
+                c.fire = FireDist::Uniform(Duration::from_secs(1), Duration::from_secs(5));
+                c.call_timeout = Duration::from_secs(5);
+                c.crash = Some(Crash {
+                    kill_at: Duration::from_secs(8),
+                    down_for: Duration::ZERO,
+                    restart_cmd: String::new(),
                 });
             }
             Scenario::Soak => {
@@ -216,6 +243,14 @@ impl RunConfig {
                 "payload_bytes must be at least {} (the stamp)",
                 crate::payload::STAMP_LEN
             );
+        }
+        if let Some(c) = &self.crash {
+            if self.server_pid.is_none() {
+                bail!("the crash scenario needs --server-pid (the process to kill)");
+            }
+            if c.restart_cmd.trim().is_empty() {
+                bail!("the crash scenario needs --restart-cmd (how to start the node again)");
+            }
         }
         if let Some(b) = &self.backlog
             && (b.rate == 0 || b.payload_bytes < crate::payload::STAMP_LEN)

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-pub use config::{Backlog, FireDist, RunConfig, Scenario, Source};
+pub use config::{Backlog, Crash, FireDist, RunConfig, Scenario, Source};
 pub use report::Report;
 
 use driver::{Load, PhaseCounts, Recorder};
@@ -56,6 +56,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let sampler = cfg
         .server_pid
         .map(|pid| tokio::spawn(sample_server(pid, tracker.clone(), stop.clone())));
+    let crash = match (&cfg.crash, cfg.server_pid) {
+        (Some(c), Some(pid)) => Some(tokio::spawn(kill_and_restart(
+            c.clone(),
+            pid,
+            tracker.clone(),
+        ))),
+        _ => None,
+    };
     let load_start = procstat::load_avg();
     let bar = progress_bar(cfg.progress, total);
     let ticker = tokio::spawn(show_progress(bar.clone(), tracker.clone(), stop.clone()));
@@ -80,6 +88,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     )
     .await;
 
+    let restarted_ms = match crash {
+        Some(task) => Some(task.await??),
+        None => None,
+    };
     drain(&tracker, cfg.drain).await;
     stop.store(true, Ordering::Relaxed);
     let consumed = consumer.stop().await;
@@ -93,7 +105,36 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let finished = tracker.finish();
     let mut report = Report::build(&cfg, run_id, tracker.t0_ms(), finished, unsent, backlog);
     report.load_avg = (load_start, procstat::load_avg());
+    if let (Some(c), Some(r)) = (report.crash.as_mut(), restarted_ms) {
+        c.restarted_ms = r;
+    }
     Ok(report)
+}
+
+/// The crash scenario: SIGKILL the node `kill_at` into the run, then start it again with
+/// the restart command; returns when the command was run (ms since the epoch).
+async fn kill_and_restart(c: Crash, pid: u32, tracker: Arc<Tracker>) -> anyhow::Result<u64> {
+    tokio::time::sleep(c.kill_at).await;
+    tracker.record_kill(now_ms());
+    let killed = tokio::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .await?;
+    anyhow::ensure!(killed.success(), "kill -9 {pid} failed");
+    tokio::time::sleep(c.down_for).await;
+    let restarted_ms = now_ms();
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&c.restart_cmd)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await?;
+    anyhow::ensure!(
+        status.success(),
+        "restart command {:?} failed: {status}",
+        c.restart_cmd
+    );
+    Ok(restarted_ms)
 }
 
 /// Waits until every acknowledged timer arrived and the last one was due, or until `drain`

@@ -12,7 +12,8 @@ use timerdb_loadtest::{FireDist, RunConfig, Scenario, Source};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Preset: steady, burst, backlog (far-future fill then steady) or soak.
+    /// Preset: steady, burst, backlog (far-future fill then steady), soak, or crash (kill -9
+    /// and restart mid-run).
     #[arg(value_enum, env = "LOADTEST_SCENARIO")]
     scenario: Scenario,
     /// gRPC address of the node (`host:port` or `http://host:port`).
@@ -88,6 +89,15 @@ struct Args {
     /// Deadline of one SetTimeouts call.
     #[arg(long, env = "LOADTEST_CALL_TIMEOUT", default_value = "30s")]
     call_timeout: humantime::Duration,
+    /// Crash: kill the node (--server-pid) with SIGKILL this long into the run.
+    #[arg(long, env = "LOADTEST_KILL_AT")]
+    kill_at: Option<humantime::Duration>,
+    /// Crash: wait this long after the kill before restarting.
+    #[arg(long, env = "LOADTEST_DOWN_FOR")]
+    down_for: Option<humantime::Duration>,
+    /// Crash: shell command that starts the node again (it must not block; end it with &).
+    #[arg(long, env = "LOADTEST_RESTART_CMD")]
+    restart_cmd: Option<String>,
     /// Never draw the progress bar.
     #[arg(long, env = "LOADTEST_NO_PROGRESS")]
     no_progress: bool,
@@ -122,6 +132,11 @@ impl Args {
         c.server_pid = self.server_pid;
         c.call_timeout = self.call_timeout.into();
         c.progress = !self.no_progress;
+        if let Some(crash) = c.crash.as_mut() {
+            crash.kill_at = self.kill_at.map(d).unwrap_or(crash.kill_at);
+            crash.down_for = self.down_for.map(d).unwrap_or(crash.down_for);
+            crash.restart_cmd = self.restart_cmd.unwrap_or_default();
+        }
         if self.backlog_count.is_some()
             || self.backlog_rate.is_some()
             || self.backlog_delay.is_some()

@@ -159,8 +159,21 @@ pub struct Report {
     pub load_avg: (Option<f64>, Option<f64>),
     /// Per second.
     pub timeline: Vec<SecondReport>,
-    /// Nothing acknowledged was lost and nothing fired early.
+    /// The kill and what came again after it (crash scenario).
+    pub crash: Option<CrashReport>,
+    /// Nothing acknowledged was lost, nothing fired early, nothing arrived corrupt or
+    /// unexpected, and nothing came twice that no crash explains.
     pub passed: bool,
+}
+
+/// The crash scenario's findings.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrashReport {
+    /// Re-deliveries around the kill.
+    #[serde(flatten)]
+    pub redelivery: crate::tracker::Redelivery,
+    /// When the restart command ran, ms since the epoch.
+    pub restarted_ms: u64,
 }
 
 impl Report {
@@ -237,7 +250,15 @@ impl Report {
             server,
             load_avg: (None, None),
             timeline,
-            passed: c.lost == 0 && c.early == 0,
+            passed: c.lost == 0
+                && c.early == 0
+                && c.corrupt == 0
+                && c.unexpected == 0
+                && f.redelivery.as_ref().is_none_or(|r| r.after_kill == 0),
+            crash: f.redelivery.map(|redelivery| CrashReport {
+                redelivery,
+                restarted_ms: 0,
+            }),
             counts: c,
         }
     }
@@ -289,6 +310,19 @@ impl Report {
             c.unacked_delivered,
             c.foreign
         );
+        if let Some(k) = &self.crash {
+            let r = &k.redelivery;
+            let _ = writeln!(
+                s,
+                "crash     killed at +{:.1} s, restarted {:.1} s later; re-delivered {} timers, \
+                 the oldest first delivered {} ms before the kill; repeated after the kill {}",
+                r.kill_ms.saturating_sub(self.started_at_ms) as f64 / 1000.0,
+                k.restarted_ms.saturating_sub(r.kill_ms) as f64 / 1000.0,
+                r.timers,
+                r.window_ms,
+                r.after_kill
+            );
+        }
         let _ = writeln!(
             s,
             "rates     acked {:.0}/s  delivered {:.0}/s  peak delivered {}/s",
@@ -316,7 +350,7 @@ impl Report {
             s,
             "verdict   {}",
             if self.passed {
-                "PASS (nothing lost, nothing early)"
+                "PASS (nothing lost, early, corrupt, unexpected or repeated without a crash)"
             } else {
                 "FAIL"
             }

@@ -116,6 +116,8 @@ pub struct Finished {
     pub ack_span_ms: (u64, u64),
     /// First and last arrival (node fire time), ms since the epoch.
     pub arrival_span_ms: (u64, u64),
+    /// Re-deliveries after the kill, in the crash scenario.
+    pub redelivery: Option<Redelivery>,
 }
 
 /// Live figures for the progress bar.
@@ -141,6 +143,10 @@ struct Inner {
     acked: Vec<u128>,
     seen: Vec<u128>,
     hits: Vec<u8>,
+    /// Node fire time of each timer's first arrival.
+    first_fired: Vec<u64>,
+    /// When the node was killed (crash scenario).
+    kill_ms: Option<u64>,
     counts: Counts,
     /// Acknowledged timers seen at least once, maintained as either side comes first.
     matched: u64,
@@ -178,6 +184,8 @@ impl Tracker {
                 acked: vec![0; n],
                 seen: vec![0; n],
                 hits: vec![0; n],
+                first_fired: vec![0; n],
+                kill_ms: None,
                 counts: Counts::default(),
                 matched: 0,
                 max_due_ms: 0,
@@ -296,6 +304,9 @@ impl Tracker {
             inner.counts.corrupt += 1;
             return;
         };
+        if inner.hits[i] == 1 {
+            inner.first_fired[i] = fired;
+        }
         let early = fired < stamp.fire_at_ms || a.received_ms.is_some_and(|r| r < stamp.fire_at_ms);
         if early {
             inner.counts.early += 1;
@@ -364,15 +375,33 @@ impl Tracker {
         }
     }
 
+    /// Records that the node was killed now (the crash scenario).
+    pub fn record_kill(&self, at_ms: u64) {
+        self.lock().kill_ms = Some(at_ms);
+    }
+
     /// Final verdict per timer, and everything measured.
     pub fn finish(&self) -> Finished {
         let mut g = self.lock();
         let inner = &mut *g;
         let mut c = std::mem::take(&mut inner.counts);
+        let mut redelivery = inner.kill_ms.map(|kill_ms| Redelivery {
+            kill_ms,
+            ..Redelivery::default()
+        });
         for i in 0..inner.acked.len() {
             let (acked, seen, hits) = (inner.acked[i], inner.seen[i], inner.hits[i]);
             if hits > 1 {
                 c.duplicates += u64::from(hits - 1);
+                if let Some(r) = redelivery.as_mut() {
+                    let first = inner.first_fired[i];
+                    if first < r.kill_ms {
+                        r.timers += 1;
+                        r.window_ms = r.window_ms.max(r.kill_ms - first);
+                    } else {
+                        r.after_kill += 1;
+                    }
+                }
             }
             match (acked != 0, hits > 0) {
                 (true, true) => {
@@ -394,8 +423,23 @@ impl Tracker {
             seconds: std::mem::take(&mut inner.seconds),
             ack_span_ms: inner.ack_span_ms,
             arrival_span_ms: inner.arrival_span_ms,
+            redelivery,
         }
     }
+}
+
+/// What came again after a kill -9 (the crash scenario).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Redelivery {
+    /// When the node was killed, ms since the epoch.
+    pub kill_ms: u64,
+    /// Timers first delivered before the kill and delivered again after it.
+    pub timers: u64,
+    /// How long before the kill the oldest of them was first delivered (the re-delivery
+    /// window), ms.
+    pub window_ms: u64,
+    /// Timers first delivered after the kill and delivered again (no crash explains these).
+    pub after_kill: u64,
 }
 
 fn second(seconds: &mut Vec<Second>, i: usize) -> &mut Second {

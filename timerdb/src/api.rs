@@ -82,7 +82,7 @@ async fn store_and_hand_off(
 ) -> Result<Vec<TimerId>> {
     // Registered before the write: until the hand-off is applied, no bucket this write may
     // use is deleted and the recorded progress stays before `created_ms`.
-    let guard = scheduler.begin_write();
+    let guard = scheduler.begin_write()?;
     let created_ms = guard.started_ms;
     crate::failpoint::hit_async("api.before_store").await?;
     let inserted = store.insert(&specs).await?;
@@ -109,7 +109,7 @@ async fn store_and_hand_off(
         if let Some(stored) = store.get(id).await?
             && stored.state == StoredState::Pending
         {
-            scheduler.hand_off(vec![stored.timer], Some(guard.clone()));
+            scheduler.hand_off_repeat(vec![stored.timer], Some(guard.clone()));
         }
     }
     Ok(ids)

@@ -136,7 +136,8 @@ impl Drop for WriteGuard {
 
 enum Msg {
     /// Timers to admit; the write they came from stays registered until they are admitted.
-    HandOff(Vec<Timer>, Option<Arc<WriteGuard>>),
+    /// `true` for a repeat (an idempotent retry's timer read back from the store).
+    HandOff(Vec<Timer>, Option<Arc<WriteGuard>>, bool),
     /// A slice of a bucket's timers; `true` on the bucket's last slice; the bucket's size.
     Loaded(u64, crate::store::LoadedBucket, bool, usize),
     Settled(u64),
@@ -169,6 +170,8 @@ pub struct Scheduler {
     config: SchedulerConfig,
     in_memory: Arc<AtomicUsize>,
     writes: Arc<Writes>,
+    /// Set once shutdown begins: no new writes are registered.
+    stopping: std::sync::atomic::AtomicBool,
     /// Serialises `assign`, so two changes of the owned set cannot interleave.
     assigning: tokio::sync::Mutex<()>,
     ranges: RwLock<Vec<RangeHandle>>,
@@ -188,6 +191,7 @@ impl Scheduler {
             config,
             in_memory: Arc::new(AtomicUsize::new(0)),
             writes: Arc::new(Writes::default()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             assigning: tokio::sync::Mutex::new(()),
             ranges: RwLock::new(Vec::new()),
         })
@@ -202,18 +206,28 @@ impl Scheduler {
     /// in-flight deliveries), new ones start by scanning from their low-water mark.
     pub async fn assign(&self, ranges: Vec<SlotRange>) -> Result<()> {
         let _one_at_a_time = self.assigning.lock().await;
-        let stop: Vec<RangeHandle> = {
-            // One critical section: the ranges kept never look unowned to a concurrent
-            // hand-off or cancel.
+        // Ranges given up stop while still registered (see `shutdown`), then go.
+        let stopping: Vec<mpsc::UnboundedSender<Msg>> = self
+            .ranges
+            .read()
+            .expect("ranges lock")
+            .iter()
+            .filter(|h| !ranges.contains(&h.range))
+            .map(|h| h.tx.clone())
+            .collect();
+        for tx in &stopping {
+            ask_to_stop(tx).await;
+        }
+        let stopped: Vec<RangeHandle> = {
             let mut current = self.ranges.write().expect("ranges lock");
-            let (keep, stop) = std::mem::take(&mut *current)
+            let (keep, stopped) = std::mem::take(&mut *current)
                 .into_iter()
                 .partition(|h| ranges.contains(&h.range));
             *current = keep;
-            stop
+            stopped
         };
-        for h in stop {
-            stop_range(h).await;
+        for h in stopped {
+            let _ = h.task.await;
         }
         for range in ranges {
             let owned = self
@@ -261,7 +275,10 @@ impl Scheduler {
 
     /// Registers a write about to begin; hold the guard until its hand-off is done.
     /// Timers the write stores must be created at or after `guard.started_ms`.
-    pub fn begin_write(&self) -> Arc<WriteGuard> {
+    pub fn begin_write(&self) -> Result<Arc<WriteGuard>> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
         let started_ms = now_ms();
         *self
             .writes
@@ -270,10 +287,10 @@ impl Scheduler {
             .expect("writes lock")
             .entry(started_ms)
             .or_default() += 1;
-        Arc::new(WriteGuard {
+        Ok(Arc::new(WriteGuard {
             writes: self.writes.clone(),
             started_ms,
-        })
+        }))
     }
 
     /// The writes under way.
@@ -297,6 +314,16 @@ impl Scheduler {
     /// knows (loaded, fired, cancelled, or in a bucket it deleted) is not admitted again.
     /// `guard` is released once every range has applied its share.
     pub fn hand_off(&self, timers: Vec<Timer>, guard: Option<Arc<WriteGuard>>) {
+        self.hand_off_as(timers, guard, false)
+    }
+
+    /// Hands off again a timer an idempotent retry found stored: the range drops it if it
+    /// deleted that bucket (the timer fired) or its recorded progress covers it.
+    pub fn hand_off_repeat(&self, timers: Vec<Timer>, guard: Option<Arc<WriteGuard>>) {
+        self.hand_off_as(timers, guard, true)
+    }
+
+    fn hand_off_as(&self, timers: Vec<Timer>, guard: Option<Arc<WriteGuard>>, repeat: bool) {
         let ranges = self.ranges.read().expect("ranges lock");
         let mut per_range: Vec<Vec<Timer>> = ranges.iter().map(|_| Vec::new()).collect();
         for t in timers {
@@ -309,7 +336,7 @@ impl Scheduler {
         }
         for (h, near) in ranges.iter().zip(per_range) {
             if !near.is_empty() {
-                let _ = h.tx.send(Msg::HandOff(near, guard.clone()));
+                let _ = h.tx.send(Msg::HandOff(near, guard.clone(), repeat));
             }
         }
     }
@@ -354,9 +381,24 @@ impl Scheduler {
 
     /// Stops every range: no new fires, in-flight deliveries finish, low-water marks written.
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _one_at_a_time = self.assigning.lock().await;
+        // Ranges stay registered while they stop, so a write that completes meanwhile is
+        // still handed to its range (which keeps it, unfired, out of its final progress)
+        // instead of finding no range and letting its guard go.
+        let stopping: Vec<_> = self
+            .ranges
+            .read()
+            .expect("ranges lock")
+            .iter()
+            .map(|h| (h.range, h.tx.clone()))
+            .collect();
+        for (_, tx) in &stopping {
+            ask_to_stop(tx).await;
+        }
         let handles = std::mem::take(&mut *self.ranges.write().expect("ranges lock"));
         for h in handles {
-            stop_range(h).await;
+            let _ = h.task.await;
         }
         if let Err(e) = self.sink.flush().await {
             tracing::warn!(error = %e, "scheduler.shutdown: sink flush failed");
@@ -364,10 +406,10 @@ impl Scheduler {
     }
 }
 
-async fn stop_range(h: RangeHandle) {
-    let (tx, rx) = oneshot::channel();
-    if h.tx.send(Msg::Shutdown(tx)).is_ok() {
+/// Asks a range to stop and waits until it has (deliveries finished, progress written).
+async fn ask_to_stop(tx: &mpsc::UnboundedSender<Msg>) {
+    let (reply, rx) = oneshot::channel();
+    if tx.send(Msg::Shutdown(reply)).is_ok() {
         let _ = rx.await;
     }
-    let _ = h.task.await;
 }

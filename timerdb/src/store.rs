@@ -67,6 +67,7 @@ pub struct Progress {
     /// The statement covers buckets before this one only (the ones read into memory).
     pub loaded_through: u64,
     /// Due by `fired_through_ms` but not confirmed: these fire again after a restart.
+    /// Sorted.
     pub unconfirmed: Vec<TimerId>,
 }
 
@@ -75,7 +76,7 @@ impl Progress {
     pub fn covers(&self, bucket_ms: u64, timer: &Timer) -> bool {
         bucket_ms < self.loaded_through
             && timer.spec.fire_at_ms.max(timer.created_ms) <= self.fired_through_ms
-            && !self.unconfirmed.contains(&timer.id)
+            && self.unconfirmed.binary_search(&timer.id).is_err()
     }
 
     /// Encoded for storage.

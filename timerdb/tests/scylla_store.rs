@@ -100,7 +100,7 @@ fn timerdb_migrate_applies_the_schema_once() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    assert!(run().contains("applied migrations [1]"));
+    assert!(run().contains("applied migrations [1, 2]"));
     assert!(run().contains("is up to date"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
         .args(["migrate", "--store", "scylla://127.0.0.1:1/bad-keyspace"])
@@ -108,4 +108,36 @@ fn timerdb_migrate_applies_the_schema_once() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("keyspace \"bad-keyspace\""));
+}
+
+/// A keyspace made by an older build (schema version 1 only) gets the later migrations
+/// when a node opens it, and its timers are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_keyspace_is_migrated_forward() {
+    let Some(svc) = common::services() else {
+        return;
+    };
+    let url = format!("scylla://{}/{}", svc.scylla, common::unique("older"));
+    let parsed = timerdb::store::scylla::ScyllaUrl::parse(&url).unwrap();
+    let session = timerdb::store::scylla::connect(&parsed).await.unwrap();
+    // What a version-1 build would have left: migration 1 applied and recorded.
+    let v1_only = timerdb::store::scylla::migrate_upto(&session, &parsed, 1)
+        .await
+        .unwrap();
+    assert_eq!(v1_only, vec![1]);
+    let applied = timerdb::store::scylla::migrate(&session, &parsed)
+        .await
+        .unwrap();
+    assert_eq!(applied, vec![2], "only the missing migration runs");
+    let store = ScyllaStore::open(&url, StoreOptions::default())
+        .await
+        .unwrap();
+    let all = store.layout().all_slots();
+    let p = timerdb::store::Progress {
+        fired_through_ms: 42,
+        loaded_through: 1000,
+        unconfirmed: vec![],
+    };
+    store.set_progress(all, &p).await.unwrap();
+    assert_eq!(store.progress(all).await.unwrap(), Some(p));
 }

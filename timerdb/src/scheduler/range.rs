@@ -87,8 +87,14 @@ pub(super) async fn start(
             b
         }
     };
-    // What the last owner confirmed as delivered: not fired again.
-    let resume = store.progress(range).await?;
+    // What the last owner confirmed as delivered: not fired again. A record from a clock
+    // ahead of ours is ignored (at-least-once: its timers may fire again): with the clock
+    // behind, new timers could be created at times the record already covers.
+    let now = now_ms();
+    let resume = store
+        .progress(range)
+        .await?
+        .filter(|p| p.fired_through_ms < now);
     tracing::info!(
         range = %range,
         low_water_ms = start_bucket,
@@ -407,19 +413,31 @@ impl RangeTask {
     /// Applies one message; returns roughly how many timers it touched.
     fn handle(&mut self, msg: Msg) -> usize {
         let work = match &msg {
-            Msg::HandOff(t, _) => t.len(),
+            Msg::HandOff(t, _, _) => t.len(),
             Msg::Loaded(_, l, _, _) => l.timers.len(),
             Msg::Delivered(b, _, _, _) => b.len(),
             _ => 1,
         };
         match msg {
-            Msg::HandOff(timers, guard) => {
+            Msg::HandOff(timers, guard, repeat) => {
                 for t in timers {
-                    // A bucket deleted here had every timer fired or cancelled; no new
-                    // write goes into it (rule 4), so this is a repeat: drop it.
-                    if !self.deleted.contains(&t.id.bucket_ms) {
-                        self.admit(t);
+                    if repeat {
+                        // A repeat of a timer whose bucket was deleted here (every timer
+                        // in it fired or was cancelled) or that the recorded progress
+                        // shows delivered must not fire again.
+                        if self.deleted.contains(&t.id.bucket_ms) {
+                            continue;
+                        }
+                        if self
+                            .resume
+                            .as_ref()
+                            .is_some_and(|p| p.covers(t.id.bucket_ms, &t))
+                        {
+                            self.admit_fired(t.id);
+                            continue;
+                        }
                     }
+                    self.admit(t);
                 }
                 // Admitted: the write no longer holds back deletes and progress.
                 drop(guard);
@@ -526,7 +544,9 @@ impl RangeTask {
                 _ => self.admit(t),
             }
         }
-        self.resume = resume.filter(|p| bucket + self.layout.bucket_ms < p.loaded_through);
+        // Kept until the last slice of the last bucket the record speaks of.
+        self.resume =
+            resume.filter(|p| !(last && bucket + self.layout.bucket_ms >= p.loaded_through));
         if last {
             self.next_unsettled = self.next_unsettled.max(bucket + self.layout.bucket_ms);
         }
@@ -825,7 +845,9 @@ impl RangeTask {
     /// mark was confirmed, but for the failing ones listed. `None` while too many fail to
     /// list them (the last record stays, and stays true).
     fn progress_candidate(&self) -> Option<Progress> {
-        let mut through = now_ms();
+        // One below now: a write registered after the floor is read below began at `now` at
+        // the earliest, so its timers are created at or after `now`, never covered.
+        let mut through = now_ms().saturating_sub(1);
         // Pending timers (stale queue entries only make this earlier, never later).
         if let Some(d) = self.due.first_due() {
             through = through.min(d.saturating_sub(1));

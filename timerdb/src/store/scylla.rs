@@ -231,6 +231,12 @@ pub async fn connect(url: &ScyllaUrl) -> Result<Session> {
 /// Creates the keyspace (if missing) and applies the migrations not applied yet.
 /// Returns the versions applied by this call.
 pub async fn migrate(session: &Session, url: &ScyllaUrl) -> Result<Vec<i32>> {
+    migrate_upto(session, url, i32::MAX).await
+}
+
+/// Applies the migrations up to and including `version` (tests use it to make a keyspace
+/// as an older build left it); returns the versions applied.
+pub async fn migrate_upto(session: &Session, url: &ScyllaUrl, upto: i32) -> Result<Vec<i32>> {
     let ks = &url.keyspace;
     let replication = if url.replication_class == "SimpleStrategy" {
         format!(
@@ -271,7 +277,7 @@ pub async fn migrate(session: &Session, url: &ScyllaUrl) -> Result<Vec<i32>> {
         .map_err(|e| unavailable("reading schema_migrations", e))?;
     let mut done = Vec::new();
     for (version, description, cql) in MIGRATIONS {
-        if applied.contains(version) {
+        if applied.contains(version) || *version > upto {
             continue;
         }
         for statement in split_statements(cql) {
