@@ -56,6 +56,24 @@ impl TimerApi {
             .map_err(|e| Error::Internal(format!("store task: {e}")))?
     }
 
+    /// Refuses a timer whose message the sink could never write (it would be retried
+    /// forever, or dead-lettered, instead of refused now).
+    fn fits_sink(&self, spec: &TimerSpec, item: Option<usize>) -> Result<()> {
+        let Some(max) = self.sink.max_message_bytes() else {
+            return Ok(());
+        };
+        let size = crate::sink::message_bytes(spec);
+        if size <= max {
+            return Ok(());
+        }
+        let at = item.map_or(String::new(), |i| format!("timers[{i}]: "));
+        Err(Error::InvalidArgument(format!(
+            "{at}the message would be {size} bytes (payload, key and headers), over the sink's \
+             largest message of {max} bytes (sink URL option max_message_bytes); make the \
+             payload smaller"
+        )))
+    }
+
     /// Checks each distinct (topic, partition) once against the sink; returns, per spec,
     /// the refusal if its target was refused.
     async fn check_targets(&self, specs: &[TimerSpec]) -> Vec<Option<(tonic::Code, String)>> {
@@ -181,6 +199,7 @@ impl TimerService for TimerApi {
             tracing::debug_span!("api.set_timeout", topic = %req.topic, partition = req.partition);
         let r = async {
             let spec = convert::timer_spec(req, &self.limits, now_ms(), None)?;
+            self.fits_sink(&spec, None)?;
             self.sink.check_target(&spec.topic, spec.partition).await?;
             let ids = self.store_timers(vec![spec]).await?;
             Ok(v1::SetTimeoutResponse {
@@ -211,7 +230,9 @@ impl TimerService for TimerApi {
             let mut valid = Vec::with_capacity(req.timers.len());
             let mut positions = Vec::with_capacity(req.timers.len());
             for (i, t) in req.timers.into_iter().enumerate() {
-                match convert::timer_spec(t, &self.limits, now, Some(i)) {
+                match convert::timer_spec(t, &self.limits, now, Some(i))
+                    .and_then(|spec| self.fits_sink(&spec, Some(i)).map(|()| spec))
+                {
                     Ok(spec) => {
                         valid.push(spec);
                         positions.push(i);

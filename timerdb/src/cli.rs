@@ -168,7 +168,9 @@ pub fn parse_at(s: &str) -> anyhow::Result<u64> {
         .with_context(|| {
             format!("--at {s:?}: expected RFC 3339 (2030-01-01T00:00:00Z) or epoch milliseconds")
         })?;
-    let ms = t.unix_timestamp_nanos() / 1_000_000;
+    // Rounded up, like the server does: a sub-millisecond time never becomes earlier.
+    let ns = t.unix_timestamp_nanos();
+    let ms = ns / 1_000_000 + i128::from(ns % 1_000_000 > 0);
     if ms < 0 {
         bail!("--at {s:?} is before 1970");
     }
@@ -301,6 +303,18 @@ pub async fn run_client(command: Command) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_rounds_sub_millisecond_times_up() {
+        assert_eq!(
+            parse_at("2023-11-14T22:13:20.0001Z").unwrap(),
+            1_700_000_000_001
+        );
+        assert_eq!(
+            parse_at("2023-11-14T22:13:20.001Z").unwrap(),
+            1_700_000_000_001
+        );
+    }
 
     #[test]
     fn at_accepts_rfc3339_and_epoch_ms() {

@@ -325,6 +325,22 @@ impl Config {
                 return Err(Error::Config(format!("{name} must be at least 1")));
             }
         }
+        let width = self.store_options.layout.bucket_ms;
+        if (sc.lookahead.as_millis() as u64) < width {
+            return Err(Error::Config(format!(
+                "scheduler.lookahead = {:?} is shorter than the bucket width ({width} ms): a \
+                 bucket must be read before it starts, or its first timers fire late",
+                sc.lookahead
+            )));
+        }
+        if sc.grace < Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "scheduler.grace = {:?} is under 100 ms: a fired bucket is deleted this long \
+                 after it ends, and a hand-off acknowledged at its end must reach the \
+                 scheduler first",
+                sc.grace
+            )));
+        }
         if sc.retry_min.is_zero() || sc.retry_max < sc.retry_min {
             return Err(Error::Config(
                 "scheduler.retry_min must be > 0 and <= scheduler.retry_max".into(),

@@ -46,6 +46,27 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Flushes anything buffered.
     async fn flush(&self) -> Result<()>;
+
+    /// The largest message (payload, key and headers together) this sink can write, if it
+    /// has a limit; a timer that would exceed it is refused when it is set.
+    fn max_message_bytes(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// Bytes a fired message of `spec` takes, as the sink's limit counts them: payload, key,
+/// the request's headers and room for TimerDB's own headers.
+pub fn message_bytes(spec: &crate::timer::TimerSpec) -> usize {
+    // timerdb-id (32 hex), timerdb-fire-at and timerdb-fired-at (13 digits), names included.
+    const OWN_HEADERS: usize = 128;
+    spec.payload.len()
+        + spec.key.as_ref().map_or(32, |k| k.len())
+        + spec
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+        + OWN_HEADERS
 }
 
 /// The key a fired message carries: the request's key, else the timer id.

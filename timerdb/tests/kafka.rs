@@ -201,3 +201,71 @@ async fn a_target_deleted_before_firing_goes_to_the_dead_letter_topic() {
         .unwrap_or_else(|| panic!("metric missing:\n{metrics}"));
     assert!(line.ends_with(" 1"), "{line}");
 }
+
+/// A timer whose message Kafka could never take is refused when it is set, naming the
+/// limit, and a node whose payload limit is over the sink's largest message does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_sinks_limit_is_refused_when_set() {
+    let Some(svc) = services() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("big");
+    create_topic(&svc.kafka, &topic, 1).await;
+    let sink = format!("kafka://{}?max_message_bytes=2000", svc.kafka);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+        .args([
+            "serve",
+            "--metrics-listen",
+            "off",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--store",
+            &format!("embedded://{}", dir.path().join("x").display()),
+        ])
+        .args(["--sink", &sink, "--max-payload-bytes", "4000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("max_payload_bytes") && stderr.contains("max_message_bytes"),
+        "{stderr}"
+    );
+
+    let node = Node::start_with(
+        dir.path(),
+        None,
+        Some(sink),
+        &["--max-payload-bytes", "1500"],
+    )
+    .await;
+    let mut client = node.client().await;
+    let mut big = request(now_ms() + 200, &topic, 0, &"p".repeat(1500));
+    big.key = Bytes::from("k".repeat(800));
+    let err = client.set_timeout(big.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("max_message_bytes"), "{err:?}");
+    let r = client
+        .set_timeouts(v1::SetTimeoutsRequest {
+            timers: vec![big, request(now_ms() + 200, &topic, 0, "small")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        &r.results[0].result,
+        Some(v1::set_timeout_result::Result::Error(e)) if e.code == Code::InvalidArgument as i32
+            && e.message.starts_with("timers[0]")
+    ));
+    let Some(v1::set_timeout_result::Result::TimerId(small)) = &r.results[1].result else {
+        panic!("{:?}", r.results[1]);
+    };
+    let c = consumer(&svc.kafka, &[&topic]);
+    // Wait for the small one, then a little longer for anything else.
+    let got = collect(&c, Duration::from_secs(20), |got| !got.is_empty()).await;
+    assert_eq!(got.len(), 1, "the small timer fired");
+    assert_eq!(&got[0].timer_id(), small);
+    let more = collect(&c, Duration::from_millis(1500), |_| false).await;
+    assert!(more.is_empty(), "only the small one was stored and fired");
+}

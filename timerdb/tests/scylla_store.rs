@@ -7,46 +7,54 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use timerdb::store::scylla::ScyllaStore;
-use timerdb::store::{StoreOptions, TimerStore, conformance};
+use timerdb::store::{StoreOptions, TimerStore};
 
-/// The conformance suite on fresh keyspaces (named `{prefix}_…`) of stores with `layout`.
-async fn run_conformance(prefix: &'static str, layout: timerdb::timer::Layout) {
-    let Some(svc) = common::services() else {
-        return;
-    };
-    conformance::run_all(|retention: Duration| {
-        let url = format!("scylla://{}/{}", svc.scylla, common::unique(prefix));
-        async move {
-            let store = ScyllaStore::open(
-                &url,
-                StoreOptions {
-                    idempotency_retention: retention,
-                    layout,
-                    ..StoreOptions::default()
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("open {url}: {e}"));
-            Arc::new(store) as Arc<dyn TimerStore>
-        }
-    })
-    .await;
+/// A store on a fresh keyspace named `{prefix}_…`, with `layout`.
+async fn make(
+    prefix: &str,
+    layout: timerdb::timer::Layout,
+    retention: Duration,
+) -> Option<Arc<dyn TimerStore>> {
+    let svc = common::services()?;
+    let url = format!("scylla://{}/{}", svc.scylla, common::unique(prefix));
+    let store = ScyllaStore::open(
+        &url,
+        StoreOptions {
+            idempotency_retention: retention,
+            layout,
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("open {url}: {e}"));
+    Some(Arc::new(store))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scylla_store_passes_the_conformance_suite() {
-    run_conformance("conf", timerdb::timer::Layout::default()).await;
+/// Each conformance check is a test of its own: `conformance::<check>`.
+mod conformance {
+    use super::*;
+
+    async fn make(retention: Duration) -> Option<Arc<dyn TimerStore>> {
+        super::make("conf", timerdb::timer::Layout::default(), retention).await
+    }
+
+    timerdb::timer_store_conformance!(make);
 }
 
 /// With two slots, most timers of a call share a partition, so inserts go as unlogged
 /// single-partition batches (up to 64 rows); the suite must pass the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scylla_store_passes_the_conformance_suite_with_batched_inserts() {
-    let layout = timerdb::timer::Layout {
-        slots: 2,
-        bucket_ms: 1000,
-    };
-    run_conformance("batch", layout).await;
+mod conformance_batched_inserts {
+    use super::*;
+
+    async fn make(retention: Duration) -> Option<Arc<dyn TimerStore>> {
+        let layout = timerdb::timer::Layout {
+            slots: 2,
+            bucket_ms: 1000,
+        };
+        super::make("batch", layout, retention).await
+    }
+
+    timerdb::timer_store_conformance!(make);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,31 +4,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use timerdb::store::embedded::EmbeddedStore;
-use timerdb::store::{StoreOptions, TimerStore, conformance};
+use timerdb::store::{StoreOptions, TimerStore};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_store_passes_the_conformance_suite() {
-    let root = tempfile::tempdir().unwrap();
-    let n = std::sync::atomic::AtomicU32::new(0);
-    conformance::run_all(|retention: Duration| {
-        let dir = root.path().join(
-            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                .to_string(),
-        );
-        async move {
-            let store = EmbeddedStore::open(
-                &dir,
-                StoreOptions {
-                    idempotency_retention: retention,
-                    ..StoreOptions::default()
-                },
-            )
-            .await
-            .unwrap();
-            Arc::new(store) as Arc<dyn TimerStore>
-        }
-    })
-    .await;
+/// A new embedded store in a directory of its own (kept until the test process ends).
+async fn make(retention: Duration) -> Option<Arc<dyn TimerStore>> {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let store = EmbeddedStore::open(
+        &dir,
+        StoreOptions {
+            idempotency_retention: retention,
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    Some(Arc::new(store))
+}
+
+/// Each conformance check is a test of its own: `conformance::<check>`.
+mod conformance {
+    timerdb::timer_store_conformance!(super::make);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -130,14 +130,14 @@ pub fn encode_lines(batch: &[Timer], fired_at_ms: u64, buf: &mut Vec<u8>) {
 
 /// Writes fired timers as JSON lines.
 pub struct JsonlSink {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Arc<Mutex<Box<dyn Write + Send>>>,
 }
 
 impl JsonlSink {
     /// Lines to standard output.
     pub fn stdout() -> JsonlSink {
         JsonlSink {
-            out: Mutex::new(Box::new(std::io::stdout())),
+            out: Arc::new(Mutex::new(Box::new(std::io::stdout()))),
         }
     }
 
@@ -153,7 +153,7 @@ impl JsonlSink {
             .open(path)
             .map_err(|e| Error::Config(format!("sink file {}: {e}", path.display())))?;
         Ok(JsonlSink {
-            out: Mutex::new(Box::new(f)),
+            out: Arc::new(Mutex::new(Box::new(f))),
         })
     }
 }
@@ -164,10 +164,15 @@ impl Sink for JsonlSink {
         let mut buf = Vec::with_capacity(batch.len() * 256);
         encode_lines(batch, fired_at_ms, &mut buf);
         // One write for the whole batch keeps lines whole even with concurrent batches.
-        let written = {
-            let mut out = self.out.lock().expect("sink lock");
+        // The write may block (a slow disk, a full pipe on stdout): off the runtime's
+        // workers, which fire.
+        let out = self.out.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut out = out.lock().expect("sink lock");
             out.write_all(&buf).and_then(|()| out.flush())
-        };
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
         match written {
             Ok(()) => vec![Delivery::Delivered; batch.len()],
             Err(e) => vec![Delivery::Failed(format!("writing fired timers: {e}")); batch.len()],
@@ -175,10 +180,10 @@ impl Sink for JsonlSink {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.out
-            .lock()
-            .expect("sink lock")
-            .flush()
+        let out = self.out.clone();
+        tokio::task::spawn_blocking(move || out.lock().expect("sink lock").flush())
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(|e| Error::Unavailable(format!("flushing sink: {e}")))
     }
 }

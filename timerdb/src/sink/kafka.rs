@@ -23,10 +23,15 @@ use crate::{Error, Result};
 const METADATA_TTL: Duration = Duration::from_secs(30);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Largest message produced unless the URL says otherwise: Kafka brokers accept about
+/// 1 MB by default (`message.max.bytes`), and so does librdkafka.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
+
 /// Produces fired timers to Kafka.
 pub struct KafkaSink {
     producer: FutureProducer,
     dead_letter_topic: Option<String>,
+    max_message_bytes: usize,
     partitions: Mutex<HashMap<String, (Option<i32>, Instant)>>,
 }
 
@@ -50,10 +55,15 @@ impl KafkaSink {
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("compression.type", "none")
+            // librdkafka would otherwise ask the broker to create any topic it is asked
+            // about: a typo in a topic would then pass the check at SetTimeout, and a
+            // deleted topic would come back instead of its timers being dead-lettered.
+            .set("allow.auto.create.topics", "false")
             // A delivery that cannot finish in this time is reported failed; the scheduler
             // keeps the timer and retries, so nothing is dropped.
             .set("message.timeout.ms", "30000");
         let mut dead_letter_topic = None;
+        let mut max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES;
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
             match k.as_ref() {
                 "dead_letter_topic" => dead_letter_topic = Some(v.into_owned()),
@@ -63,19 +73,33 @@ impl KafkaSink {
                 "linger_ms" => {
                     config.set("linger.ms", v.as_ref());
                 }
+                "max_message_bytes" => {
+                    max_message_bytes = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1000..=1_000_000_000).contains(n))
+                        .ok_or_else(|| {
+                            Error::Config(format!(
+                                "sink URL {url:?}: max_message_bytes {v:?}: want 1000..=1000000000 \
+                                 (and no more than the broker's message.max.bytes)"
+                            ))
+                        })?;
+                }
                 other => {
                     return Err(Error::Config(format!(
-                        "sink URL {url:?}: unknown option {other:?} (known: dead_letter_topic, compression, linger_ms)"
+                        "sink URL {url:?}: unknown option {other:?} (known: dead_letter_topic, compression, linger_ms, max_message_bytes)"
                     )));
                 }
             }
         }
+        config.set("message.max.bytes", max_message_bytes.to_string());
         let producer: FutureProducer = config
             .create()
             .map_err(|e| Error::Config(format!("sink URL {url:?}: {e}")))?;
         Ok(KafkaSink {
             producer,
             dead_letter_topic,
+            max_message_bytes,
             partitions: Mutex::new(HashMap::new()),
         })
     }
@@ -172,6 +196,10 @@ fn is_permanent(e: &KafkaError) -> bool {
 
 #[async_trait]
 impl Sink for KafkaSink {
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(self.max_message_bytes)
+    }
+
     async fn check_target(&self, topic: &str, partition: i32) -> Result<()> {
         match self.partition_count(topic).await? {
             None => Err(Error::FailedPrecondition(format!(

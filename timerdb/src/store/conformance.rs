@@ -1,8 +1,9 @@
 //! The conformance suite every [`TimerStore`] must pass. Each check takes a fresh store
 //! from `make` (an empty store with bucket width 1 s and the given idempotency retention).
-//! Run it with [`run_all`] from an integration test of the implementation.
+//! Run it from an integration test of the implementation with
+//! [`timer_store_conformance!`](crate::timer_store_conformance), which makes each check a
+//! test of its own (one failing check does not hide the others).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,24 +24,38 @@ fn spec(fire_at_ms: u64, n: u32) -> TimerSpec {
     }
 }
 
-/// Runs every check. `make(retention)` must return a new, empty store.
-pub async fn run_all<F, Fut>(make: F)
-where
-    F: Fn(Duration) -> Fut,
-    Fut: Future<Output = Arc<dyn TimerStore>>,
-{
-    let day = Duration::from_secs(86_400);
-    insert_then_get_round_trips(make(day).await).await;
-    batch_insert_keeps_order_and_buckets(make(day).await).await;
-    past_and_near_timers_go_to_a_future_bucket(make(day).await).await;
-    load_bucket_returns_exactly_its_slots(make(day).await).await;
-    next_bucket_skips_empty_stretches(make(day).await).await;
-    delete_bucket_removes_only_that_bucket(make(day).await).await;
-    cancel_is_durable_and_idempotent(make(day).await).await;
-    idempotency_key_returns_the_first_id(make(day).await).await;
-    idempotency_key_expires_after_retention(make(Duration::from_secs(1)).await).await;
-    low_water_mark_is_the_minimum_over_slots(make(day).await).await;
-    progress_is_kept_per_range(make(day).await).await;
+/// One `#[tokio::test]` per conformance check. `$make` is an async function taking the
+/// idempotency retention (`Duration`) and returning `Option<Arc<dyn TimerStore>>`: a new,
+/// empty store, or `None` to skip (a service that is not configured; it should panic
+/// under `CI=true` instead).
+#[macro_export]
+macro_rules! timer_store_conformance {
+    ($make:path) => {
+        $crate::timer_store_conformance!(@checks $make;
+            insert_then_get_round_trips: 86_400,
+            batch_insert_keeps_order_and_buckets: 86_400,
+            past_and_near_timers_go_to_a_future_bucket: 86_400,
+            load_bucket_returns_exactly_its_slots: 86_400,
+            next_bucket_skips_empty_stretches: 86_400,
+            delete_bucket_removes_only_that_bucket: 86_400,
+            cancel_is_durable_and_idempotent: 86_400,
+            idempotency_key_returns_the_first_id: 86_400,
+            idempotency_key_expires_after_retention: 1,
+            low_water_mark_is_the_minimum_over_slots: 86_400,
+            progress_is_kept_per_range: 86_400,
+        );
+    };
+    (@checks $make:path; $($check:ident: $secs:expr),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let Some(store) = $make(::std::time::Duration::from_secs($secs)).await else {
+                    return;
+                };
+                $crate::store::conformance::$check(store).await;
+            }
+        )*
+    };
 }
 
 /// A stored timer reads back exactly; an unknown id reads as absent.

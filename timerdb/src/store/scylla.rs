@@ -121,17 +121,31 @@ impl ScyllaUrl {
         for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
             match k.as_ref() {
                 "consistency" => {
+                    // Reads and writes use the same level; only levels whose reads
+                    // overlap every acknowledged write are accepted, or a bucket load
+                    // could miss a timer that was acknowledged.
                     u.consistency = match v.to_ascii_lowercase().as_str() {
-                        "one" => Consistency::One,
-                        "two" => Consistency::Two,
                         "quorum" => Consistency::Quorum,
                         "local_quorum" => Consistency::LocalQuorum,
-                        "each_quorum" => Consistency::EachQuorum,
                         "all" => Consistency::All,
-                        "local_one" => Consistency::LocalOne,
+                        weak @ ("one" | "two" | "three" | "local_one" | "any") => {
+                            return Err(bad(format!(
+                                "consistency {weak:?} is refused: a load at that level can miss \
+                                 an acknowledged write, so a timer could be lost; use quorum \
+                                 (it costs nothing with replication_factor=1), local_quorum \
+                                 or all"
+                            )));
+                        }
+                        "each_quorum" => {
+                            return Err(bad(
+                                "consistency \"each_quorum\" is refused: it is not valid for \
+                                 reads; use quorum, local_quorum or all"
+                                    .into(),
+                            ));
+                        }
                         other => {
                             return Err(bad(format!(
-                                "consistency {other:?}: use one, quorum, local_quorum, all, ..."
+                                "consistency {other:?}: use quorum, local_quorum or all"
                             )));
                         }
                     }
@@ -209,7 +223,7 @@ pub async fn connect(url: &ScyllaUrl) -> Result<Session> {
     let profile = ExecutionProfile::builder()
         .consistency(url.consistency)
         .serial_consistency(Some(match url.consistency {
-            Consistency::LocalQuorum | Consistency::LocalOne => SerialConsistency::LocalSerial,
+            Consistency::LocalQuorum => SerialConsistency::LocalSerial,
             _ => SerialConsistency::Serial,
         }))
         .request_timeout(Some(url.request_timeout))
@@ -970,6 +984,13 @@ mod tests {
                 matches!(ScyllaUrl::parse(bad), Err(Error::Config(_))),
                 "{bad}"
             );
+        }
+        // Levels whose reads can miss an acknowledged write are refused, by name.
+        for weak in ["one", "two", "three", "local_one", "any", "each_quorum"] {
+            let err = ScyllaUrl::parse(&format!("scylla://h/ks?consistency={weak}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(weak) && err.contains("refused"), "{err}");
         }
     }
 
