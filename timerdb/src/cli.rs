@@ -178,8 +178,16 @@ pub fn parse_at(s: &str) -> anyhow::Result<u64> {
 }
 
 async fn connect(server: &str) -> anyhow::Result<TimerServiceClient<tonic::transport::Channel>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
-        .with_context(|| format!("--server {server:?} is not a URL like http://127.0.0.1:7420"))?
+    // `host:port` is taken as plain-text gRPC on that address.
+    let url = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(url)
+        .with_context(|| {
+            format!("--server {server:?} is not host:port or a URL like http://127.0.0.1:7420")
+        })?
         .connect_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.with_context(|| {
         format!("cannot reach TimerDB at {server}; is `timerdb serve` running?")

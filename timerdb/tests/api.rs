@@ -494,3 +494,44 @@ async fn health_and_reflection_answer() {
         "{names:?}"
     );
 }
+
+/// The client commands take `--server host:port` as well as a URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_and_reads_timers_through_host_and_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "timerdb {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let server = node.grpc.to_string();
+    let id = cli(&[
+        "set-timeout",
+        "--server",
+        &server,
+        "--in",
+        "1s",
+        "--topic",
+        "cli",
+        "--payload",
+        "hi",
+    ]);
+    let id = id.trim();
+    let shown = cli(&["get", id, "--server", &server]);
+    assert!(shown.contains("pending"), "{shown}");
+    let url = format!("http://{server}");
+    let lines = node
+        .wait_fired(&[id.to_string()], Duration::from_secs(20))
+        .await;
+    assert_eq!(b64(&lines[0].payload), b"hi");
+    let shown = cli(&["get", id, "--server", &url]);
+    assert!(shown.contains("fired"), "{shown}");
+}
