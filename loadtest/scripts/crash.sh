@@ -48,10 +48,13 @@ trap stop_and_clean EXIT
 start_line="$NODE serve --listen 127.0.0.1:$PORT --metrics-listen off \
   --store embedded://$(realpath -m "$DATA_DIR")/data --sink jsonl://$(realpath -m "$SINK") \
   >>$DATA_DIR/node.log 2>&1 & echo \$! > $PIDFILE"
-# Answered = any gRPC answer (NOT_FOUND for a made-up id): the node is serving.
-wait_line="t0=\$(date +%s%3N); until $NODE get 00000000000000000000000000000001 \
-  --server 127.0.0.1:$PORT 2>&1 | grep -q 'not found'; do sleep 0.02; done; \
-  echo \$(( \$(date +%s%3N) - t0 )) > $DATA_DIR/first-call-ms"
+# The killed process may take a moment to be gone (and release the store's file lock).
+gone_line="while [ -e /proc/\$(cat $PIDFILE) ]; do sleep 0.005; done"
+# Answered = any gRPC answer (NOT_FOUND for a made-up id): the node is serving. Counted
+# from the start command; gives up after 120 s.
+wait_line="t0=\$(date +%s%3N); n=0; until $NODE get 00000000000000000000000000000001 \
+  --server 127.0.0.1:$PORT 2>&1 | grep -q 'not found'; do sleep 0.02; n=\$((n+1)); \
+  [ \$n -lt 6000 ] || exit 1; done; echo \$(( \$(date +%s%3N) - t0 )) > $DATA_DIR/first-call-ms"
 
 {
   echo "machine: $(nproc) cores; data dir $DATA_DIR ($(df -T "$(dirname "$(realpath -m "$DATA_DIR")")" | awk 'NR==2{print $2}'))"
@@ -68,7 +71,7 @@ for rate in $RATES; do
     args=(crash --target "127.0.0.1:$PORT" --jsonl "$SINK" --rate "$rate" --fire "$FIRE"
       --batch "$BATCH" --kill-at "$KILL_AT" --down-for "$DOWN_FOR" --no-progress
       --server-pid "$(cat "$PIDFILE")" --report-dir "$OUT"
-      --restart-cmd "$start_line; $wait_line")
+      --restart-cmd "$gone_line; $start_line; $wait_line")
     if [[ -n "$COUNT" ]]; then args+=(--count "$COUNT"); else args+=(--duration "$DURATION"); fi
     if [[ "$BACKLOG" != 0 ]]; then args+=(--backlog-count "$BACKLOG"); fi
     echo "== rate $rate run $run"

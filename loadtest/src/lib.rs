@@ -115,12 +115,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
 /// the restart command; returns when the command was run (ms since the epoch).
 async fn kill_and_restart(c: Crash, pid: u32, tracker: Arc<Tracker>) -> anyhow::Result<u64> {
     tokio::time::sleep(c.kill_at).await;
-    tracker.record_kill(now_ms());
     let killed = tokio::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
         .await?;
     anyhow::ensure!(killed.success(), "kill -9 {pid} failed");
+    // Taken once `kill` returned: the node fires nothing after this, while it may still
+    // have fired in the milliseconds `kill` took to start.
+    tracker.record_kill(now_ms());
     tokio::time::sleep(c.down_for).await;
     let restarted_ms = now_ms();
     let status = tokio::process::Command::new("sh")

@@ -377,6 +377,26 @@ mod tests {
     }
 
     #[test]
+    fn a_lookahead_under_the_bucket_width_and_a_tiny_grace_are_refused() {
+        let err = Config::load(Overrides {
+            lookahead: Some("500ms".into()),
+            ..Overrides::default()
+        })
+        .and_then(|c| c.validate())
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("scheduler.lookahead"), "{err}");
+        let err = Config::load(Overrides {
+            grace: Some("0s".into()),
+            ..Overrides::default()
+        })
+        .and_then(|c| c.validate())
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("scheduler.grace"), "{err}");
+    }
+
+    #[test]
     fn flags_win_over_the_file_and_unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("timerdb.toml");

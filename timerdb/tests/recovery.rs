@@ -217,3 +217,59 @@ async fn overdue_timers_fire_after_a_restart_and_nothing_fires_twice() {
     let set: HashSet<&String> = ids.iter().collect();
     assert!(lines_after.iter().all(|l| set.contains(&l.timer_id)));
 }
+
+/// A crash with many timers stored: the store opens without walking the whole file (redb's
+/// quick repair), and the timers that became due while the node was down fire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_with_many_timers_stored_opens_without_a_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(dir.path(), &[]).await;
+    let mut client = node.client().await;
+    let now = now_ms();
+    // 200,000 timers a day out, then 1,000 due in 3 s.
+    for seq in 0..40u64 {
+        let timers = (0..5000)
+            .map(|i| common::request(now + 86_400_000 + i, "later", 0, "x"))
+            .collect();
+        let r = client
+            .set_timeouts(v1::SetTimeoutsRequest { timers })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            r.results
+                .iter()
+                .all(|r| matches!(r.result, Some(v1::set_timeout_result::Result::TimerId(_)))),
+            "batch {seq}"
+        );
+    }
+    let r = client
+        .set_timeouts(v1::SetTimeoutsRequest {
+            timers: batch(now_ms() + 3000, 1000, 500, 9),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = r
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(v1::set_timeout_result::Result::TimerId(id)) => id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    node.kill9();
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    node.restart().await;
+    let log = node.log_tail();
+    assert!(log.contains("store.open: embedded store open"), "{log}");
+    assert!(
+        !log.contains("repairing"),
+        "the store was repaired (walked) after the crash:\n{log}"
+    );
+    let lines = node.wait_fired(&ids, Duration::from_secs(30)).await;
+    assert!(
+        lines.iter().all(|l| l.topic != "later"),
+        "a far-future timer fired"
+    );
+}

@@ -191,13 +191,13 @@ impl EmbeddedStore {
         let db = tokio::task::spawn_blocking(move || {
             // After an unclean stop redb checks and repairs the file before it opens; say
             // how far it got, so a long start is never silent.
-            let last_report = std::sync::Mutex::new(Instant::now());
+            let last_report = std::sync::Mutex::new(None::<Instant>);
             redb::Builder::new()
                 .set_cache_size(cache)
                 .set_repair_callback(move |session| {
                     let mut last = last_report.lock().expect("repair report");
-                    if last.elapsed() >= Duration::from_millis(500) {
-                        *last = Instant::now();
+                    if last.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
+                        *last = Some(Instant::now());
                         tracing::info!(
                             progress_pct = (session.progress() * 100.0).round(),
                             "store.open: repairing after an unclean shutdown"
