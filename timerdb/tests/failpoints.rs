@@ -75,14 +75,7 @@ async fn assert_all_fired(node: &Node, acked: &[(String, u64)], cut_off: Option<
 async fn a_failure_after_the_write_then_an_idempotent_retry_fires_once() {
     let dir = tempfile::tempdir().unwrap();
     // The first call's write is durable, then the call fails before its hand-off.
-    let node = Node::start_full(
-        dir.path(),
-        None,
-        None,
-        &[],
-        &[("FAILPOINTS", "api.after_store=1*return")],
-    )
-    .await;
+    let node = common::start_with_failpoints(dir.path(), None, "api.after_store=1*return").await;
     let mut client = node.client().await;
     let r = v1::SetTimeoutRequest {
         idempotency_key: "order-7".into(),
@@ -102,14 +95,9 @@ async fn a_failure_after_the_write_then_an_idempotent_retry_fires_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_write_and_the_hand_off_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start_full(
-        dir.path(),
-        None,
-        None,
-        &[],
-        &[("FAILPOINTS", "api.after_store=40*off->return(abort)")],
-    )
-    .await;
+    let mut node =
+        common::start_with_failpoints(dir.path(), None, "api.after_store=40*off->return(abort)")
+            .await;
     let (acked, cut_off) = stream_until_failure(&node, 1000).await;
     assert_eq!(
         acked.len(),
@@ -126,12 +114,10 @@ async fn a_crash_between_the_write_and_the_hand_off_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_before_the_commit_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start_full(
+    let mut node = common::start_with_failpoints(
         dir.path(),
         None,
-        None,
-        &[],
-        &[("FAILPOINTS", "embedded.before_commit=60*off->return(abort)")],
+        "embedded.before_commit=60*off->return(abort)",
     )
     .await;
     let (acked, cut_off) = stream_until_failure(&node, 1000).await;
@@ -145,7 +131,7 @@ async fn a_crash_before_the_commit_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_commit_acknowledges_nothing_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start_full(dir.path(), None, None, &[], &[]).await;
+    let mut node = Node::start(dir.path(), &[]).await;
     let mut client = node.client().await;
     let before = client
         .set_timeout(request(now_ms() + 1500, "fp", 0, "before"))
@@ -176,14 +162,8 @@ async fn a_failed_commit_acknowledges_nothing_and_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_cancel_write_leaves_the_timer_to_fire() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start_full(
-        dir.path(),
-        None,
-        None,
-        &[],
-        &[("FAILPOINTS", "api.cancel_between_phases=return")],
-    )
-    .await;
+    let node =
+        common::start_with_failpoints(dir.path(), None, "api.cancel_between_phases=return").await;
     let mut client = node.client().await;
     let now = now_ms();
     // One already in memory, one not yet loaded.
@@ -219,12 +199,10 @@ async fn a_failed_cancel_write_leaves_the_timer_to_fire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_abandoned_between_its_phases_still_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start_full(
+    let mut node = common::start_with_failpoints(
         dir.path(),
         None,
-        None,
-        &[],
-        &[("FAILPOINTS", "api.cancel_between_phases=return(delay:1500)")],
+        "api.cancel_between_phases=return(delay:1500)",
     )
     .await;
     let mut client = node.client().await;
@@ -269,15 +247,10 @@ async fn a_cancel_abandoned_between_its_phases_still_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_progress_and_low_water_writes_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start_full(
+    let mut node = common::start_with_failpoints(
         dir.path(),
         None,
-        None,
-        &[],
-        &[(
-            "FAILPOINTS",
-            "scheduler.before_progress=return;scheduler.before_low_water=return",
-        )],
+        "scheduler.before_progress=return;scheduler.before_low_water=return",
     )
     .await;
     let (acked, _) = stream_until_failure(&node, 60).await;
@@ -290,15 +263,10 @@ async fn failing_progress_and_low_water_writes_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_at_a_progress_write_loses_nothing_and_repeats_little() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start_full(
+    let mut node = common::start_with_failpoints(
         dir.path(),
         None,
-        None,
-        &[],
-        &[(
-            "FAILPOINTS",
-            "scheduler.before_progress=30*off->return(abort)",
-        )],
+        "scheduler.before_progress=30*off->return(abort)",
     )
     .await;
     let (acked, cut_off) = stream_until_failure(&node, 1000).await;
@@ -342,12 +310,10 @@ mod scylla {
     async fn index_rows_without_timer_rows_refuse_the_call_and_harm_nothing() {
         let Some(url) = store_url() else { return };
         let dir = tempfile::tempdir().unwrap();
-        let node = Node::start_full(
+        let node = common::start_with_failpoints(
             dir.path(),
             Some(url),
-            None,
-            &[],
-            &[("FAILPOINTS", "scylla.between_index_and_rows=1*return")],
+            "scylla.between_index_and_rows=1*return",
         )
         .await;
         let mut client = node.client().await;
@@ -374,15 +340,10 @@ mod scylla {
     async fn a_crash_between_partition_and_index_delete_loses_nothing() {
         let Some(url) = store_url() else { return };
         let dir = tempfile::tempdir().unwrap();
-        let mut node = Node::start_full(
+        let mut node = common::start_with_failpoints(
             dir.path(),
             Some(url),
-            None,
-            &[],
-            &[(
-                "FAILPOINTS",
-                "scylla.between_partition_and_index_delete=2*off->return(abort)",
-            )],
+            "scylla.between_partition_and_index_delete=2*off->return(abort)",
         )
         .await;
         let (acked, cut_off) = stream_until_failure(&node, 400).await;

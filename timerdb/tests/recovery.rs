@@ -151,14 +151,7 @@ async fn a_graceful_restart_fires_nothing_again() {
         .await
         .unwrap()
         .into_inner();
-    let ids: Vec<String> = r
-        .results
-        .into_iter()
-        .map(|r| match r.result {
-            Some(v1::set_timeout_result::Result::TimerId(id)) => id,
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let ids = common::accepted_ids(r);
     node.wait_fired(&ids, Duration::from_secs(30)).await;
     node.terminate();
     node.restart().await;
@@ -192,14 +185,7 @@ async fn overdue_timers_fire_after_a_restart_and_nothing_fires_twice() {
         .await
         .unwrap()
         .into_inner();
-    let ids: Vec<String> = r
-        .results
-        .into_iter()
-        .map(|r| match r.result {
-            Some(v1::set_timeout_result::Result::TimerId(id)) => id,
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let ids = common::accepted_ids(r);
     // A graceful stop before anything is due, and a downtime past every epoch.
     node.terminate();
     assert!(node.fired().is_empty());
@@ -250,14 +236,7 @@ async fn a_crash_with_many_timers_stored_opens_without_a_repair() {
         .await
         .unwrap()
         .into_inner();
-    let ids: Vec<String> = r
-        .results
-        .into_iter()
-        .map(|r| match r.result {
-            Some(v1::set_timeout_result::Result::TimerId(id)) => id,
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let ids = common::accepted_ids(r);
     node.kill9();
     tokio::time::sleep(Duration::from_millis(4000)).await;
     node.restart().await;

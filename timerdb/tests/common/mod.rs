@@ -366,3 +366,19 @@ pub fn request(
         ..Default::default()
     }
 }
+
+/// The ids of a `SetTimeouts` answer in which every item was accepted.
+pub fn accepted_ids(r: timerdb_proto::v1::SetTimeoutsResponse) -> Vec<String> {
+    r.results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(timerdb_proto::v1::set_timeout_result::Result::TimerId(id)) => id,
+            other => panic!("an item was refused: {other:?}"),
+        })
+        .collect()
+}
+
+/// Starts a node on the embedded store and a JSON-lines sink with `FAILPOINTS` set.
+pub async fn start_with_failpoints(dir: &Path, store: Option<String>, failpoints: &str) -> Node {
+    Node::start_full(dir, store, None, &[], &[("FAILPOINTS", failpoints)]).await
+}
