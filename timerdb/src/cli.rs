@@ -91,6 +91,11 @@ pub struct ServeArgs {
     /// Timers held in memory before loading pauses [default: 2000000].
     #[arg(long, env = "TIMERDB_MAX_IN_MEMORY")]
     pub max_in_memory: Option<usize>,
+    /// Embedded store: save the allocator state with every commit, so the store opens at
+    /// once after a crash (true) or is walked and repaired then (false: less written per
+    /// commit) [default: true].
+    #[arg(long, env = "TIMERDB_STORE_QUICK_REPAIR")]
+    pub store_quick_repair: Option<bool>,
 }
 
 impl ServeArgs {
@@ -110,6 +115,7 @@ impl ServeArgs {
             max_payload_bytes: self.max_payload_bytes,
             max_batch: self.max_batch,
             max_in_memory: self.max_in_memory,
+            store_quick_repair: self.store_quick_repair,
         })
     }
 }

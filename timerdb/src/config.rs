@@ -102,6 +102,9 @@ pub struct FileConfig {
     pub idempotency_retention: Option<String>,
     /// Embedded store cache, bytes.
     pub store_cache_bytes: Option<usize>,
+    /// Embedded store: save the allocator state with every commit, so a crash needs no
+    /// repair on open (fast restart, more write volume).
+    pub store_quick_repair: Option<bool>,
     /// Layout for a new store.
     #[serde(default)]
     pub layout: FileLayout,
@@ -194,6 +197,8 @@ pub struct Overrides {
     pub max_batch: Option<usize>,
     /// `--max-in-memory`
     pub max_in_memory: Option<usize>,
+    /// `--store-quick-repair`
+    pub store_quick_repair: Option<bool>,
 }
 
 fn duration(setting: &str, v: &str) -> Result<Duration> {
@@ -255,6 +260,9 @@ impl Config {
         }
         if let Some(v) = file.store_cache_bytes {
             c.store_options.cache_bytes = v;
+        }
+        if let Some(v) = o.store_quick_repair.or(file.store_quick_repair) {
+            c.store_options.quick_repair = v;
         }
         let s = &file.scheduler;
         let sc = &mut c.scheduler;

@@ -150,6 +150,8 @@ pub struct StoreOptions {
     pub idempotency_retention: Duration,
     /// Cache size for the embedded engine, bytes.
     pub cache_bytes: usize,
+    /// Embedded engine: record the allocator state with every commit (redb quick-repair).
+    pub quick_repair: bool,
 }
 
 impl Default for StoreOptions {
@@ -158,6 +160,7 @@ impl Default for StoreOptions {
             layout: Layout::default(),
             idempotency_retention: Duration::from_secs(24 * 3600),
             cache_bytes: 32 << 20,
+            quick_repair: true,
         }
     }
 }

@@ -224,6 +224,7 @@ impl EmbeddedStore {
         let (tx, rx) = mpsc::channel(4096);
         let writer_db = db.clone();
         let retention_ms = options.idempotency_retention.as_millis() as u64;
+        let quick_repair = options.quick_repair;
         let writer_thread = std::thread::Builder::new()
             .name("timerdb-store-writer".into())
             .spawn(move || {
@@ -231,6 +232,7 @@ impl EmbeddedStore {
                 Writer {
                     db: writer_db,
                     layout,
+                    quick_repair,
                     retention_ms,
                     clock_ms: 0,
                 }
@@ -342,6 +344,7 @@ fn init_meta(db: &Database, requested: Layout, dir: &Path) -> Result<Layout> {
 struct Writer {
     db: Arc<Database>,
     layout: Layout,
+    quick_repair: bool,
     retention_ms: u64,
     /// Never goes backwards, so a clock step back cannot put a timer into a bucket that
     /// has already started (and may already be deleted).
@@ -394,7 +397,7 @@ impl Writer {
         // Each commit also records the allocator state (and commits in two phases), so
         // opening the file after a crash takes milliseconds instead of a walk over the
         // whole file: 42 s with 10 M timers stored before this (see docs/design.md).
-        txn.set_quick_repair(true);
+        txn.set_quick_repair(self.quick_repair);
         // New rows of the whole group, inserted in key order after the other ops: sorted
         // inserts touch neighbouring B-tree pages instead of a random page per timer.
         let mut new_rows: Vec<([u8; 16], Vec<u8>)> = Vec::new();
