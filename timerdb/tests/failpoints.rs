@@ -30,19 +30,8 @@ async fn stream_until_failure(node: &Node, calls: u64) -> (Vec<(String, u64)>, O
                 )
             })
             .collect();
-        let due: Vec<u64> = timers
-            .iter()
-            .map(|t| t.fire_at.unwrap())
-            .map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
-            .collect();
-        match client.set_timeouts(v1::SetTimeoutsRequest { timers }).await {
-            Ok(r) => {
-                for (res, f) in r.into_inner().results.into_iter().zip(due) {
-                    if let Some(v1::set_timeout_result::Result::TimerId(id)) = res.result {
-                        acked.push((id, f));
-                    }
-                }
-            }
+        match common::send_batch(&mut client, timers).await {
+            Ok(got) => acked.extend(got),
             Err(_) => return (acked, Some(format!("{seq}-"))),
         }
         tokio::time::sleep(Duration::from_millis(30)).await;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::kafka::{collect, consumer, create_topic};
-use common::{Node, ctl, now_ms, services, unique};
+use common::{Node, ctl, fire_ms, now_ms, services, unique};
 use timerdb::api::convert::timestamp;
 use timerdb_proto::v1;
 use tonic::Code;
@@ -36,11 +36,6 @@ fn timers(
             ..Default::default()
         })
         .collect()
-}
-
-fn fire_ms(r: &v1::SetTimeoutRequest) -> u64 {
-    let t = r.fire_at.unwrap();
-    t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000
 }
 
 async fn schedule(node: &Node, reqs: Vec<v1::SetTimeoutRequest>) -> HashMap<String, u64> {

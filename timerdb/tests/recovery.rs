@@ -38,20 +38,8 @@ async fn kill_9_mid_stream_loses_no_acknowledged_timer() {
                 // Due from now to 4 s out: some fire before the crash, some are in memory,
                 // some are only on disk when the process dies.
                 let timers = batch(now, 50, 4000, seq);
-                let fire: Vec<u64> = timers
-                    .iter()
-                    .map(|t| t.fire_at.unwrap())
-                    .map(|t| t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000)
-                    .collect();
-                match client.set_timeouts(v1::SetTimeoutsRequest { timers }).await {
-                    Ok(r) => {
-                        let mut a = acked.lock().unwrap();
-                        for (res, f) in r.into_inner().results.into_iter().zip(fire) {
-                            if let Some(v1::set_timeout_result::Result::TimerId(id)) = res.result {
-                                a.push((id, f));
-                            }
-                        }
-                    }
+                match common::send_batch(&mut client, timers).await {
+                    Ok(got) => acked.lock().unwrap().extend(got),
                     Err(_) => return seq,
                 }
             }

@@ -382,3 +382,29 @@ pub fn accepted_ids(r: timerdb_proto::v1::SetTimeoutsResponse) -> Vec<String> {
 pub async fn start_with_failpoints(dir: &Path, store: Option<String>, failpoints: &str) -> Node {
     Node::start_full(dir, store, None, &[], &[("FAILPOINTS", failpoints)]).await
 }
+
+/// The epoch (ms) a request asks for.
+pub fn fire_ms(r: &timerdb_proto::v1::SetTimeoutRequest) -> u64 {
+    let t = r.fire_at.unwrap();
+    t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000
+}
+
+/// Sends one `SetTimeouts` call; returns (id, requested epoch) of each accepted item.
+pub async fn send_batch(
+    client: &mut TimerServiceClient<Channel>,
+    timers: Vec<timerdb_proto::v1::SetTimeoutRequest>,
+) -> Result<Vec<(String, u64)>, tonic::Status> {
+    let due: Vec<u64> = timers.iter().map(fire_ms).collect();
+    let r = client
+        .set_timeouts(timerdb_proto::v1::SetTimeoutsRequest { timers })
+        .await?;
+    Ok(r.into_inner()
+        .results
+        .into_iter()
+        .zip(due)
+        .filter_map(|(res, f)| match res.result {
+            Some(timerdb_proto::v1::set_timeout_result::Result::TimerId(id)) => Some((id, f)),
+            _ => None,
+        })
+        .collect())
+}
