@@ -342,3 +342,41 @@ mod scylla {
         assert_all_fired(&node, &acked, cut_off.as_deref()).await;
     }
 }
+
+/// A write slow between its commit and its hand-off, its caller gone, an idempotent
+/// retry acknowledged, then a crash before the slow hand-off: the timer still fires.
+/// Two mechanisms each cover it: rule 4 keeps the low-water mark at or before the slow
+/// write's bucket (the restart reads it), and the retry's repeat hand-off puts it in
+/// memory. Measured: it passes with either one disabled and loses the timer with both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_hand_off_then_a_retry_then_a_crash_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node =
+        common::start_with_failpoints(dir.path(), None, "api.after_store=1*return(delay:7000)")
+            .await;
+    let mut client = node.client().await;
+    let started = std::time::Instant::now();
+    let r = v1::SetTimeoutRequest {
+        idempotency_key: "slow-1".into(),
+        ..request(now_ms() + 300, "fp", 0, "slow")
+    };
+    let mut first = tonic::Request::new(r.clone());
+    first.set_timeout(Duration::from_millis(100));
+    assert!(
+        client.set_timeout(first).await.is_err(),
+        "the caller gave up"
+    );
+    // Past the bucket's end plus grace: it would have been deleted by now.
+    tokio::time::sleep(Duration::from_millis(5000).saturating_sub(started.elapsed())).await;
+    let id = client.set_timeout(r).await.unwrap().into_inner().timer_id;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(6500),
+        "the slow hand-off must still be pending at the crash"
+    );
+    node.kill9();
+    node.env.clear();
+    node.restart().await;
+    node.wait_fired(std::slice::from_ref(&id), Duration::from_secs(20))
+        .await;
+}
