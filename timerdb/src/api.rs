@@ -43,12 +43,13 @@ impl TimerApi {
         }
     }
 
-    /// Stores `specs` (all valid) and hands the near-term ones to the scheduler.
+    /// Stores `specs` (all valid) and hands the near-term ones to the scheduler; one result
+    /// per spec.
     ///
     /// The write and its hand-off run in a task of their own: a caller that goes away
     /// (deadline, disconnect) drops only its wait, never the hand-off of a timer whose
     /// write may already be durable.
-    async fn store_timers(&self, specs: Vec<TimerSpec>) -> Result<Vec<TimerId>> {
+    async fn store_timers(&self, specs: Vec<TimerSpec>) -> Result<Vec<Result<TimerId>>> {
         let store = self.store.clone();
         let scheduler = self.scheduler.clone();
         tokio::spawn(store_and_hand_off(store, scheduler, specs))
@@ -97,7 +98,7 @@ async fn store_and_hand_off(
     store: Arc<dyn TimerStore>,
     scheduler: Arc<Scheduler>,
     specs: Vec<TimerSpec>,
-) -> Result<Vec<TimerId>> {
+) -> Result<Vec<Result<TimerId>>> {
     // Registered before the write: until the hand-off is applied, no bucket this write may
     // use is deleted and the recorded progress stays before `created_ms`.
     let guard = scheduler.begin_write()?;
@@ -105,19 +106,20 @@ async fn store_and_hand_off(
     crate::failpoint::hit_async("api.before_store").await?;
     let inserted = store.insert(&specs).await?;
     crate::failpoint::hit_async("api.after_store").await?;
-    let ids = inserted.iter().map(|i| i.id).collect();
     let mut fresh = Vec::with_capacity(inserted.len());
     let mut repeated = Vec::new();
+    let mut ids = Vec::with_capacity(inserted.len());
     for (i, spec) in inserted.into_iter().zip(specs) {
-        if i.created {
-            fresh.push(Timer {
+        match i {
+            Ok(i) if i.created => fresh.push(Timer {
                 id: i.id,
                 created_ms,
                 spec,
-            });
-        } else if scheduler.is_loaded(i.id) {
-            repeated.push(i.id);
+            }),
+            Ok(i) if scheduler.is_loaded(i.id) => repeated.push(i.id),
+            _ => {}
         }
+        ids.push(i.map(|i| i.id));
     }
     m::scheduled(fresh.len());
     scheduler.hand_off(fresh, Some(guard.clone()));
@@ -201,9 +203,13 @@ impl TimerService for TimerApi {
             let spec = convert::timer_spec(req, &self.limits, now_ms(), None)?;
             self.fits_sink(&spec, None)?;
             self.sink.check_target(&spec.topic, spec.partition).await?;
-            let ids = self.store_timers(vec![spec]).await?;
+            let id = self
+                .store_timers(vec![spec])
+                .await?
+                .pop()
+                .expect("one result per timer")?;
             Ok(v1::SetTimeoutResponse {
-                timer_id: ids[0].to_string(),
+                timer_id: id.to_string(),
             })
         }
         .instrument(span)
@@ -260,7 +266,13 @@ impl TimerService for TimerApi {
             }
             let ids = self.store_timers(ok_specs).await?;
             for (id, pos) in ids.into_iter().zip(ok_positions) {
-                results[pos] = Some(v1::set_timeout_result::Result::TimerId(id.to_string()));
+                results[pos] = Some(match id {
+                    Ok(id) => v1::set_timeout_result::Result::TimerId(id.to_string()),
+                    Err(e) => v1::set_timeout_result::Result::Error(v1::ItemError {
+                        code: e.code() as i32,
+                        message: format!("timers[{pos}]: {e}"),
+                    }),
+                });
             }
             Ok(v1::SetTimeoutsResponse {
                 results: results

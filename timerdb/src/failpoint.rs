@@ -17,6 +17,7 @@ pub const NAMES: &[&str] = &[
     "api.cancel_between_phases",
     "embedded.before_commit",
     "scylla.between_index_and_rows",
+    "scylla.before_claim",
     "scylla.between_partition_and_index_delete",
     "scheduler.before_low_water",
     "scheduler.before_progress",

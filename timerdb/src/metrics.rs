@@ -21,6 +21,8 @@ const STORE_OP: &str = "timerdb_store_operation_duration_seconds";
 const STORE_GROUP: &str = "timerdb_store_commit_group_size";
 const BUCKETS_DELETED: &str = "timerdb_scheduler_buckets_deleted_total";
 const SKIPPED_AS_FIRED: &str = "timerdb_scheduler_timers_skipped_as_fired_total";
+const KEY_LOSERS: &str = "timerdb_store_idempotency_losers_dropped_total";
+const UNREADABLE: &str = "timerdb_store_unreadable_rows_total";
 
 /// Starts the Prometheus endpoint on `addr` (`GET /metrics`) and describes every metric.
 pub fn install(addr: SocketAddr) -> Result<()> {
@@ -73,6 +75,14 @@ fn describe() {
     describe_counter!(
         SKIPPED_AS_FIRED,
         "Timers read after a restart that the recorded progress shows as delivered, not fired again"
+    );
+    describe_counter!(
+        KEY_LOSERS,
+        "Stored rows of a call that lost its idempotency key to another call, dropped at load instead of fired"
+    );
+    describe_counter!(
+        UNREADABLE,
+        "Stored timer rows that could not be decoded, skipped at load (logged with their id)"
     );
 }
 
@@ -140,4 +150,14 @@ pub fn bucket_deleted() {
 /// Loaded timers not fired again because the recorded progress covers them.
 pub fn skipped_as_fired(n: usize) {
     counter!(SKIPPED_AS_FIRED).increment(n as u64);
+}
+
+/// A loaded row lost its idempotency key to another call's timer and is not fired.
+pub fn key_loser_dropped() {
+    counter!(KEY_LOSERS).increment(1);
+}
+
+/// A stored row could not be decoded and was skipped.
+pub fn unreadable_row() {
+    counter!(UNREADABLE).increment(1);
 }

@@ -101,7 +101,11 @@ pub trait TimerStore: Send + Sync + 'static {
     /// if that is later, so a bucket never receives timers once it has started.
     /// A repeated idempotency key (within the retention window) creates nothing and returns
     /// the first id.
-    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Inserted>>;
+    ///
+    /// `Err`: nothing of the call counts as stored (rows may have been written; unkeyed ones
+    /// may then fire, keyed ones only if their key is claimed for them later). An item's
+    /// own `Err` (its key could not be claimed) leaves the other items stored.
+    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Result<Inserted>>>;
 
     /// Reads a timer by id.
     async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>>;
@@ -139,6 +143,14 @@ pub trait TimerStore: Send + Sync + 'static {
 
     /// Flushes and releases resources; later calls fail.
     async fn close(&self) -> Result<()>;
+}
+
+/// A stored row that cannot be decoded is skipped, not fired: logged with its id and
+/// counted (`timerdb_store_unreadable_rows_total`), so one bad row cannot stop its range.
+/// It goes with its bucket when the bucket is deleted.
+pub(crate) fn skip_unreadable(id: TimerId, e: &Error) {
+    tracing::error!(timer_id = %id, error = %e, "skipping a stored timer that cannot be decoded");
+    crate::metrics::unreadable_row();
 }
 
 /// Settings shared by all store implementations.

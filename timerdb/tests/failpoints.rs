@@ -286,7 +286,7 @@ async fn a_crash_at_a_progress_write_loses_nothing_and_repeats_little() {
 mod scylla {
     use super::*;
 
-    fn store_url() -> Option<String> {
+    pub(super) fn store_url() -> Option<String> {
         let services = common::services()?;
         Some(format!(
             "scylla://{}/{}",
@@ -340,6 +340,145 @@ mod scylla {
         node.env.clear();
         node.restart().await;
         assert_all_fired(&node, &acked, cut_off.as_deref()).await;
+    }
+}
+
+/// Keyed writes on Scylla: the row goes first, then the key's claim.
+mod scylla_keys {
+    use super::*;
+
+    fn keyed(key: &str, fire_at_ms: u64, payload: &str) -> v1::SetTimeoutRequest {
+        v1::SetTimeoutRequest {
+            idempotency_key: key.into(),
+            ..request(fire_at_ms, "fp", 0, payload)
+        }
+    }
+
+    /// How many times each payload was delivered.
+    fn payload_counts(node: &Node) -> HashMap<String, usize> {
+        let mut n = HashMap::new();
+        for l in node.fired() {
+            *n.entry(String::from_utf8(common::b64(&l.payload)).unwrap())
+                .or_default() += 1;
+        }
+        n
+    }
+
+    /// The process dies after the row is written and before the key is claimed; the
+    /// caller retries with the key after the restart. The orphan row (its key now held by
+    /// the retry's timer) must not fire as well: once, not twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_between_the_row_and_the_key_claim_then_a_retry_fires_once() {
+        let Some(url) = scylla::store_url() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut node = common::start_with_failpoints(
+            dir.path(),
+            Some(url),
+            "scylla.before_claim=return(abort)",
+        )
+        .await;
+        let r = keyed("crash-key", now_ms() + 2500, "crash-once");
+        let mut client = node.client().await;
+        assert!(
+            client.set_timeout(r.clone()).await.is_err(),
+            "the node died in the call"
+        );
+        node.wait_exit(Duration::from_secs(30)).await;
+        node.env.clear();
+        node.restart().await;
+        let id = node
+            .client()
+            .await
+            .set_timeout(r)
+            .await
+            .unwrap()
+            .into_inner()
+            .timer_id;
+        node.wait_fired(std::slice::from_ref(&id), Duration::from_secs(30))
+            .await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // The orphan row is either claimed for itself when its bucket loads first (the
+        // retry then gets its id), or dropped at load because the retry holds the key.
+        assert_eq!(payload_counts(&node).get("crash-once"), Some(&1));
+    }
+
+    /// One of two keys cannot be claimed: the call answers per item (the other timer is
+    /// stored and acknowledged, and handed off), and the acknowledged one fires on time.
+    /// Before, the whole call failed and nothing was handed off: the stored, claimed timer
+    /// fired only if a retry came before its bucket was deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_key_claim_fails_only_its_item() {
+        let Some(url) = scylla::store_url() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let node = common::start_with_failpoints(
+            dir.path(),
+            Some(url),
+            // The first claim waits 1.5 s (its bucket is loaded meanwhile), the second fails.
+            "scylla.before_claim=1*return(delay:1500)->1*return->off",
+        )
+        .await;
+        let now = now_ms();
+        let batch = vec![
+            keyed("claim-a", now + 1200, "claim-a"),
+            keyed("claim-b", now + 1200, "claim-b"),
+        ];
+        let mut client = node.client().await;
+        let results = client
+            .set_timeouts(v1::SetTimeoutsRequest {
+                timers: batch.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        let mut acked = Vec::new();
+        let mut refused = 0;
+        for r in results {
+            match r.result {
+                Some(v1::set_timeout_result::Result::TimerId(id)) => acked.push(id),
+                Some(v1::set_timeout_result::Result::Error(e)) => {
+                    assert_eq!(e.code, Code::Unavailable as i32, "{e:?}");
+                    assert!(e.message.contains("idempotency key"), "{e:?}");
+                    refused += 1;
+                }
+                None => panic!("no result"),
+            }
+        }
+        assert_eq!((acked.len(), refused), (1, 1));
+        // Past the bucket and its grace: the acknowledged timer fired on its own, not
+        // because a retry came (before, it fired only from the retry's repeat hand-off,
+        // ~6 s late, or never once its bucket was deleted).
+        tokio::time::sleep(Duration::from_millis(7000)).await;
+        let retry_at = now_ms();
+        let again = common::accepted_ids(
+            client
+                .set_timeouts(v1::SetTimeoutsRequest { timers: batch })
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        assert!(
+            again.contains(&acked[0]),
+            "the key still gives the first id"
+        );
+        node.wait_fired(&again, Duration::from_secs(20)).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let first = node
+            .fired()
+            .into_iter()
+            .find(|l| l.timer_id == acked[0])
+            .expect("fired");
+        assert!(
+            first.fired_at_ms < retry_at,
+            "{first:?} fired only after the retry"
+        );
+        let counts = payload_counts(&node);
+        assert_eq!(counts.get("claim-a"), Some(&1), "{counts:?}");
+        assert_eq!(counts.get("claim-b"), Some(&1), "{counts:?}");
     }
 }
 

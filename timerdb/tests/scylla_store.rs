@@ -149,3 +149,50 @@ async fn an_older_keyspace_is_migrated_forward() {
     store.set_progress(all, &p).await.unwrap();
     assert_eq!(store.progress(all).await.unwrap(), Some(p));
 }
+
+/// A row whose spec cannot be decoded is skipped and counted; the rest of its bucket loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_row_is_skipped_and_the_rest_of_its_bucket_loads() {
+    use timerdb::timer::{TimerSpec, now_ms};
+    let Some(svc) = common::services() else {
+        return;
+    };
+    let ks = common::unique("unreadable");
+    let url = format!("scylla://{}/{ks}", svc.scylla);
+    let store = ScyllaStore::open(&url, StoreOptions::default())
+        .await
+        .unwrap();
+    let fire = now_ms() + 60_000;
+    let spec = |p: &str| TimerSpec {
+        fire_at_ms: fire,
+        topic: "t".into(),
+        partition: 0,
+        key: None,
+        headers: vec![],
+        payload: p.to_owned().into(),
+        idempotency_key: None,
+    };
+    let ids = timerdb::store::conformance::insert_ok(&store, &[spec("good"), spec("bad")]).await;
+    let parsed = timerdb::store::scylla::ScyllaUrl::parse(&url).unwrap();
+    let session = timerdb::store::scylla::connect(&parsed).await.unwrap();
+    let bad = ids[1].id;
+    session
+        .query_unpaged(
+            format!(
+                "UPDATE {ks}.timers SET spec = 0xffff01 WHERE slot = ? AND bucket = ? AND rand = ?"
+            ),
+            (
+                store.layout().slot_of(bad.rand) as i32,
+                bad.bucket_ms as i64,
+                bad.rand as i64,
+            ),
+        )
+        .await
+        .unwrap();
+    let loaded = store
+        .load_bucket(store.layout().all_slots(), ids[0].id.bucket_ms)
+        .await
+        .expect("one bad row must not fail the load");
+    let got: Vec<_> = loaded.timers.iter().map(|t| t.id).collect();
+    assert_eq!(got, vec![ids[0].id]);
+}

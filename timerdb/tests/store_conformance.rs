@@ -3,8 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use timerdb::store::conformance::insert_ok;
 use timerdb::store::embedded::EmbeddedStore;
 use timerdb::store::{StoreOptions, TimerStore};
+use timerdb::timer::{TimerSpec, now_ms};
 
 /// A new embedded store in a directory of its own (kept until the test process ends).
 async fn make(retention: Duration) -> Option<Arc<dyn TimerStore>> {
@@ -48,7 +50,7 @@ async fn embedded_store_survives_reopen_and_keeps_its_layout() {
     };
     let id = {
         let store = EmbeddedStore::open(dir.path(), opts.clone()).await.unwrap();
-        let id = store.insert(std::slice::from_ref(&spec)).await.unwrap()[0].id;
+        let id = insert_ok(&store, std::slice::from_ref(&spec)).await[0].id;
         store.close().await.unwrap();
         id
     };
@@ -58,7 +60,7 @@ async fn embedded_store_survives_reopen_and_keeps_its_layout() {
         .unwrap();
     assert_eq!(store.layout(), opts.layout);
     assert_eq!(store.get(id).await.unwrap().unwrap().timer.spec, spec);
-    let again = store.insert(&[spec]).await.unwrap()[0];
+    let again = insert_ok(&store, &[spec]).await[0];
     assert_eq!(again.id, id);
     assert!(!again.created);
 }
@@ -107,4 +109,50 @@ async fn embedded_store_refuses_a_file_of_another_format_and_leaves_it_alone() {
         "{text}"
     );
     assert_eq!(meta(), before, "refusing the store changed its records");
+}
+
+/// A row that cannot be decoded is skipped (and counted), not a load error: one bad row
+/// must not stop its range from firing the rest of the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_row_is_skipped_and_the_rest_of_its_bucket_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let fire = now_ms() + 60_000;
+    let spec = |p: &str| TimerSpec {
+        fire_at_ms: fire,
+        topic: "t".into(),
+        partition: 0,
+        key: None,
+        headers: vec![],
+        payload: p.to_owned().into(),
+        idempotency_key: None,
+    };
+    let store = EmbeddedStore::open(dir.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    let ids = insert_ok(&store, &[spec("good"), spec("bad")]).await;
+    let layout = store.layout();
+    store.close().await.unwrap();
+    drop(store);
+    const TIMERS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("timers");
+    let db = redb::Database::open(dir.path().join("timers.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    txn.open_table(TIMERS)
+        .unwrap()
+        .insert(
+            ids[1].id.to_bytes().as_slice(),
+            [0xffu8, 0xff, 0x01].as_slice(),
+        )
+        .unwrap();
+    txn.commit().unwrap();
+    drop(db);
+    let store = EmbeddedStore::open(dir.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    let loaded = store
+        .load_bucket(layout.all_slots(), ids[0].id.bucket_ms)
+        .await
+        .expect("one bad row must not fail the load");
+    let got: Vec<_> = loaded.timers.iter().map(|t| t.id).collect();
+    assert_eq!(got, vec![ids[0].id]);
+    assert_eq!(loaded.timers[0].spec.payload, "good");
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{CancelOutcome, Progress, TimerStore};
+use super::{CancelOutcome, Inserted, Progress, TimerStore};
 use crate::timer::{StoredState, TimerSpec, now_ms};
 
 fn spec(fire_at_ms: u64, n: u32) -> TimerSpec {
@@ -22,6 +22,17 @@ fn spec(fire_at_ms: u64, n: u32) -> TimerSpec {
         payload: Bytes::from(format!("payload-{n}").repeat(1 + n as usize % 5)),
         idempotency_key: None,
     }
+}
+
+/// Stores `specs`; panics if the call or any item fails.
+pub async fn insert_ok(store: &dyn TimerStore, specs: &[TimerSpec]) -> Vec<Inserted> {
+    store
+        .insert(specs)
+        .await
+        .expect("insert")
+        .into_iter()
+        .map(|r| r.expect("insert item"))
+        .collect()
 }
 
 /// One `#[tokio::test]` per conformance check. `$make` is an async function taking the
@@ -62,7 +73,7 @@ macro_rules! timer_store_conformance {
 pub async fn insert_then_get_round_trips(store: Arc<dyn TimerStore>) {
     let fire = now_ms() + 60_000;
     let s = spec(fire, 4);
-    let ids = store.insert(std::slice::from_ref(&s)).await.unwrap();
+    let ids = insert_ok(&*store, std::slice::from_ref(&s)).await;
     assert_eq!(ids.len(), 1);
     assert!(ids[0].created);
     let got = store.get(ids[0].id).await.unwrap().expect("stored timer");
@@ -79,7 +90,7 @@ pub async fn batch_insert_keeps_order_and_buckets(store: Arc<dyn TimerStore>) {
     let l = store.layout();
     let base = now_ms() + 120_000;
     let specs: Vec<TimerSpec> = (0..500).map(|n| spec(base + n as u64 * 37, n)).collect();
-    let ids = store.insert(&specs).await.unwrap();
+    let ids = insert_ok(&*store, &specs).await;
     assert_eq!(ids.len(), specs.len());
     let mut seen = std::collections::HashSet::new();
     for (i, s) in ids.iter().zip(&specs) {
@@ -95,10 +106,11 @@ pub async fn batch_insert_keeps_order_and_buckets(store: Arc<dyn TimerStore>) {
 pub async fn past_and_near_timers_go_to_a_future_bucket(store: Arc<dyn TimerStore>) {
     let l = store.layout();
     let before = now_ms();
-    let ids = store
-        .insert(&[spec(0, 1), spec(before, 2), spec(before - 3_600_000, 3)])
-        .await
-        .unwrap();
+    let ids = insert_ok(
+        &*store,
+        &[spec(0, 1), spec(before, 2), spec(before - 3_600_000, 3)],
+    )
+    .await;
     for i in ids {
         assert!(i.id.bucket_ms > l.bucket_start(before), "{:?}", i.id);
         assert!(i.id.bucket_ms <= l.bucket_start(now_ms()) + l.bucket_ms);
@@ -116,7 +128,7 @@ pub async fn load_bucket_returns_exactly_its_slots(store: Arc<dyn TimerStore>) {
     let l = store.layout();
     let fire = l.bucket_start(now_ms() + 300_000) + 10;
     let specs: Vec<TimerSpec> = (0..300).map(|n| spec(fire + n as u64 % 900, n)).collect();
-    let ids = store.insert(&specs).await.unwrap();
+    let ids = insert_ok(&*store, &specs).await;
     let cancelled = ids[0].id;
     assert_eq!(
         store.cancel(cancelled).await.unwrap(),
@@ -158,7 +170,7 @@ pub async fn next_bucket_skips_empty_stretches(store: Arc<dyn TimerStore>) {
     let end = start + 7_200_000;
     assert_eq!(store.next_bucket(all, start, end).await.unwrap(), None);
     let far = start + 50 * l.bucket_ms;
-    let ids = store.insert(&[spec(far + 5, 1)]).await.unwrap();
+    let ids = insert_ok(&*store, &[spec(far + 5, 1)]).await;
     let found = store.next_bucket(all, start, end).await.unwrap();
     assert!(found.is_some_and(|b| b >= start && b <= far), "{found:?}");
     // Beyond `until` nothing is reported.
@@ -186,10 +198,11 @@ pub async fn next_bucket_skips_empty_stretches(store: Arc<dyn TimerStore>) {
 pub async fn delete_bucket_removes_only_that_bucket(store: Arc<dyn TimerStore>) {
     let l = store.layout();
     let b = l.bucket_start(now_ms() + 900_000);
-    let ids = store
-        .insert(&[spec(b + 1, 1), spec(b + 2, 2), spec(b + l.bucket_ms + 1, 3)])
-        .await
-        .unwrap();
+    let ids = insert_ok(
+        &*store,
+        &[spec(b + 1, 1), spec(b + 2, 2), spec(b + l.bucket_ms + 1, 3)],
+    )
+    .await;
     store.cancel(ids[1].id).await.unwrap();
     store.delete_bucket(l.all_slots(), b).await.unwrap();
     assert!(store.get(ids[0].id).await.unwrap().is_none());
@@ -203,7 +216,7 @@ pub async fn delete_bucket_removes_only_that_bucket(store: Arc<dyn TimerStore>) 
     let specs: Vec<TimerSpec> = (0..200u32)
         .map(|n| spec(b2 + 1 + u64::from(n) % 900, n))
         .collect();
-    let ids = store.insert(&specs).await.unwrap();
+    let ids = insert_ok(&*store, &specs).await;
     let lower = crate::timer::SlotRange {
         first: 0,
         last: l.slots / 2 - 1,
@@ -217,7 +230,7 @@ pub async fn delete_bucket_removes_only_that_bucket(store: Arc<dyn TimerStore>) 
 
 /// Cancel marks the row, reports repeats and unknown ids.
 pub async fn cancel_is_durable_and_idempotent(store: Arc<dyn TimerStore>) {
-    let ids = store.insert(&[spec(now_ms() + 60_000, 1)]).await.unwrap();
+    let ids = insert_ok(&*store, &[spec(now_ms() + 60_000, 1)]).await;
     let id = ids[0].id;
     assert_eq!(store.cancel(id).await.unwrap(), CancelOutcome::Cancelled);
     assert_eq!(
@@ -243,13 +256,13 @@ pub async fn idempotency_key_returns_the_first_id(store: Arc<dyn TimerStore>) {
     let fire = now_ms() + 60_000;
     let mut a = spec(fire, 1);
     a.idempotency_key = Some("order-42".into());
-    let first = store.insert(std::slice::from_ref(&a)).await.unwrap()[0];
+    let first = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
     assert!(first.created);
     let mut b = spec(fire + 5_000, 2);
     b.idempotency_key = Some("order-42".into());
     let mut c = spec(fire, 3);
     c.idempotency_key = Some("order-43".into());
-    let again = store.insert(&[b, c.clone(), c]).await.unwrap();
+    let again = insert_ok(&*store, &[b, c.clone(), c]).await;
     assert_eq!(again[0].id, first.id);
     assert!(!again[0].created);
     assert!(again[1].created);
@@ -267,9 +280,9 @@ pub async fn idempotency_key_returns_the_first_id(store: Arc<dyn TimerStore>) {
 pub async fn idempotency_key_expires_after_retention(store: Arc<dyn TimerStore>) {
     let mut a = spec(now_ms() + 60_000, 1);
     a.idempotency_key = Some("short-lived".into());
-    let first = store.insert(std::slice::from_ref(&a)).await.unwrap()[0];
+    let first = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let second = store.insert(std::slice::from_ref(&a)).await.unwrap()[0];
+    let second = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
     assert!(second.created);
     assert_ne!(first.id, second.id);
 }
@@ -300,7 +313,7 @@ pub async fn progress_is_kept_per_range(store: Arc<dyn TimerStore>) {
         last: l.slots / 2 - 1,
     };
     assert_eq!(store.progress(all).await.unwrap(), None);
-    let ids = store.insert(&[spec(now_ms() + 60_000, 1)]).await.unwrap();
+    let ids = insert_ok(&*store, &[spec(now_ms() + 60_000, 1)]).await;
     let p1 = Progress {
         fired_through_ms: 1_700_000_000_123,
         loaded_through: 1_700_000_002_000,

@@ -528,7 +528,7 @@ impl TimerStore for EmbeddedStore {
         self.layout
     }
 
-    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Inserted>> {
+    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Result<Inserted>>> {
         if timers.is_empty() {
             return Ok(Vec::new());
         }
@@ -547,7 +547,8 @@ impl TimerStore for EmbeddedStore {
         let (tx, rx) = oneshot::channel();
         let out = self.write(WriteOp::Insert(items, tx), rx).await;
         m::store_op("insert", started.elapsed());
-        out
+        // One transaction: every item is stored, or none.
+        Ok(out?.into_iter().map(Ok).collect())
     }
 
     async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>> {
@@ -578,10 +579,11 @@ impl TimerStore for EmbeddedStore {
                 if !in_slots(&layout, slots, k.value()) {
                     continue;
                 }
-                let stored = decode_value(split_key(k.value()), v.value())?;
-                match stored.state {
-                    StoredState::Pending => out.timers.push(stored.timer),
-                    StoredState::Cancelled => out.cancelled += 1,
+                let id = split_key(k.value());
+                match decode_value(id, v.value()) {
+                    Ok(t) if t.state == StoredState::Pending => out.timers.push(t.timer),
+                    Ok(_) => out.cancelled += 1,
+                    Err(e) => super::skip_unreadable(id, &e),
                 }
             }
             Ok(out)

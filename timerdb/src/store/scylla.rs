@@ -9,7 +9,7 @@
 //! (hour → buckets). Index rows are written *before* the timer rows, so a loader that goes
 //! through the index can never miss a stored timer.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -189,6 +189,7 @@ struct Statements {
     insert_bucket_slot: PreparedStatement,
     insert_bucket_hour: PreparedStatement,
     claim_idempotency: PreparedStatement,
+    read_idempotency: PreparedStatement,
     delete_timer: PreparedStatement,
     get_timer: PreparedStatement,
     cancel_timer: PreparedStatement,
@@ -360,6 +361,10 @@ impl ScyllaStore {
                 "INSERT INTO {ks}.idempotency (key, timer_id, created_ms) VALUES (?, ?, ?) IF NOT EXISTS USING TTL ?"
             ))
             .await?,
+            read_idempotency: prep(format!(
+                "SELECT timer_id FROM {ks}.idempotency WHERE key = ?"
+            ))
+            .await?,
             delete_timer: prep(format!(
                 "DELETE FROM {ks}.timers WHERE slot = ? AND bucket = ? AND rand = ?"
             ))
@@ -415,6 +420,9 @@ impl ScyllaStore {
             .await?,
         };
         st.load_partition.set_page_size(5000);
+        // Linearizable with the claims (lightweight transactions): a claim that completed
+        // is seen, one in progress is finished first.
+        st.read_idempotency.set_consistency(Consistency::Serial);
         for s in [
             &mut st.insert_timer,
             &mut st.insert_bucket_slot,
@@ -583,6 +591,92 @@ impl ScyllaStore {
         })
     }
 
+    /// Claims `key` for `id` (lightweight transaction, alive for `ttl`) unless a timer holds
+    /// it already; returns the holder. That is `id` itself also when this row was claimed
+    /// before, by the loader (`resolve_keys`) or an earlier attempt.
+    async fn claim_key(&self, key: &str, id: TimerId, now: u64, ttl: Duration) -> Result<TimerId> {
+        let ttl = ttl.as_millis().div_ceil(1000).clamp(1, i32::MAX as u128) as i32;
+        let r = self
+            .session
+            .execute_unpaged(
+                &self.st.claim_idempotency,
+                (key, id.to_bytes().to_vec(), now as i64, ttl),
+            )
+            .await
+            .map_err(|e| unavailable("claiming idempotency key", e))?
+            .into_rows_result()
+            .map_err(|e| unavailable("claiming idempotency key", e))?;
+        let (applied, existing) = lwt_outcome(&r, "timer_id")?;
+        if applied {
+            return Ok(id);
+        }
+        id_from_blob(existing.as_ref().and_then(|v| v.as_blob()), key)
+    }
+
+    /// The timer holding `key`, read linearizably with the claims.
+    async fn key_holder(&self, key: &str) -> Result<Option<TimerId>> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.read_idempotency, (key,))
+            .await
+            .map_err(|e| unavailable("reading idempotency key", e))?
+            .into_rows_result()
+            .map_err(|e| unavailable("reading idempotency key", e))?;
+        rows.maybe_first_row::<(Vec<u8>,)>()
+            .map_err(|e| unavailable("reading idempotency key", e))?
+            .map(|(b,)| id_from_blob(Some(&b), key))
+            .transpose()
+    }
+
+    /// The loaded timers that may fire: drops each row whose idempotency key belongs to
+    /// another timer (a call that lost the key, or was cut off between its row and its
+    /// claim and then retried). A keyed row whose key nobody claimed yet is claimed for it
+    /// here, so a claim that comes later loses to it. Rows older than the retention are
+    /// kept as they are: their key's window is over.
+    async fn resolve_keys(&self, timers: Vec<Timer>) -> Result<Vec<Timer>> {
+        if timers.iter().all(|t| t.spec.idempotency_key.is_none()) {
+            return Ok(timers);
+        }
+        let now = self.now();
+        let retention_ms = self.retention.as_millis() as u64;
+        let keyed: Vec<(Option<String>, TimerId, u64)> = timers
+            .iter()
+            .map(|t| (t.spec.idempotency_key.clone(), t.id, t.created_ms))
+            .collect();
+        let keep: Vec<bool> =
+            stream::iter(keyed.into_iter().map(|(key, id, created_ms)| async move {
+                let Some(key) = key else {
+                    return Ok(true);
+                };
+                let key = key.as_str();
+                let window_end = created_ms + retention_ms;
+                if window_end <= now {
+                    return Ok(true);
+                }
+                let holder = match self.key_holder(key).await? {
+                    Some(holder) => holder,
+                    None => {
+                        let ttl = Duration::from_millis(window_end - now);
+                        self.claim_key(key, id, now, ttl).await?
+                    }
+                };
+                if holder != id {
+                    tracing::info!(timer_id = %id, holder = %holder, key,
+                    "not firing a stored timer whose idempotency key belongs to another timer");
+                    m::key_loser_dropped();
+                }
+                Ok::<bool, Error>(holder == id)
+            }))
+            .buffered(FAN_OUT)
+            .try_collect()
+            .await?;
+        Ok(timers
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(t, keep)| keep.then_some(t))
+            .collect())
+    }
+
     /// Slots of `range` that have rows in `bucket`.
     async fn slots_in(&self, range: SlotRange, bucket: u64) -> Result<Vec<u32>> {
         let rows = self
@@ -601,6 +695,17 @@ impl ScyllaStore {
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| unavailable("reading bucket index", e))
     }
+}
+
+/// A timer id stored under an idempotency key.
+fn id_from_blob(b: Option<&Vec<u8>>, key: &str) -> Result<TimerId> {
+    let b = b
+        .filter(|b| b.len() == 16)
+        .ok_or_else(|| Error::Corrupt(format!("idempotency key {key:?}: bad timer id")))?;
+    Ok(TimerId {
+        bucket_ms: u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+        rand: u64::from_be_bytes(b[8..].try_into().expect("8 bytes")),
+    })
 }
 
 /// `[applied]` of a lightweight transaction, and the named column of the existing row when
@@ -663,7 +768,7 @@ impl TimerStore for ScyllaStore {
         self.layout
     }
 
-    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Inserted>> {
+    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Result<Inserted>>> {
         if timers.is_empty() {
             return Ok(Vec::new());
         }
@@ -679,7 +784,6 @@ impl TimerStore for ScyllaStore {
         self.write_index(ids.iter().map(|id| (id.bucket_ms, layout.slot_of(id.rand))))
             .await?;
         crate::failpoint::hit_async("scylla.between_index_and_rows").await?;
-        let st = &self.st;
         let rows: Vec<TimerRow> = ids
             .iter()
             .zip(encoded)
@@ -689,48 +793,61 @@ impl TimerStore for ScyllaStore {
             })
             .collect();
         self.insert_rows(rows).await?;
-        let mut out: Vec<Inserted> = ids
+        // Idempotency keys: the timer rows are written first, then each key is claimed with
+        // a lightweight transaction (distinct keys concurrently; a key repeated inside the
+        // batch goes to its first item). A call that loses a key removes its row and
+        // returns the first id; if that removal fails, or the call dies between its rows and
+        // its claims, the leftover row is dropped when its bucket loads (`resolve_keys`).
+        let mut out: Vec<Result<Inserted>> = ids
             .iter()
-            .map(|&id| Inserted { id, created: true })
+            .map(|&id| Ok(Inserted { id, created: true }))
             .collect();
-        // Idempotency keys: the timer row is written first, then the key is claimed with a
-        // lightweight transaction; on a lost claim our row is removed and the first id is
-        // returned. Sequential, so the first of two equal keys in one batch wins.
-        let ttl = self.retention.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let mut first_of_key: HashMap<&str, usize> = HashMap::new();
+        for (i, t) in timers.iter().enumerate() {
+            if let Some(key) = &t.idempotency_key {
+                first_of_key.entry(key.as_str()).or_insert(i);
+            }
+        }
+        let to_claim: Vec<(String, TimerId)> = first_of_key
+            .iter()
+            .map(|(&key, &i)| (key.to_owned(), ids[i]))
+            .collect();
+        let claims: HashMap<String, Result<TimerId>> =
+            stream::iter(to_claim.into_iter().map(|(key, id)| async move {
+                let claimed = match crate::failpoint::hit_async("scylla.before_claim").await {
+                    Ok(()) => self.claim_key(&key, id, now, self.retention).await,
+                    Err(e) => Err(e),
+                };
+                (key, claimed)
+            }))
+            .buffer_unordered(FAN_OUT)
+            .collect()
+            .await;
         for (i, t) in timers.iter().enumerate() {
             let Some(key) = &t.idempotency_key else {
                 continue;
             };
             let id = ids[i];
-            let r = self
-                .session
-                .execute_unpaged(
-                    &st.claim_idempotency,
-                    (key.as_str(), id.to_bytes().to_vec(), now as i64, ttl),
-                )
-                .await
-                .map_err(|e| unavailable("claiming idempotency key", e))?
-                .into_rows_result()
-                .map_err(|e| unavailable("claiming idempotency key", e))?;
-            let (applied, existing) = lwt_outcome(&r, "timer_id")?;
-            if applied {
-                continue;
-            }
-            let existing = existing
-                .and_then(|v| v.as_blob().cloned())
-                .filter(|b| b.len() == 16)
-                .ok_or_else(|| Error::Corrupt(format!("idempotency key {key:?}: bad id")))?;
-            let first = TimerId {
-                bucket_ms: u64::from_be_bytes(existing[..8].try_into().expect("8 bytes")),
-                rand: u64::from_be_bytes(existing[8..].try_into().expect("8 bytes")),
-            };
-            self.session
-                .execute_unpaged(&st.delete_timer, self.row_key(id))
-                .await
-                .map_err(|e| unavailable("removing duplicate timer", e))?;
-            out[i] = Inserted {
-                id: first,
-                created: false,
+            out[i] = match &claims[key] {
+                Ok(owner) if *owner == id => continue,
+                Ok(owner) => {
+                    if let Err(e) = self
+                        .session
+                        .execute_unpaged(&self.st.delete_timer, self.row_key(id))
+                        .await
+                    {
+                        tracing::warn!(timer_id = %id, error = %e,
+                            "could not remove the row of a repeated idempotency key; it is dropped when its bucket loads");
+                    }
+                    Ok(Inserted {
+                        id: *owner,
+                        created: false,
+                    })
+                }
+                Err(e) => Err(Error::Unavailable(format!(
+                    "timer stored but its idempotency key {key:?} could not be claimed ({e}); \
+                     retry the call with the same key"
+                ))),
             };
         }
         m::store_op("insert", started.elapsed());
@@ -807,12 +924,13 @@ impl TimerStore for ScyllaStore {
                 rand: rand as u64,
             };
             debug_assert!(slots.contains(layout.slot_of(id.rand)));
-            let t = self.decode(id, state, created, &spec)?;
-            match t.state {
-                StoredState::Pending => out.timers.push(t.timer),
-                StoredState::Cancelled => out.cancelled += 1,
+            match self.decode(id, state, created, &spec) {
+                Ok(t) if t.state == StoredState::Pending => out.timers.push(t.timer),
+                Ok(_) => out.cancelled += 1,
+                Err(e) => super::skip_unreadable(id, &e),
             }
         }
+        out.timers = self.resolve_keys(out.timers).await?;
         m::store_op("load_bucket", started.elapsed());
         Ok(out)
     }
