@@ -153,6 +153,19 @@ pub(crate) fn skip_unreadable(id: TimerId, e: &Error) {
     crate::metrics::unreadable_row();
 }
 
+/// Logs a warning when this machine's clock is behind `floor`, the latest low-water mark
+/// the store recorded (the clock was stepped back, or another node's runs ahead).
+pub(crate) fn warn_if_clock_behind(floor: u64, layout: Layout) {
+    let now = crate::timer::now_ms();
+    if floor > layout.bucket_start(now) + layout.bucket_ms {
+        tracing::warn!(
+            behind_ms = floor - now,
+            "the clock is behind the store's low-water mark: new timers go no earlier than \
+             the mark's bucket, and those due before it fire once the clock reaches it"
+        );
+    }
+}
+
 /// Settings shared by all store implementations.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {

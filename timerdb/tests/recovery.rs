@@ -240,3 +240,52 @@ async fn a_crash_with_many_timers_stored_opens_without_a_repair() {
         "a far-future timer fired"
     );
 }
+
+/// The store's low-water mark is ahead of this machine's clock (the clock was stepped
+/// back across a restart). A timer set now, due before the mark, must still survive a
+/// crash: it goes into the mark's bucket, not below it where no restart reads, and fires
+/// (late) once the clock reaches the mark. Before, it was placed below the mark, handed
+/// off to memory only, and lost to the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_behind_the_low_water_mark_loses_nothing_to_a_crash() {
+    use timerdb::store::TimerStore;
+    let dir = tempfile::tempdir().unwrap();
+    let ahead_ms = 6000;
+    {
+        let store = timerdb::store::embedded::EmbeddedStore::open(
+            &dir.path().join("data"),
+            timerdb::store::StoreOptions::default(),
+        )
+        .await
+        .unwrap();
+        let l = store.layout();
+        store
+            .set_low_water_mark(l.all_slots(), l.bucket_start(now_ms() + ahead_ms))
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+    }
+    let mut node = Node::start(dir.path(), &[]).await;
+    let due = now_ms() + 1000;
+    let id = node
+        .client()
+        .await
+        .set_timeout(common::request(due, "behind", 0, "behind"))
+        .await
+        .unwrap()
+        .into_inner()
+        .timer_id;
+    node.kill9();
+    node.restart().await;
+    let lines = node
+        .wait_fired(std::slice::from_ref(&id), Duration::from_secs(30))
+        .await;
+    let l = lines.iter().find(|l| l.timer_id == id).unwrap();
+    assert!(l.fired_at_ms >= due, "early: {l:?}");
+    assert!(
+        node.log_tail()
+            .contains("the clock is behind the store's low-water mark"),
+        "{}",
+        node.log_tail()
+    );
+}

@@ -216,6 +216,7 @@ impl EmbeddedStore {
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
         let layout = init_meta(&db, options.layout, dir)?;
+        let clock_floor = clock_floor(&db, layout)?;
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "store.open: embedded store open"
@@ -234,7 +235,7 @@ impl EmbeddedStore {
                     layout,
                     quick_repair,
                     retention_ms,
-                    clock_ms: 0,
+                    clock_ms: clock_floor,
                 }
                 .run(rx)
             })
@@ -339,6 +340,26 @@ fn init_meta(db: &Database, requested: Layout, dir: &Path) -> Result<Layout> {
     txn.open_table(PROGRESS)?;
     txn.commit()?;
     Ok(layout)
+}
+
+/// Where the writer's clock starts: the latest recorded low-water mark. Buckets before it
+/// are never read again, so a clock stepped back across a restart must not place new
+/// timers there (they would be handed off, and lost to a crash before they fire).
+fn clock_floor(db: &Database, layout: Layout) -> Result<u64> {
+    let txn = db.begin_read()?;
+    let floor = match txn.open_table(LOW_WATER) {
+        Ok(t) => t
+            .iter()?
+            .map(|r| r.map(|(_, v)| v.value()))
+            .collect::<std::result::Result<Vec<u64>, _>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0),
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    super::warn_if_clock_behind(floor, layout);
+    Ok(floor)
 }
 
 struct Writer {

@@ -420,6 +420,15 @@ impl ScyllaStore {
             .await?,
         };
         st.load_partition.set_page_size(5000);
+        // The writer's clock starts at the latest low-water mark (see the embedded store's
+        // `clock_floor`).
+        let clock_floor = all_low_water(&session, &st.all_low_water)
+            .await?
+            .into_iter()
+            .map(|(_, b)| b)
+            .max()
+            .unwrap_or(0);
+        super::warn_if_clock_behind(clock_floor, layout);
         // Linearizable with the claims (lightweight transactions): a claim that completed
         // is seen, one in progress is finished first.
         st.read_idempotency.set_consistency(Consistency::Serial);
@@ -446,7 +455,7 @@ impl ScyllaStore {
             layout,
             st,
             retention: options.idempotency_retention,
-            clock_ms: AtomicU64::new(0),
+            clock_ms: AtomicU64::new(clock_floor),
             written_slots: Mutex::new(HashSet::new()),
             written_hours: Mutex::new(HashSet::new()),
         })
@@ -695,6 +704,24 @@ impl ScyllaStore {
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| unavailable("reading bucket index", e))
     }
+}
+
+/// Every (slot, low-water mark) recorded.
+async fn all_low_water(session: &Session, st: &PreparedStatement) -> Result<Vec<(u32, u64)>> {
+    let pager = session
+        .execute_iter(st.clone(), ())
+        .await
+        .map_err(|e| unavailable("reading low-water marks", e))?;
+    let rows: Vec<(i32, i64)> = pager
+        .rows_stream::<(i32, i64)>()
+        .map_err(|e| unavailable("reading low-water marks", e))?
+        .try_collect()
+        .await
+        .map_err(|e| unavailable("reading low-water marks", e))?;
+    Ok(rows
+        .into_iter()
+        .map(|(s, b)| (s as u32, b as u64))
+        .collect())
 }
 
 /// A timer id stored under an idempotency key.
@@ -1010,21 +1037,11 @@ impl TimerStore for ScyllaStore {
     }
 
     async fn low_water_mark(&self, slots: SlotRange) -> Result<Option<u64>> {
-        let pager = self
-            .session
-            .execute_iter(self.st.all_low_water.clone(), ())
-            .await
-            .map_err(|e| unavailable("reading low-water marks", e))?;
-        let rows: Vec<(i32, i64)> = pager
-            .rows_stream::<(i32, i64)>()
-            .map_err(|e| unavailable("reading low-water marks", e))?
-            .try_collect()
-            .await
-            .map_err(|e| unavailable("reading low-water marks", e))?;
-        Ok(rows
+        Ok(all_low_water(&self.session, &self.st.all_low_water)
+            .await?
             .into_iter()
-            .filter(|(s, _)| slots.contains(*s as u32))
-            .map(|(_, b)| b as u64)
+            .filter(|(s, _)| slots.contains(*s))
+            .map(|(_, b)| b)
             .min())
     }
 
