@@ -109,14 +109,14 @@ async fn store_and_hand_off(
     let mut fresh = Vec::with_capacity(inserted.len());
     let mut repeated = Vec::new();
     let mut ids = Vec::with_capacity(inserted.len());
-    for (i, spec) in inserted.into_iter().zip(specs) {
+    for (n, (i, spec)) in inserted.into_iter().zip(specs).enumerate() {
         match i {
             Ok(i) if i.created => fresh.push(Timer {
                 id: i.id,
                 created_ms,
                 spec,
             }),
-            Ok(i) if scheduler.is_loaded(i.id) => repeated.push(i.id),
+            Ok(i) if scheduler.is_loaded(i.id) => repeated.push((n, i.id)),
             _ => {}
         }
         ids.push(i.map(|i| i.id));
@@ -125,11 +125,14 @@ async fn store_and_hand_off(
     scheduler.hand_off(fresh, Some(guard.clone()));
     // A repeated idempotency key whose timer is due inside the loaded window: hand it off
     // again (the range admits each id once), in case the first call's hand-off never came.
-    for id in repeated {
-        if let Some(stored) = store.get(id).await?
-            && stored.state == StoredState::Pending
-        {
-            scheduler.hand_off_repeat(vec![stored.timer], Some(guard.clone()));
+    // A read that fails fails only its item (the others are handed off already).
+    for (n, id) in repeated {
+        match store.get(id).await {
+            Ok(Some(stored)) if stored.state == StoredState::Pending => {
+                scheduler.hand_off_repeat(vec![stored.timer], Some(guard.clone()));
+            }
+            Ok(_) => {}
+            Err(e) => ids[n] = Err(e),
         }
     }
     Ok(ids)

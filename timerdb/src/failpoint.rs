@@ -18,6 +18,7 @@ pub const NAMES: &[&str] = &[
     "embedded.before_commit",
     "scylla.between_index_and_rows",
     "scylla.before_claim",
+    "scylla.claim_answer_lost",
     "scylla.between_partition_and_index_delete",
     "scheduler.before_low_water",
     "scheduler.before_progress",

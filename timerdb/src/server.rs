@@ -74,6 +74,9 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()> + Send
         "timerdb ready"
     );
     let served = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            name_the_message_limit::<tonic::body::Body>,
+        ))
         .add_service(health)
         .add_service(reflection)
         .add_service(
@@ -97,6 +100,37 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()> + Send
     store.close().await?;
     tracing::info!("timerdb stopped");
     served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}
+
+/// tonic refuses a request over the decoding limit with `OUT_OF_RANGE` in its own words;
+/// bad input gets `INVALID_ARGUMENT` naming the limit and what to do. No handler answers
+/// `OUT_OF_RANGE`, so every such status is that refusal (sent before any handler ran, in
+/// the response headers).
+fn name_the_message_limit<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").map(|v| v.as_bytes()) == Some(b"11") {
+        let found = headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|m| m.split("found ").nth(1))
+            .and_then(|m| m.split(' ').next())
+            .map(|n| format!("{n} bytes"))
+            .unwrap_or_else(|| "too large".into());
+        let message = format!(
+            "the call is {found}, over the largest call the server takes ({MAX_MESSAGE_BYTES} \
+             bytes, 64 MiB); split the batch into smaller SetTimeouts calls"
+        );
+        headers.insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("3"),
+        );
+        if let Ok(v) = tonic::codegen::http::HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", v);
+        }
+    }
+    response
 }
 
 /// Completes on SIGTERM or Ctrl-C.

@@ -52,6 +52,19 @@ pub struct LoadedBucket {
     pub timers: Vec<Timer>,
     /// Rows skipped because they were cancelled (they still need the bucket deleted).
     pub cancelled: usize,
+    /// Rows not fired because their idempotency key belongs to another timer (deleted with
+    /// the bucket).
+    pub superseded: usize,
+    /// Rows that could not be decoded: not fired, and the bucket is left in the store
+    /// (not deleted) so they can be inspected and recovered.
+    pub unreadable: usize,
+}
+
+impl LoadedBucket {
+    /// Whether the bucket has rows at all (so it must be settled, deleted or kept).
+    pub fn has_rows(&self) -> bool {
+        !self.timers.is_empty() || self.cancelled + self.superseded + self.unreadable > 0
+    }
 }
 
 /// How far the firing of one slot range got, written every ~100 ms and at a graceful stop,
@@ -147,7 +160,7 @@ pub trait TimerStore: Send + Sync + 'static {
 
 /// A stored row that cannot be decoded is skipped, not fired: logged with its id and
 /// counted (`timerdb_store_unreadable_rows_total`), so one bad row cannot stop its range.
-/// It goes with its bucket when the bucket is deleted.
+/// Its bucket is then left in the store, not deleted (see [`LoadedBucket::unreadable`]).
 pub(crate) fn skip_unreadable(id: TimerId, e: &Error) {
     tracing::error!(timer_id = %id, error = %e, "skipping a stored timer that cannot be decoded");
     crate::metrics::unreadable_row();

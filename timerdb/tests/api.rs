@@ -535,3 +535,31 @@ async fn the_cli_sets_and_reads_timers_through_host_and_port() {
     let shown = cli(&["get", id, "--server", &url]);
     assert!(shown.contains("fired"), "{shown}");
 }
+
+/// A batch over the largest message the server takes gets `INVALID_ARGUMENT` naming the
+/// limit (not a transport error), and nothing of it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_the_message_limit_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[]).await;
+    let mut client = node.client().await;
+    let now = common::now_ms();
+    // 140 timers of 500,000 bytes: 70 MB, over the 64 MiB a call may carry.
+    let timers: Vec<v1::SetTimeoutRequest> = (0..140)
+        .map(|i| v1::SetTimeoutRequest {
+            payload: Bytes::from(vec![b'x'; 500_000]),
+            ..common::request(now + 1000, "big", 0, &i.to_string())
+        })
+        .collect();
+    let err = client
+        .set_timeouts(v1::SetTimeoutsRequest { timers })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("67108864") && err.message().contains("split the batch"),
+        "{err:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(node.fired().is_empty());
+}

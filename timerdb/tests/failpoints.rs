@@ -404,6 +404,36 @@ mod scylla_keys {
         assert_eq!(payload_counts(&node).get("crash-once"), Some(&1));
     }
 
+    /// A claim applied in the store whose answer is lost: the next attempt finds the key
+    /// held by this very timer, so the call succeeds and the timer fires once. Before, the
+    /// call failed, the stored and claimed timer was not handed off, and a retry got its id
+    /// while its (already loaded) bucket could be deleted without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_whose_answer_is_lost_is_settled_by_trying_again() {
+        let Some(url) = scylla::store_url() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let node = common::start_with_failpoints(
+            dir.path(),
+            Some(url),
+            "scylla.claim_answer_lost=1*return->off",
+        )
+        .await;
+        let id = node
+            .client()
+            .await
+            .set_timeout(keyed("lost-answer", now_ms() + 1000, "lost-answer"))
+            .await
+            .expect("the second attempt settles the claim")
+            .into_inner()
+            .timer_id;
+        node.wait_fired(std::slice::from_ref(&id), Duration::from_secs(20))
+            .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(payload_counts(&node).get("lost-answer"), Some(&1));
+    }
+
     /// One of two keys cannot be claimed: the call answers per item (the other timer is
     /// stored and acknowledged, and handed off), and the acknowledged one fires on time.
     /// Before, the whole call failed and nothing was handed off: the stored, claimed timer

@@ -65,6 +65,9 @@ struct Bucket {
     /// Timers that are pending, in flight, or being cancelled.
     open: usize,
     deleting: bool,
+    /// Holds rows that could not be decoded: settled like a deleted bucket, but its rows
+    /// stay in the store for an operator to inspect.
+    keep_in_store: bool,
 }
 
 /// Starts the scheduler of `range`: reads its low-water mark, then runs its task and loader.
@@ -218,14 +221,22 @@ impl Loader {
                     // In slices, so the range task fires between them instead of stalling
                     // for a whole bucket (a 60,000-timer bucket in one message delayed
                     // the timers due meanwhile by 15-75 ms).
-                    let cancelled = loaded.cancelled;
-                    let total = loaded.timers.len();
-                    let mut parts = slices(loaded.timers, LOAD_SLICE).peekable();
+                    let LoadedBucket {
+                        timers,
+                        cancelled,
+                        superseded,
+                        unreadable,
+                    } = loaded;
+                    let total = timers.len();
+                    let mut parts = slices(timers, LOAD_SLICE).peekable();
                     while let Some(timers) = parts.next() {
                         let last = parts.peek().is_none();
+                        let counts = |n: usize| if last { n } else { 0 };
                         let part = LoadedBucket {
                             timers,
-                            cancelled: if last { cancelled } else { 0 },
+                            cancelled: counts(cancelled),
+                            superseded: counts(superseded),
+                            unreadable: counts(unreadable),
                         };
                         if self
                             .tx
@@ -531,9 +542,11 @@ impl RangeTask {
     }
 
     fn loaded(&mut self, bucket: u64, loaded: LoadedBucket, last: bool, total: usize) {
-        if loaded.cancelled > 0 || total > 0 {
-            // Cancelled rows are not loaded, but the bucket must still be deleted.
+        if loaded.has_rows() || total > 0 {
+            // Cancelled and superseded rows are not loaded, but the bucket must still be
+            // deleted; one with unreadable rows is settled but left in the store.
             let b = self.buckets.entry(bucket).or_default();
+            b.keep_in_store |= loaded.unreadable > 0;
             // Room for the whole bucket at its first slice: no rehashing while it comes in.
             b.entries.reserve(total.saturating_sub(b.entries.len()));
         }
@@ -774,12 +787,20 @@ impl RangeTask {
             .map(|(b, _)| *b)
             .collect();
         for b in ready {
+            let mut keep = false;
             if let Some(bucket) = self.buckets.get_mut(&b) {
                 bucket.deleting = true;
+                keep = bucket.keep_in_store;
             }
             let store = self.store.clone();
             let tx = self.tx.clone();
             let range = self.range;
+            if keep {
+                tracing::warn!(range = %range, bucket_ms = b,
+                    "scheduler: bucket holds rows that cannot be decoded; leaving it in the store");
+                let _ = tx.send(Msg::BucketDeleted(b, true));
+                continue;
+            }
             tokio::spawn(async move {
                 let ok = match store.delete_bucket(range, b).await {
                     Ok(()) => true,

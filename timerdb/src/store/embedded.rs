@@ -604,7 +604,10 @@ impl TimerStore for EmbeddedStore {
                 match decode_value(id, v.value()) {
                     Ok(t) if t.state == StoredState::Pending => out.timers.push(t.timer),
                     Ok(_) => out.cancelled += 1,
-                    Err(e) => super::skip_unreadable(id, &e),
+                    Err(e) => {
+                        super::skip_unreadable(id, &e);
+                        out.unreadable += 1;
+                    }
                 }
             }
             Ok(out)

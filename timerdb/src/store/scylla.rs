@@ -54,6 +54,12 @@ const INDEX_CACHE_MAX: usize = 500_000;
 const BATCH_ROWS: usize = 64;
 const BATCH_BYTES: usize = 32 * 1024;
 
+/// Attempts at a key claim (or a superseded row's delete) before the call gives up.
+const CLAIM_ATTEMPTS: u32 = 4;
+/// How long after a row was written a claim by another timer still means the row lost
+/// (a race, or a cut-off call retried); a later claim came after the row's own expired.
+const CLAIM_RACE_WINDOW: Duration = Duration::from_secs(3600);
+
 /// Values of one `timers` row: slot, bucket, rand, created ms, spec.
 type TimerRow = (i32, i64, i64, i64, Vec<u8>);
 
@@ -362,7 +368,7 @@ impl ScyllaStore {
             ))
             .await?,
             read_idempotency: prep(format!(
-                "SELECT timer_id FROM {ks}.idempotency WHERE key = ?"
+                "SELECT timer_id, created_ms FROM {ks}.idempotency WHERE key = ?"
             ))
             .await?,
             delete_timer: prep(format!(
@@ -429,9 +435,6 @@ impl ScyllaStore {
             .max()
             .unwrap_or(0);
         super::warn_if_clock_behind(clock_floor, layout);
-        // Linearizable with the claims (lightweight transactions): a claim that completed
-        // is seen, one in progress is finished first.
-        st.read_idempotency.set_consistency(Consistency::Serial);
         for s in [
             &mut st.insert_timer,
             &mut st.insert_bucket_slot,
@@ -600,16 +603,23 @@ impl ScyllaStore {
         })
     }
 
-    /// Claims `key` for `id` (lightweight transaction, alive for `ttl`) unless a timer holds
-    /// it already; returns the holder. That is `id` itself also when this row was claimed
-    /// before, by the loader (`resolve_keys`) or an earlier attempt.
-    async fn claim_key(&self, key: &str, id: TimerId, now: u64, ttl: Duration) -> Result<TimerId> {
+    /// Claims `key` for `id`, created at `created_ms` (lightweight transaction, alive for
+    /// `ttl`) unless a timer holds it already; returns the holder. That is `id` itself also
+    /// when this row was claimed before, by the loader (`resolve_keys`) or an earlier
+    /// attempt whose answer was lost.
+    async fn claim_key(
+        &self,
+        key: &str,
+        id: TimerId,
+        created_ms: u64,
+        ttl: Duration,
+    ) -> Result<TimerId> {
         let ttl = ttl.as_millis().div_ceil(1000).clamp(1, i32::MAX as u128) as i32;
         let r = self
             .session
             .execute_unpaged(
                 &self.st.claim_idempotency,
-                (key, id.to_bytes().to_vec(), now as i64, ttl),
+                (key, id.to_bytes().to_vec(), created_ms as i64, ttl),
             )
             .await
             .map_err(|e| unavailable("claiming idempotency key", e))?
@@ -622,8 +632,43 @@ impl ScyllaStore {
         id_from_blob(existing.as_ref().and_then(|v| v.as_blob()), key)
     }
 
-    /// The timer holding `key`, read linearizably with the claims.
-    async fn key_holder(&self, key: &str) -> Result<Option<TimerId>> {
+    /// [`Self::claim_key`], tried again on errors until its outcome is known (a claim whose
+    /// answer was lost may have been applied: the next attempt then finds `id`), up to
+    /// `CLAIM_ATTEMPTS` times.
+    async fn claim_key_settled(
+        &self,
+        key: &str,
+        id: TimerId,
+        created_ms: u64,
+        ttl: Duration,
+    ) -> Result<TimerId> {
+        let mut pause = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            let claimed = match self.claim_key(key, id, created_ms, ttl).await {
+                // Applied, but the answer does not reach this node.
+                Ok(holder) => crate::failpoint::hit_async("scylla.claim_answer_lost")
+                    .await
+                    .map(|()| holder),
+                Err(e) => Err(e),
+            };
+            match claimed {
+                Ok(holder) => return Ok(holder),
+                Err(e) if attempt >= CLAIM_ATTEMPTS => return Err(e),
+                Err(e) => {
+                    tracing::warn!(key, attempt, error = %e, "claiming an idempotency key failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 3;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// The timer holding `key` and the creation time of its claim, read at the store's
+    /// consistency: a claim that completed is seen; one still in progress may not be, and
+    /// the caller then claims, which finishes or loses to it.
+    async fn key_holder(&self, key: &str) -> Result<Option<(TimerId, u64)>> {
         let rows = self
             .session
             .execute_unpaged(&self.st.read_idempotency, (key,))
@@ -631,59 +676,111 @@ impl ScyllaStore {
             .map_err(|e| unavailable("reading idempotency key", e))?
             .into_rows_result()
             .map_err(|e| unavailable("reading idempotency key", e))?;
-        rows.maybe_first_row::<(Vec<u8>,)>()
+        rows.maybe_first_row::<(Vec<u8>, i64)>()
             .map_err(|e| unavailable("reading idempotency key", e))?
-            .map(|(b,)| id_from_blob(Some(&b), key))
+            .map(|(b, created)| Ok((id_from_blob(Some(&b), key)?, created as u64)))
             .transpose()
     }
 
-    /// The loaded timers that may fire: drops each row whose idempotency key belongs to
-    /// another timer (a call that lost the key, or was cut off between its row and its
-    /// claim and then retried). A keyed row whose key nobody claimed yet is claimed for it
-    /// here, so a claim that comes later loses to it. Rows older than the retention are
-    /// kept as they are: their key's window is over.
-    async fn resolve_keys(&self, timers: Vec<Timer>) -> Result<Vec<Timer>> {
-        if timers.iter().all(|t| t.spec.idempotency_key.is_none()) {
-            return Ok(timers);
+    /// Which of `timers` (loaded from one bucket) may fire, and how many were superseded.
+    ///
+    /// A keyed row is superseded when its key belongs to another timer whose claim was made
+    /// before this row was written or within `CLAIM_RACE_WINDOW` (or the retention, if
+    /// shorter) after it: the row then lost a race, or its call was cut off between the row
+    /// and the claim and retried. A holder claimed later than that came after this row's own
+    /// claim expired, and the row fires. A key nobody holds is claimed here for the first
+    /// row still inside its retention (with the rest of it as TTL), so a writer's claim
+    /// arriving later loses to it or finds its own id. Rows past their retention with no
+    /// holder fire as they are.
+    async fn resolve_keys(&self, timers: Vec<Timer>) -> Result<(Vec<Timer>, usize)> {
+        let mut by_key: HashMap<String, Vec<(TimerId, u64)>> = HashMap::new();
+        for t in &timers {
+            if let Some(k) = &t.spec.idempotency_key {
+                by_key
+                    .entry(k.clone())
+                    .or_default()
+                    .push((t.id, t.created_ms));
+            }
+        }
+        if by_key.is_empty() {
+            return Ok((timers, 0));
         }
         let now = self.now();
         let retention_ms = self.retention.as_millis() as u64;
-        let keyed: Vec<(Option<String>, TimerId, u64)> = timers
-            .iter()
-            .map(|t| (t.spec.idempotency_key.clone(), t.id, t.created_ms))
-            .collect();
-        let keep: Vec<bool> =
-            stream::iter(keyed.into_iter().map(|(key, id, created_ms)| async move {
-                let Some(key) = key else {
-                    return Ok(true);
-                };
-                let key = key.as_str();
-                let window_end = created_ms + retention_ms;
-                if window_end <= now {
-                    return Ok(true);
-                }
-                let holder = match self.key_holder(key).await? {
-                    Some(holder) => holder,
-                    None => {
-                        let ttl = Duration::from_millis(window_end - now);
-                        self.claim_key(key, id, now, ttl).await?
+        let race_window_ms = retention_ms.min(CLAIM_RACE_WINDOW.as_millis() as u64);
+        let verdicts: Vec<Vec<TimerId>> = stream::iter(by_key.into_iter().map(
+            |(key, mut rows)| async move {
+                rows.sort_unstable_by_key(|&(id, created)| (created, id));
+                let holder = match self.key_holder(&key).await {
+                    Ok(h) => h,
+                    Err(e @ Error::Corrupt(_)) => {
+                        tracing::warn!(key, error = %e, "cannot read an idempotency key; firing its timers");
+                        return Ok(Vec::new());
                     }
+                    Err(e) => return Err(e),
                 };
-                if holder != id {
+                let holder = match holder {
+                    Some(h) => Some(h),
+                    None => match rows.iter().find(|(_, c)| c + retention_ms > now) {
+                        None => None,
+                        Some(&(id, created)) => {
+                            let ttl = Duration::from_millis(created + retention_ms - now);
+                            let won = self.claim_key(&key, id, created, ttl).await?;
+                            if won == id {
+                                Some((id, created))
+                            } else {
+                                self.key_holder(&key).await?.or(Some((won, 0)))
+                            }
+                        }
+                    },
+                };
+                let Some((holder, claimed_ms)) = holder else {
+                    return Ok(Vec::new());
+                };
+                let superseded: Vec<TimerId> = rows
+                    .iter()
+                    .filter(|&&(id, created)| id != holder && claimed_ms < created + race_window_ms)
+                    .map(|&(id, _)| id)
+                    .collect();
+                for id in &superseded {
                     tracing::info!(timer_id = %id, holder = %holder, key,
-                    "not firing a stored timer whose idempotency key belongs to another timer");
+                        "not firing a stored timer whose idempotency key belongs to another timer");
                     m::key_loser_dropped();
                 }
-                Ok::<bool, Error>(holder == id)
-            }))
-            .buffered(FAN_OUT)
-            .try_collect()
-            .await?;
-        Ok(timers
+                Ok::<_, Error>(superseded)
+            },
+        ))
+        .buffer_unordered(FAN_OUT)
+        .try_collect()
+        .await?;
+        let superseded: HashSet<TimerId> = verdicts.into_iter().flatten().collect();
+        let n = superseded.len();
+        let kept = timers
             .into_iter()
-            .zip(keep)
-            .filter_map(|(t, keep)| keep.then_some(t))
-            .collect())
+            .filter(|t| !superseded.contains(&t.id))
+            .collect();
+        Ok((kept, n))
+    }
+
+    /// Removes the row of a call that lost its idempotency key, trying a few times; a row
+    /// left behind is superseded when its bucket loads (while its key is remembered).
+    async fn delete_superseded(&self, id: TimerId) {
+        let mut pause = Duration::from_millis(100);
+        for attempt in 1..=CLAIM_ATTEMPTS {
+            match self
+                .session
+                .execute_unpaged(&self.st.delete_timer, self.row_key(id))
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(timer_id = %id, attempt, error = %e,
+                        "could not remove the row of a repeated idempotency key");
+                    tokio::time::sleep(pause).await;
+                    pause *= 3;
+                }
+            }
+        }
     }
 
     /// Slots of `range` that have rows in `bucket`.
@@ -842,7 +939,7 @@ impl TimerStore for ScyllaStore {
         let claims: HashMap<String, Result<TimerId>> =
             stream::iter(to_claim.into_iter().map(|(key, id)| async move {
                 let claimed = match crate::failpoint::hit_async("scylla.before_claim").await {
-                    Ok(()) => self.claim_key(&key, id, now, self.retention).await,
+                    Ok(()) => self.claim_key_settled(&key, id, now, self.retention).await,
                     Err(e) => Err(e),
                 };
                 (key, claimed)
@@ -858,14 +955,7 @@ impl TimerStore for ScyllaStore {
             out[i] = match &claims[key] {
                 Ok(owner) if *owner == id => continue,
                 Ok(owner) => {
-                    if let Err(e) = self
-                        .session
-                        .execute_unpaged(&self.st.delete_timer, self.row_key(id))
-                        .await
-                    {
-                        tracing::warn!(timer_id = %id, error = %e,
-                            "could not remove the row of a repeated idempotency key; it is dropped when its bucket loads");
-                    }
+                    self.delete_superseded(id).await;
                     Ok(Inserted {
                         id: *owner,
                         created: false,
@@ -954,10 +1044,13 @@ impl TimerStore for ScyllaStore {
             match self.decode(id, state, created, &spec) {
                 Ok(t) if t.state == StoredState::Pending => out.timers.push(t.timer),
                 Ok(_) => out.cancelled += 1,
-                Err(e) => super::skip_unreadable(id, &e),
+                Err(e) => {
+                    super::skip_unreadable(id, &e);
+                    out.unreadable += 1;
+                }
             }
         }
-        out.timers = self.resolve_keys(out.timers).await?;
+        (out.timers, out.superseded) = self.resolve_keys(out.timers).await?;
         m::store_op("load_bucket", started.elapsed());
         Ok(out)
     }
