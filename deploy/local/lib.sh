@@ -308,14 +308,21 @@ while True:
         { cat "$d/logs/format.log" >&2; die "kafka: storage format failed"; }
 }
 
+# TIMERDB_LOCAL_KAFKA_OVERRIDES="k=v k=v": broker settings for this start only, on top of
+# server.properties (e.g. auto.create.topics.enable=true for the test that proves TimerDB
+# never creates topics); the next start without it is the plain broker again.
 kafka_start() {
-    local d lib
+    local d lib o
+    local -a overrides=()
+    for o in ${TIMERDB_LOCAL_KAFKA_OVERRIDES:-}; do
+        overrides+=(--override "$o")
+    done
     d="$(svc_dir kafka)"
     lib="$(lib_dir kafka)"
     # shellcheck source=/dev/null
     source "$d/service.env"
     require_ports_free kafka "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
-    log "kafka: starting on 127.0.0.1:$KAFKA_PORT (controller 127.0.0.1:$KAFKA_CONTROLLER_PORT), logs in $d/logs"
+    log "kafka: starting on 127.0.0.1:$KAFKA_PORT (controller 127.0.0.1:$KAFKA_CONTROLLER_PORT)${TIMERDB_LOCAL_KAFKA_OVERRIDES:+ with $TIMERDB_LOCAL_KAFKA_OVERRIDES}, logs in $d/logs"
     # setsid: own session, so ^C in the caller's terminal does not kill the server.
     # stdin/stdout/stderr are detached from the caller (its stdout may be the pipe
     # of `eval "$(deploy/local/up)"`, which would otherwise never close).
@@ -330,7 +337,7 @@ kafka_start() {
             -Dkafka.logs.dir="$d/logs" \
             -Dlog4j2.configurationFile="file:$d/conf/log4j2.properties" \
             -cp "$lib/*" \
-            kafka.Kafka "$d/conf/server.properties" \
+            kafka.Kafka "$d/conf/server.properties" "${overrides[@]}" \
             </dev/null >>"$d/logs/stdout.log" 2>&1 9>&-
     ) &
     echo $! >"$(pid_file kafka)"

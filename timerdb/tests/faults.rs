@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::kafka::{collect, consumer, create_topic};
-use common::{Node, ctl, fire_ms, now_ms, services, unique};
+use common::{Node, ctl, ctl_with_env, fire_ms, now_ms, services, unique};
 use timerdb::api::convert::timestamp;
 use timerdb_proto::v1;
 use tonic::Code;
@@ -126,10 +126,12 @@ async fn a_kafka_outage_delays_timers_but_loses_none() {
     let dir = tempfile::tempdir().unwrap();
     let topic = unique("outage");
     create_topic(&svc.kafka, &topic, 3).await;
+    // Deliveries time out after 2 s, well inside the 10 s outage: the scheduler's own
+    // retry path runs against the real broker, not only librdkafka's internal retries.
     let node = Node::start_with(
         dir.path(),
         None,
-        Some(format!("kafka://{}", svc.kafka)),
+        Some(format!("kafka://{}?message_timeout_ms=2000", svc.kafka)),
         &[],
     )
     .await;
@@ -152,6 +154,59 @@ async fn a_kafka_outage_delays_timers_but_loses_none() {
         "kafka outage: {} timers delivered, {dups} duplicates, {failed} failed attempts retried",
         want.len()
     );
+    assert!(
+        failed > 0.0,
+        "deliveries failed during the outage and were retried by the scheduler"
+    );
+}
+
+/// On a broker that creates any topic it is asked about (auto-create on, as in the compose
+/// file), a timer for a topic that does not exist is still refused with
+/// FAILED_PRECONDITION, and the topic is not created: the producer never asks for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_with_auto_create_on_gets_no_topic_created() {
+    let Some(svc) = services() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    ctl("kafka", "stop");
+    ctl_with_env(
+        "kafka",
+        "start",
+        &[(
+            "TIMERDB_LOCAL_KAFKA_OVERRIDES",
+            "auto.create.topics.enable=true",
+        )],
+    );
+    let outcome = std::panic::AssertUnwindSafe(async {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::start_with(
+            dir.path(),
+            None,
+            Some(format!("kafka://{}", svc.kafka)),
+            &[],
+        )
+        .await;
+        let typo = unique("typo");
+        let err = node
+            .client()
+            .await
+            .set_timeout(common::request(now_ms() + 1000, &typo, 0, "x"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains(&typo), "{err:?}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !common::kafka::topic_exists(&svc.kafka, &typo).await,
+            "the broker created {typo}"
+        );
+    });
+    let result = futures::FutureExt::catch_unwind(outcome).await;
+    // Back to the plain broker (auto-create off) for every other test.
+    ctl("kafka", "stop");
+    ctl("kafka", "start");
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

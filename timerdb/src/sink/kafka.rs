@@ -1,7 +1,8 @@
 //! Kafka sink on rdkafka: idempotent producer, `acks=all`, delivery reports awaited before
 //! a timer counts as fired.
 //!
-//! URL: `kafka://host:port[,host:port...][?dead_letter_topic=T&compression=lz4&linger_ms=5]`.
+//! URL: `kafka://host:port[,host:port...][?dead_letter_topic=T&compression=lz4&linger_ms=5
+//! &max_message_bytes=1000000&message_timeout_ms=30000]`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -73,6 +74,19 @@ impl KafkaSink {
                 "linger_ms" => {
                     config.set("linger.ms", v.as_ref());
                 }
+                "message_timeout_ms" => {
+                    let ms: u64 = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1000..=3_600_000).contains(n))
+                        .ok_or_else(|| {
+                            Error::Config(format!(
+                                "sink URL {url:?}: message_timeout_ms {v:?}: want 1000..=3600000 \
+                                 (how long one delivery may take before the scheduler retries it)"
+                            ))
+                        })?;
+                    config.set("message.timeout.ms", ms.to_string());
+                }
                 "max_message_bytes" => {
                     max_message_bytes = v
                         .parse()
@@ -87,7 +101,7 @@ impl KafkaSink {
                 }
                 other => {
                     return Err(Error::Config(format!(
-                        "sink URL {url:?}: unknown option {other:?} (known: dead_letter_topic, compression, linger_ms, max_message_bytes)"
+                        "sink URL {url:?}: unknown option {other:?} (known: dead_letter_topic, compression, linger_ms, max_message_bytes, message_timeout_ms)"
                     )));
                 }
             }

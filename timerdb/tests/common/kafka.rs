@@ -58,6 +58,22 @@ pub async fn create_topic(kafka: &str, name: &str, partitions: i32) {
     }
 }
 
+/// Whether the broker has a topic `name`, from the metadata of all topics (asking about
+/// the one topic by name could itself make an auto-creating broker create it).
+pub async fn topic_exists(kafka: &str, name: &str) -> bool {
+    let kafka = kafka.to_owned();
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let md = admin(&kafka)
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata");
+        md.topics().iter().any(|t| t.name() == name)
+    })
+    .await
+    .unwrap()
+}
+
 /// Deletes `name`.
 pub async fn delete_topic(kafka: &str, name: &str) {
     let r = admin(kafka)

@@ -339,10 +339,16 @@ pub fn unique(prefix: &str) -> String {
 
 /// Runs `deploy/local/ctl SERVICE ACTION` (stop/start/kill) for fault tests.
 pub fn ctl(service: &str, action: &str) {
+    ctl_with_env(service, action, &[]);
+}
+
+/// [`ctl`] with extra environment (e.g. `TIMERDB_LOCAL_KAFKA_OVERRIDES` for a start).
+pub fn ctl_with_env(service: &str, action: &str, env: &[(&str, &str)]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/ctl");
     let status = Command::new("bash")
         .arg(script)
         .args([service, action])
+        .envs(env.iter().copied())
         .status()
         .expect("run deploy/local/ctl");
     assert!(
