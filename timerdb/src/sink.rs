@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use crate::timer::Timer;
 use crate::{Error, Result};
 
+pub mod conformance;
 pub mod jsonl;
 pub mod kafka;
 
