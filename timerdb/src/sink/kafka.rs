@@ -33,7 +33,38 @@ pub struct KafkaSink {
     producer: FutureProducer,
     dead_letter_topic: Option<String>,
     max_message_bytes: usize,
-    partitions: Mutex<HashMap<String, (Option<i32>, Instant)>>,
+    partitions: Mutex<PartitionCache>,
+}
+
+/// Partition counts by topic (`None`: no such topic), each trusted for `METADATA_TTL`.
+/// Bounded: every `SetTimeout` naming a new topic, even one that does not exist, adds an
+/// entry, so expired entries are dropped once `PARTITION_CACHE_MAX` are held, and the
+/// cache starts over if that is not enough.
+#[derive(Debug, Default)]
+struct PartitionCache {
+    map: HashMap<String, (Option<i32>, Instant)>,
+}
+
+/// Most topics whose partition count is remembered.
+const PARTITION_CACHE_MAX: usize = 10_000;
+
+impl PartitionCache {
+    fn get(&self, topic: &str) -> Option<Option<i32>> {
+        self.map
+            .get(topic)
+            .filter(|(_, at)| at.elapsed() < METADATA_TTL)
+            .map(|(n, _)| *n)
+    }
+
+    fn put(&mut self, topic: &str, n: Option<i32>) {
+        if self.map.len() >= PARTITION_CACHE_MAX && !self.map.contains_key(topic) {
+            self.map.retain(|_, (_, at)| at.elapsed() < METADATA_TTL);
+            if self.map.len() >= PARTITION_CACHE_MAX {
+                self.map.clear();
+            }
+        }
+        self.map.insert(topic.to_owned(), (n, Instant::now()));
+    }
 }
 
 impl KafkaSink {
@@ -114,15 +145,13 @@ impl KafkaSink {
             producer,
             dead_letter_topic,
             max_message_bytes,
-            partitions: Mutex::new(HashMap::new()),
+            partitions: Mutex::new(PartitionCache::default()),
         })
     }
 
     async fn partition_count(&self, topic: &str) -> Result<Option<i32>> {
-        if let Some((n, at)) = self.partitions.lock().expect("lock").get(topic)
-            && at.elapsed() < METADATA_TTL
-        {
-            return Ok(*n);
+        if let Some(n) = self.partitions.lock().expect("lock").get(topic) {
+            return Ok(n);
         }
         let producer = self.producer.clone();
         let t = topic.to_owned();
@@ -138,10 +167,7 @@ impl KafkaSink {
             .find(|t| t.name() == topic)
             .filter(|t| t.error().is_none() && !t.partitions().is_empty())
             .map(|t| t.partitions().len() as i32);
-        self.partitions
-            .lock()
-            .expect("lock")
-            .insert(topic.to_owned(), (n, Instant::now()));
+        self.partitions.lock().expect("lock").put(topic, n);
         Ok(n)
     }
 
@@ -284,5 +310,22 @@ impl Sink for KafkaSink {
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(|e| Error::Unavailable(format!("flushing Kafka producer: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_partition_cache_stays_bounded_by_distinct_topic_names() {
+        let mut c = PartitionCache::default();
+        for i in 0..(3 * PARTITION_CACHE_MAX) {
+            c.put(&format!("typo-{i}"), None);
+            assert!(c.map.len() <= PARTITION_CACHE_MAX);
+        }
+        c.put("real", Some(3));
+        assert_eq!(c.get("real"), Some(Some(3)));
+        assert_eq!(c.get("never-asked"), None);
     }
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -131,7 +131,8 @@ enum WriteOp {
     DeleteBucket(SlotRange, u64, oneshot::Sender<Result<()>>),
     SetLowWater(SlotRange, u64, oneshot::Sender<Result<()>>),
     SetProgress(SlotRange, Vec<u8>, oneshot::Sender<Result<()>>),
-    PurgeIdempotency,
+    /// Removes up to `PURGE_CHUNK` expired idempotency keys; answers how many.
+    PurgeIdempotency(oneshot::Sender<Result<usize>>),
     Barrier(oneshot::Sender<Result<()>>),
     /// Commit what came before, then end the writer thread.
     Stop,
@@ -142,6 +143,7 @@ enum Reply {
     Insert(oneshot::Sender<Result<Vec<Inserted>>>, Vec<Inserted>),
     Cancel(oneshot::Sender<Result<CancelOutcome>>, CancelOutcome),
     Unit(oneshot::Sender<Result<()>>),
+    Count(oneshot::Sender<Result<usize>>, usize),
 }
 
 impl Reply {
@@ -151,6 +153,7 @@ impl Reply {
             Reply::Insert(tx, v) => drop(tx.send(Ok(v))),
             Reply::Cancel(tx, v) => drop(tx.send(Ok(v))),
             Reply::Unit(tx) => drop(tx.send(Ok(()))),
+            Reply::Count(tx, n) => drop(tx.send(Ok(n))),
         }
     }
 
@@ -160,6 +163,7 @@ impl Reply {
             Reply::Insert(tx, _) => drop(tx.send(Err(err()))),
             Reply::Cancel(tx, _) => drop(tx.send(Err(err()))),
             Reply::Unit(tx) => drop(tx.send(Err(err()))),
+            Reply::Count(tx, _) => drop(tx.send(Err(err()))),
         }
     }
 }
@@ -241,13 +245,26 @@ impl EmbeddedStore {
             })
             .map_err(|e| Error::Internal(format!("starting store writer: {e}")))?;
         let purge_tx = tx.clone();
+        // Every 10 s; while a purge finds a full chunk expired, the next one follows at
+        // once (in small chunks, so each commit it joins stays short): a keyed write rate
+        // above what one chunk per 10 s removes no longer grows the tables for ever.
         let purger = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
             loop {
-                tick.tick().await;
-                if purge_tx.send(WriteOp::PurgeIdempotency).await.is_err() {
+                let (reply, answer) = oneshot::channel();
+                if purge_tx
+                    .send(WriteOp::PurgeIdempotency(reply))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
+                let backlog = matches!(answer.await, Ok(Ok(n)) if n == PURGE_CHUNK);
+                let pause = if backlog {
+                    PURGE_BACKLOG_PAUSE
+                } else {
+                    PURGE_EVERY
+                };
+                tokio::time::sleep(pause).await;
             }
         });
         Ok(EmbeddedStore {
@@ -361,6 +378,13 @@ fn clock_floor(db: &Database, layout: Layout) -> Result<u64> {
     super::warn_if_clock_behind(floor, layout);
     Ok(floor)
 }
+
+/// Expired idempotency keys removed per purge (one op in a group commit).
+const PURGE_CHUNK: usize = 2_000;
+/// Pause between purges when the last one found nothing more to do.
+const PURGE_EVERY: Duration = Duration::from_secs(10);
+/// Pause between purges while expired keys are left over: up to 100,000 keys/s.
+const PURGE_BACKLOG_PAUSE: Duration = Duration::from_millis(20);
 
 struct Writer {
     db: Arc<Database>,
@@ -507,13 +531,14 @@ impl Writer {
                     }
                     WriteOp::Barrier(reply) => replies.push(Reply::Unit(reply)),
                     WriteOp::Stop => {}
-                    WriteOp::PurgeIdempotency => {
+                    WriteOp::PurgeIdempotency(reply) => {
                         let cutoff = now.saturating_sub(self.retention_ms);
                         let expired: Vec<Vec<u8>> = idem_time
                             .range(..cutoff.to_be_bytes().as_slice())?
-                            .take(10_000)
+                            .take(PURGE_CHUNK)
                             .map(|r| r.map(|(k, _)| k.value().to_vec()))
                             .collect::<std::result::Result<_, _>>()?;
+                        let n_expired = expired.len();
                         for tk in expired {
                             idem_time.remove(tk.as_slice())?;
                             let created = u64::from_be_bytes(tk[..8].try_into().expect("idem"));
@@ -527,6 +552,7 @@ impl Writer {
                                 idem.remove(key.as_str())?;
                             }
                         }
+                        replies.push(Reply::Count(reply, n_expired));
                     }
                 }
             }
@@ -540,6 +566,22 @@ impl Writer {
         crate::failpoint::hit("embedded.before_commit")?;
         txn.commit()?;
         Ok(())
+    }
+}
+
+impl EmbeddedStore {
+    /// How many idempotency keys are remembered (expired ones go within seconds of their
+    /// expiry).
+    pub async fn idempotency_keys(&self) -> Result<u64> {
+        self.read("idempotency_keys", |db| {
+            let txn = db.begin_read()?;
+            match txn.open_table(IDEM) {
+                Ok(t) => Ok(t.len()?),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
     }
 }
 
