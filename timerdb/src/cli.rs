@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// Timers held in memory before loading pauses [default: 2000000].
     #[arg(long, env = "TIMERDB_MAX_IN_MEMORY")]
     pub max_in_memory: Option<usize>,
+    /// Bytes the timers in memory may take (payload, key, headers, bookkeeping) before
+    /// loading pauses [default: 1073741824].
+    #[arg(long, env = "TIMERDB_MAX_IN_MEMORY_BYTES")]
+    pub max_in_memory_bytes: Option<usize>,
     /// Embedded store: save the allocator state with every commit, so the store opens at
     /// once after a crash (true) or is walked and repaired then (false: less written per
     /// commit) [default: true].
@@ -115,6 +119,7 @@ impl ServeArgs {
             max_payload_bytes: self.max_payload_bytes,
             max_batch: self.max_batch,
             max_in_memory: self.max_in_memory,
+            max_in_memory_bytes: self.max_in_memory_bytes,
             store_quick_repair: self.store_quick_repair,
         })
     }

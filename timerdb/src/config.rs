@@ -136,6 +136,8 @@ pub struct FileScheduler {
     pub grace: Option<String>,
     /// Timers held in memory before loading pauses.
     pub max_in_memory: Option<usize>,
+    /// Bytes the timers in memory may take before loading pauses.
+    pub max_in_memory_bytes: Option<usize>,
     /// Timers per sink call.
     pub max_batch: Option<usize>,
     /// Sink calls in flight per range.
@@ -197,6 +199,8 @@ pub struct Overrides {
     pub max_batch: Option<usize>,
     /// `--max-in-memory`
     pub max_in_memory: Option<usize>,
+    /// `--max-in-memory-bytes`
+    pub max_in_memory_bytes: Option<usize>,
     /// `--store-quick-repair`
     pub store_quick_repair: Option<bool>,
 }
@@ -275,6 +279,9 @@ impl Config {
         if let Some(v) = o.max_in_memory.or(s.max_in_memory) {
             sc.max_in_memory = v;
         }
+        if let Some(v) = o.max_in_memory_bytes.or(s.max_in_memory_bytes) {
+            sc.max_in_memory_bytes = v;
+        }
         if let Some(v) = s.max_batch {
             sc.max_batch = v;
         }
@@ -323,6 +330,7 @@ impl Config {
         let sc = &self.scheduler;
         let positive = [
             ("max_in_memory", sc.max_in_memory),
+            ("max_in_memory_bytes", sc.max_in_memory_bytes),
             ("scheduler.max_batch", sc.max_batch),
             ("scheduler.max_inflight_batches", sc.max_inflight_batches),
             ("max_batch", self.limits.max_batch),

@@ -16,6 +16,7 @@ const SINK_FAILED: &str = "timerdb_sink_failed_attempts_total";
 const DEAD_LETTERED: &str = "timerdb_sink_dead_lettered_total";
 const LATENESS: &str = "timerdb_scheduler_fire_lateness_seconds";
 const IN_MEMORY: &str = "timerdb_scheduler_timers_in_memory";
+const IN_MEMORY_BYTES: &str = "timerdb_scheduler_bytes_in_memory";
 const LOADED: &str = "timerdb_scheduler_timers_loaded_total";
 const STORE_OP: &str = "timerdb_store_operation_duration_seconds";
 const STORE_GROUP: &str = "timerdb_store_commit_group_size";
@@ -64,6 +65,11 @@ fn describe() {
         "Fired time minus due time (due time = later of fire_at and acceptance)"
     );
     describe_gauge!(IN_MEMORY, "Timers held in the scheduler's memory");
+    describe_gauge!(
+        IN_MEMORY_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes the timers in the scheduler's memory take (payload, key, headers, bookkeeping)"
+    );
     describe_counter!(LOADED, "Timers loaded from the store ahead of their bucket");
     describe_histogram!(
         STORE_OP,
@@ -122,9 +128,10 @@ pub fn dead_lettered(topic: &str) {
     counter!(DEAD_LETTERED, "topic" => topic.to_owned()).increment(1);
 }
 
-/// Timers currently in the scheduler's memory.
-pub fn in_memory(n: usize) {
+/// Timers currently in the scheduler's memory, and the bytes they take.
+pub fn in_memory(n: usize, bytes: usize) {
     gauge!(IN_MEMORY).set(n as f64);
+    gauge!(IN_MEMORY_BYTES).set(bytes as f64);
 }
 
 /// Timers loaded from the store.

@@ -40,6 +40,9 @@ pub struct SchedulerConfig {
     pub grace: Duration,
     /// Stop loading more buckets while this many timers are in memory.
     pub max_in_memory: usize,
+    /// Stop loading more buckets while the timers in memory take this many bytes
+    /// (payload, key, headers and bookkeeping).
+    pub max_in_memory_bytes: usize,
     /// Most timers handed to the sink in one call.
     pub max_batch: usize,
     /// Most sink calls in flight per range.
@@ -58,6 +61,7 @@ impl Default for SchedulerConfig {
             lookahead: Duration::from_secs(2),
             grace: Duration::from_secs(2),
             max_in_memory: 2_000_000,
+            max_in_memory_bytes: 1 << 30,
             max_batch: 4096,
             max_inflight_batches: 8,
             retry_min: Duration::from_millis(100),
@@ -162,13 +166,52 @@ struct RangeHandle {
     go: Option<oneshot::Sender<()>>,
 }
 
+/// What the ranges hold in memory, shared for the loaders' backpressure.
+#[derive(Debug, Default)]
+pub struct MemoryUse {
+    /// Timers.
+    pub timers: AtomicUsize,
+    /// Their size, as [`timer_bytes`] counts it.
+    pub bytes: AtomicUsize,
+    /// Read by a loader and sent to its range, not admitted yet (timers, bytes): counted
+    /// against the limits too, so a loader does not read bucket after bucket while its
+    /// range is still taking in the first.
+    pub loading: (AtomicUsize, AtomicUsize),
+}
+
+impl MemoryUse {
+    /// Whether holding more would pass `max_timers` or `max_bytes`.
+    pub fn full(&self, max_timers: usize, max_bytes: usize) -> bool {
+        self.timers.load(Ordering::Relaxed) + self.loading.0.load(Ordering::Relaxed) >= max_timers
+            || self.bytes.load(Ordering::Relaxed) + self.loading.1.load(Ordering::Relaxed)
+                >= max_bytes
+    }
+}
+
+/// What one timer held in memory costs: its payload, key and headers, plus the entry,
+/// queue and map bookkeeping around it.
+pub fn timer_bytes(t: &Timer) -> usize {
+    const BOOKKEEPING: usize = 160;
+    std::mem::size_of::<Timer>()
+        + BOOKKEEPING
+        + t.spec.payload.len()
+        + t.spec.key.as_ref().map_or(0, |k| k.len())
+        + t.spec.topic.len()
+        + t.spec.idempotency_key.as_ref().map_or(0, |k| k.len())
+        + t.spec
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 48)
+            .sum::<usize>()
+}
+
 /// The schedulers of the slot ranges this node owns.
 pub struct Scheduler {
     store: Arc<dyn TimerStore>,
     sink: Arc<dyn Sink>,
     layout: Layout,
     config: SchedulerConfig,
-    in_memory: Arc<AtomicUsize>,
+    in_memory: Arc<MemoryUse>,
     writes: Arc<Writes>,
     /// Set once shutdown begins: no new writes are registered.
     stopping: std::sync::atomic::AtomicBool,
@@ -189,7 +232,7 @@ impl Scheduler {
             store,
             sink,
             config,
-            in_memory: Arc::new(AtomicUsize::new(0)),
+            in_memory: Arc::new(MemoryUse::default()),
             writes: Arc::new(Writes::default()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             assigning: tokio::sync::Mutex::new(()),
@@ -270,7 +313,12 @@ impl Scheduler {
 
     /// Timers held in memory across all ranges.
     pub fn in_memory(&self) -> usize {
-        self.in_memory.load(Ordering::Relaxed)
+        self.in_memory.timers.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the timers in memory take, across all ranges (see [`timer_bytes`]).
+    pub fn in_memory_bytes(&self) -> usize {
+        self.in_memory.bytes.load(Ordering::Relaxed)
     }
 
     /// Registers a write about to begin; hold the guard until its hand-off is done.

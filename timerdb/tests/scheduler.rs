@@ -194,3 +194,56 @@ async fn a_failed_cancel_during_the_load_leaves_the_timer_to_fire() {
     scheduler.shutdown().await;
     store.close().await.unwrap();
 }
+
+/// Loading stops at the byte budget, not only at the timer count: 24 timers of 100 KB,
+/// one per bucket, all inside the look-ahead; with 350 KB allowed, memory never holds
+/// much more than that (one bucket past the budget at most), and every timer still fires
+/// as the earlier ones free room. Without the byte budget all 2.4 MB were loaded at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loading_pauses_at_the_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn TimerStore> = Arc::new(
+        EmbeddedStore::open(dir.path(), StoreOptions::default())
+            .await
+            .unwrap(),
+    );
+    let now = now_ms();
+    let specs: Vec<TimerSpec> = (0..24u64)
+        .map(|i| TimerSpec {
+            payload: vec![7u8; 100_000].into(),
+            ..spec(now + 1500 + i * 250, "big")
+        })
+        .collect();
+    insert_ok(&*store, &specs).await;
+    let sink = Arc::new(FlakySink {
+        failures: 0,
+        attempts: Mutex::default(),
+        delivered: Mutex::default(),
+    });
+    let budget = 350_000;
+    let scheduler = Scheduler::new(
+        store.clone(),
+        sink.clone(),
+        SchedulerConfig {
+            lookahead: Duration::from_secs(60),
+            max_in_memory_bytes: budget,
+            ..SchedulerConfig::default()
+        },
+    );
+    scheduler
+        .assign(vec![store.layout().all_slots()])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut most = 0;
+    while sink.delivered.lock().unwrap().len() < specs.len() {
+        assert!(started.elapsed() < Duration::from_secs(30), "not all fired");
+        most = most.max(scheduler.in_memory_bytes());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(most > 0, "the scheduler loaded timers");
+    // The budget, plus the bucket (several timers of 250 ms apart share a 1 s bucket)
+    // whose load began just under it.
+    assert!(most <= budget + 5 * 101_000, "held {most} bytes");
+    scheduler.shutdown().await;
+}

@@ -2,14 +2,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::{CancelProbe, MemState, Msg, RangeHandle, SchedulerConfig, Writes};
+use super::{
+    CancelProbe, MemState, MemoryUse, Msg, RangeHandle, SchedulerConfig, Writes, timer_bytes,
+};
 use crate::Result;
 use crate::metrics as m;
 use crate::sink::{Delivery, Sink};
@@ -76,7 +78,7 @@ pub(super) async fn start(
     store: Arc<dyn TimerStore>,
     sink: Arc<dyn Sink>,
     config: SchedulerConfig,
-    in_memory: Arc<AtomicUsize>,
+    in_memory: Arc<MemoryUse>,
     writes: Arc<Writes>,
 ) -> Result<RangeHandle> {
     let layout = store.layout();
@@ -143,6 +145,7 @@ pub(super) async fn start(
         next_unsettled: start_bucket,
         in_memory,
         held: 0,
+        held_bytes: 0,
         inflight: 0,
         lwm_written: start_bucket,
         lwm_writing: false,
@@ -167,7 +170,7 @@ struct Loader {
     store: Arc<dyn TimerStore>,
     config: SchedulerConfig,
     horizon: Arc<AtomicU64>,
-    in_memory: Arc<AtomicUsize>,
+    in_memory: Arc<MemoryUse>,
     tx: mpsc::UnboundedSender<Msg>,
     stop: Arc<AtomicBool>,
 }
@@ -188,7 +191,10 @@ impl Loader {
                     .await;
                 continue;
             }
-            if self.in_memory.load(Ordering::Relaxed) >= self.config.max_in_memory {
+            if self
+                .in_memory
+                .full(self.config.max_in_memory, self.config.max_in_memory_bytes)
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -238,6 +244,12 @@ impl Loader {
                             superseded: counts(superseded),
                             unreadable: counts(unreadable),
                         };
+                        let bytes: usize = part.timers.iter().map(timer_bytes).sum();
+                        self.in_memory
+                            .loading
+                            .0
+                            .fetch_add(part.timers.len(), Ordering::Relaxed);
+                        self.in_memory.loading.1.fetch_add(bytes, Ordering::Relaxed);
                         if self
                             .tx
                             .send(Msg::Loaded(bucket, part, last, total))
@@ -337,10 +349,11 @@ struct RangeTask {
     buckets: BTreeMap<u64, Bucket>,
     /// Every bucket before this was read (or found empty) by the loader.
     next_unsettled: u64,
-    /// Shared count of timers held in memory by all ranges, for the loader's backpressure.
-    in_memory: Arc<AtomicUsize>,
-    /// This range's share of `in_memory`.
+    /// What all ranges hold in memory, for the loader's backpressure.
+    in_memory: Arc<MemoryUse>,
+    /// This range's share of `in_memory`: timers and bytes.
     held: usize,
+    held_bytes: usize,
     inflight: usize,
     lwm_written: u64,
     lwm_writing: bool,
@@ -389,8 +402,24 @@ impl RangeTask {
         }
         self.stop_loader.store(true, Ordering::SeqCst);
         self.loader.abort();
-        self.in_memory.fetch_sub(self.held, Ordering::Relaxed);
-        m::in_memory(self.in_memory.load(Ordering::Relaxed));
+        // Loaded slices never taken in are no longer on their way.
+        while let Ok(msg) = rx.try_recv() {
+            if let Msg::Loaded(_, l, _, _) = msg {
+                let bytes: usize = l.timers.iter().map(timer_bytes).sum();
+                self.in_memory
+                    .loading
+                    .0
+                    .fetch_sub(l.timers.len(), Ordering::Relaxed);
+                self.in_memory.loading.1.fetch_sub(bytes, Ordering::Relaxed);
+            }
+        }
+        self.in_memory
+            .timers
+            .fetch_sub(self.held, Ordering::Relaxed);
+        self.in_memory
+            .bytes
+            .fetch_sub(self.held_bytes, Ordering::Relaxed);
+        self.report_memory();
         // Persist how far this range got, so a restart scans as little as possible and
         // fires nothing again that was confirmed.
         let progress = self.progress_candidate();
@@ -497,15 +526,28 @@ impl RangeTask {
         work.max(1)
     }
 
-    fn hold(&mut self, n: isize) {
-        if n >= 0 {
-            self.held += n as usize;
-            self.in_memory.fetch_add(n as usize, Ordering::Relaxed);
-        } else {
-            self.held -= n.unsigned_abs();
-            self.in_memory
-                .fetch_sub(n.unsigned_abs(), Ordering::Relaxed);
-        }
+    /// Counts a timer of `bytes` (its [`timer_bytes`]) as held in memory.
+    fn hold(&mut self, bytes: usize) {
+        self.held += 1;
+        self.held_bytes += bytes;
+        self.in_memory.timers.fetch_add(1, Ordering::Relaxed);
+        self.in_memory.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts `t` as no longer held.
+    fn release(&mut self, t: &Timer) {
+        let bytes = timer_bytes(t);
+        self.held -= 1;
+        self.held_bytes -= bytes;
+        self.in_memory.timers.fetch_sub(1, Ordering::Relaxed);
+        self.in_memory.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn report_memory(&self) {
+        m::in_memory(
+            self.in_memory.timers.load(Ordering::Relaxed),
+            self.in_memory.bytes.load(Ordering::Relaxed),
+        );
     }
 
     /// Adds a pending timer unless its id is already known (loaded and handed off, fired,
@@ -523,13 +565,15 @@ impl RangeTask {
                 if e.state == (State::Cancelling { had_timer: false }) {
                     e.state = State::Cancelling { had_timer: true };
                     e.due_ms = due_ms;
+                    let bytes = timer_bytes(&t);
                     e.timer = Some(Box::new(t));
                     self.cancelling.insert(id, due_ms);
-                    self.hold(1);
+                    self.hold(bytes);
                 }
                 return;
             }
         };
+        let bytes = timer_bytes(&t);
         slot.insert(Entry {
             due_ms,
             state: State::Pending,
@@ -538,10 +582,16 @@ impl RangeTask {
         });
         b.open += 1;
         self.due.push(due_ms, id);
-        self.hold(1);
+        self.hold(bytes);
     }
 
     fn loaded(&mut self, bucket: u64, loaded: LoadedBucket, last: bool, total: usize) {
+        let bytes: usize = loaded.timers.iter().map(timer_bytes).sum();
+        self.in_memory
+            .loading
+            .0
+            .fetch_sub(loaded.timers.len(), Ordering::Relaxed);
+        self.in_memory.loading.1.fetch_sub(bytes, Ordering::Relaxed);
         if loaded.has_rows() || total > 0 {
             // Cancelled and superseded rows are not loaded, but the bucket must still be
             // deleted; one with unreadable rows is settled but left in the store.
@@ -563,7 +613,7 @@ impl RangeTask {
         if last {
             self.next_unsettled = self.next_unsettled.max(bucket + self.layout.bucket_ms);
         }
-        m::in_memory(self.in_memory.load(Ordering::Relaxed));
+        self.report_memory();
     }
 
     /// Records a loaded timer that the last recorded progress says was delivered: it is
@@ -661,7 +711,7 @@ impl RangeTask {
                     }
                     let due = t.spec.fire_at_ms.max(t.created_ms);
                     lateness.push(Duration::from_millis(fired_at.saturating_sub(due)));
-                    self.hold(-1);
+                    self.release(&t);
                 }
                 Delivery::Failed(why) => {
                     failed += 1;
@@ -733,10 +783,12 @@ impl RangeTask {
             (Some(_), true) => {
                 // Cancelled in the store (or the row is gone): it never fires.
                 e.state = State::Cancelled;
-                e.timer = None;
+                let gone = e.timer.take();
                 b.open -= 1;
                 self.retrying.remove(&id);
-                self.hold(-1);
+                if let Some(t) = gone {
+                    self.release(&t);
+                }
             }
             (Some(CancelOutcome::Cancelled | CancelOutcome::AlreadyCancelled), false)
                 if id.bucket_ms > self.horizon.load(Ordering::SeqCst) =>
@@ -770,7 +822,7 @@ impl RangeTask {
     }
 
     fn housekeeping(&mut self) {
-        m::in_memory(self.in_memory.load(Ordering::Relaxed));
+        self.report_memory();
         let now = now_ms();
         let w = self.layout.bucket_ms;
         let grace = self.config.grace.as_millis() as u64;
