@@ -247,3 +247,96 @@ async fn loading_pauses_at_the_byte_budget() {
     assert!(most <= budget + 5 * 101_000, "held {most} bytes");
     scheduler.shutdown().await;
 }
+
+/// A bucket holding a row that cannot be decoded: the readable timer fires, the bucket is
+/// settled, but it is not deleted, so the unreadable row is still in the store for an
+/// operator (a row of a newer build read after a rollback is not destroyed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_with_an_unreadable_row_is_kept_in_the_store() {
+    const TIMERS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("timers");
+    let dir = tempfile::tempdir().unwrap();
+    let fire = now_ms() + 1500;
+    let ids = {
+        let store = EmbeddedStore::open(dir.path(), StoreOptions::default())
+            .await
+            .unwrap();
+        let ids = insert_ok(&store, &[spec(fire, "good"), spec(fire, "bad")]).await;
+        store.close().await.unwrap();
+        ids
+    };
+    {
+        let db = redb::Database::open(dir.path().join("timers.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(TIMERS)
+            .unwrap()
+            .insert(
+                ids[1].id.to_bytes().as_slice(),
+                [0xffu8, 0xff, 0x01].as_slice(),
+            )
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store: Arc<dyn TimerStore> = Arc::new(
+        EmbeddedStore::open(dir.path(), StoreOptions::default())
+            .await
+            .unwrap(),
+    );
+    let sink = Arc::new(FlakySink {
+        failures: 0,
+        attempts: Mutex::default(),
+        delivered: Mutex::default(),
+    });
+    let scheduler = Scheduler::new(
+        store.clone(),
+        sink.clone(),
+        SchedulerConfig {
+            grace: Duration::from_millis(200),
+            ..SchedulerConfig::default()
+        },
+    );
+    scheduler
+        .assign(vec![store.layout().all_slots()])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while sink.delivered.lock().unwrap().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(20), "nothing fired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the bucket's end and grace: a readable bucket would have been deleted by now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    scheduler.shutdown().await;
+    store.close().await.unwrap();
+    drop(scheduler);
+    drop(store);
+    let delivered: Vec<_> = sink
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(t, _)| t.id)
+        .collect();
+    assert_eq!(delivered, vec![ids[0].id]);
+    // Tasks that held the store may take a moment to let go of the file.
+    let started = Instant::now();
+    let db = loop {
+        match redb::Database::open(dir.path().join("timers.redb")) {
+            Ok(db) => break db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if started.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let table = txn.open_table(TIMERS).unwrap();
+    assert!(
+        table
+            .get(ids[1].id.to_bytes().as_slice())
+            .unwrap()
+            .is_some(),
+        "the unreadable row was deleted"
+    );
+}
