@@ -60,6 +60,15 @@ pub struct LoadedBucket {
     pub unreadable: usize,
 }
 
+/// One page of a bucket's rows.
+#[derive(Debug, Default)]
+pub struct LoadedPage {
+    /// The rows of this page.
+    pub rows: LoadedBucket,
+    /// The last id this page covered, if the bucket may have more rows after it.
+    pub next: Option<TimerId>,
+}
+
 impl LoadedBucket {
     /// Whether the bucket has rows at all (so it must be settled, deleted or kept).
     pub fn has_rows(&self) -> bool {
@@ -126,8 +135,34 @@ pub trait TimerStore: Send + Sync + 'static {
     /// Marks a pending timer cancelled, durably.
     async fn cancel(&self, id: TimerId) -> Result<CancelOutcome>;
 
-    /// All pending timers stored in `bucket_ms` for `slots`.
-    async fn load_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<LoadedBucket>;
+    /// Up to about `limit` rows of `bucket_ms` for `slots`, in id order, from the first
+    /// after `after` (or from the start); `next` is where the next page begins, or `None`
+    /// once the bucket is done. Pages let a loader hold a huge bucket in memory a part at
+    /// a time.
+    async fn load_page(
+        &self,
+        slots: SlotRange,
+        bucket_ms: u64,
+        after: Option<TimerId>,
+        limit: usize,
+    ) -> Result<LoadedPage>;
+
+    /// All pending timers stored in `bucket_ms` for `slots` (every page).
+    async fn load_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<LoadedBucket> {
+        let mut out = LoadedBucket::default();
+        let mut after = None;
+        loop {
+            let page = self.load_page(slots, bucket_ms, after, 100_000).await?;
+            out.timers.extend(page.rows.timers);
+            out.cancelled += page.rows.cancelled;
+            out.superseded += page.rows.superseded;
+            out.unreadable += page.rows.unreadable;
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return Ok(out),
+            }
+        }
+    }
 
     /// The first bucket in `from_ms..=until_ms` that may hold timers of `slots`, if any.
     /// May answer a bucket that turns out empty (never one later than the first non-empty).

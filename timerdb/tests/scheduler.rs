@@ -340,3 +340,54 @@ async fn a_bucket_with_an_unreadable_row_is_kept_in_the_store() {
         "the unreadable row was deleted"
     );
 }
+
+/// One bucket larger than the memory limit ("everything at midnight"): it is read a page
+/// at a time, so memory holds at most the limit plus a page, and every timer still fires.
+/// Before, the loader read the whole bucket into memory at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_larger_than_the_memory_limit_is_read_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn TimerStore> = Arc::new(
+        EmbeddedStore::open(dir.path(), StoreOptions::default())
+            .await
+            .unwrap(),
+    );
+    let fire = now_ms() + 3000;
+    for _ in 0..6 {
+        let specs: Vec<TimerSpec> = (0..10_000).map(|_| spec(fire, "midnight")).collect();
+        insert_ok(&*store, &specs).await;
+    }
+    let sink = Arc::new(FlakySink {
+        failures: 0,
+        attempts: Mutex::default(),
+        delivered: Mutex::default(),
+    });
+    let limit = 25_000;
+    let scheduler = Scheduler::new(
+        store.clone(),
+        sink.clone(),
+        SchedulerConfig {
+            max_in_memory: limit,
+            ..SchedulerConfig::default()
+        },
+    );
+    scheduler
+        .assign(vec![store.layout().all_slots()])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut most = 0;
+    while sink.delivered.lock().unwrap().len() < 60_000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} fired",
+            sink.delivered.lock().unwrap().len()
+        );
+        most = most.max(scheduler.in_memory());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The limit plus one page (20,000 rows) at most.
+    assert!(most <= limit + 20_000, "held {most} timers at once");
+    assert!(most > 0);
+    scheduler.shutdown().await;
+}

@@ -221,60 +221,99 @@ impl Loader {
                     continue;
                 }
             };
-            match self.store.load_bucket(self.range, bucket).await {
-                Ok(loaded) => {
-                    m::loaded(loaded.timers.len());
-                    // In slices, so the range task fires between them instead of stalling
-                    // for a whole bucket (a 60,000-timer bucket in one message delayed
-                    // the timers due meanwhile by 15-75 ms).
-                    let LoadedBucket {
-                        timers,
-                        cancelled,
-                        superseded,
-                        unreadable,
-                    } = loaded;
-                    let total = timers.len();
-                    let mut parts = slices(timers, LOAD_SLICE).peekable();
-                    while let Some(timers) = parts.next() {
-                        let last = parts.peek().is_none();
-                        let counts = |n: usize| if last { n } else { 0 };
-                        let part = LoadedBucket {
-                            timers,
-                            cancelled: counts(cancelled),
-                            superseded: counts(superseded),
-                            unreadable: counts(unreadable),
-                        };
-                        let bytes: usize = part.timers.iter().map(timer_bytes).sum();
-                        self.in_memory
-                            .loading
-                            .0
-                            .fetch_add(part.timers.len(), Ordering::Relaxed);
-                        self.in_memory.loading.1.fetch_add(bytes, Ordering::Relaxed);
-                        if self
-                            .tx
-                            .send(Msg::Loaded(bucket, part, last, total))
-                            .is_err()
-                        {
+            // A page at a time: between pages the memory limits are checked again, so a
+            // huge bucket ("everything at midnight") is never read into memory whole.
+            let mut after = None;
+            loop {
+                if after.is_some() {
+                    while self
+                        .in_memory
+                        .full(self.config.max_in_memory, self.config.max_in_memory_bytes)
+                    {
+                        if self.stop.load(Ordering::SeqCst) {
                             return;
                         }
-                        // A bucket read ahead of time is handed over at a pace, so the
-                        // range task fires what is due between slices rather than
-                        // spending a burst of milliseconds on admitting a whole bucket.
-                        // Overdue buckets (catching up after a restart) go at once.
-                        if !last && bucket > now_ms() + LOAD_PACE_MARGIN_MS {
-                            tokio::time::sleep(LOAD_PACE).await;
-                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    next = bucket + w;
                 }
-                Err(e) => {
-                    tracing::warn!(range = %self.range, bucket_ms = bucket, error = %e, "scheduler.load: store unavailable, retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                let page = match self
+                    .store
+                    .load_page(self.range, bucket, after, LOAD_PAGE)
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(range = %self.range, bucket_ms = bucket, error = %e, "scheduler.load: store unavailable, retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if self.stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let last_page = page.next.is_none();
+                if !self.send_page(bucket, page.rows, last_page).await {
+                    return;
+                }
+                match page.next {
+                    Some(n) => after = Some(n),
+                    None => break,
                 }
             }
+            next = bucket + w;
         }
     }
+
+    /// Hands one page of `bucket` to the range, in slices, so the range task fires between
+    /// them instead of stalling for a whole page (a 60,000-timer bucket in one message
+    /// delayed the timers due meanwhile by 15-75 ms). False once the range is gone.
+    async fn send_page(&self, bucket: u64, loaded: LoadedBucket, last_page: bool) -> bool {
+        m::loaded(loaded.timers.len());
+        let LoadedBucket {
+            timers,
+            cancelled,
+            superseded,
+            unreadable,
+        } = loaded;
+        let total = timers.len();
+        let mut parts = slices(timers, LOAD_SLICE).peekable();
+        while let Some(timers) = parts.next() {
+            let last_slice = parts.peek().is_none();
+            let counts = |n: usize| if last_slice { n } else { 0 };
+            let part = LoadedBucket {
+                timers,
+                cancelled: counts(cancelled),
+                superseded: counts(superseded),
+                unreadable: counts(unreadable),
+            };
+            let bytes: usize = part.timers.iter().map(timer_bytes).sum();
+            self.in_memory
+                .loading
+                .0
+                .fetch_add(part.timers.len(), Ordering::Relaxed);
+            self.in_memory.loading.1.fetch_add(bytes, Ordering::Relaxed);
+            let last = last_page && last_slice;
+            if self
+                .tx
+                .send(Msg::Loaded(bucket, part, last, total))
+                .is_err()
+            {
+                return false;
+            }
+            // A bucket read ahead of time is handed over at a pace, so the range task
+            // fires what is due between slices rather than spending a burst of
+            // milliseconds on admitting a whole bucket. Overdue buckets (catching up after
+            // a restart) go at once.
+            if !last && bucket > now_ms() + LOAD_PACE_MARGIN_MS {
+                tokio::time::sleep(LOAD_PACE).await;
+            }
+        }
+        true
+    }
 }
+
+/// Rows read from the store per page of a bucket.
+const LOAD_PAGE: usize = 20_000;
 
 /// Cuts `timers` into owned slices of at most `n`, each allocated for its own length only
 /// (`Vec::split_off` would leave every front slice holding the whole original buffer).

@@ -47,6 +47,7 @@ macro_rules! timer_store_conformance {
             batch_insert_keeps_order_and_buckets: 86_400,
             past_and_near_timers_go_to_a_future_bucket: 86_400,
             load_bucket_returns_exactly_its_slots: 86_400,
+            pages_cover_a_bucket_once: 86_400,
             next_bucket_skips_empty_stretches: 86_400,
             delete_bucket_removes_only_that_bucket: 86_400,
             cancel_is_durable_and_idempotent: 86_400,
@@ -329,4 +330,55 @@ pub async fn progress_is_kept_per_range(store: Arc<dyn TimerStore>) {
     };
     store.set_progress(all, &p2).await.unwrap();
     assert_eq!(store.progress(all).await.unwrap(), Some(p2));
+}
+
+/// Read a page at a time (of 7 rows), a bucket's rows of a slot range come back each
+/// exactly once, the same as one `load_bucket`, and the last page says there is no more.
+pub async fn pages_cover_a_bucket_once(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let fire = l.bucket_start(now_ms() + 120_000) + 10;
+    let specs: Vec<TimerSpec> = (0..250u32)
+        .map(|i| spec(fire + u64::from(i % 900), i))
+        .collect();
+    let ids = insert_ok(&*store, &specs).await;
+    let bucket = ids[0].id.bucket_ms;
+    assert!(ids.iter().all(|i| i.id.bucket_ms == bucket));
+    let half = crate::timer::SlotRange {
+        first: 0,
+        last: l.slots / 2 - 1,
+    };
+    for range in [l.all_slots(), half] {
+        let mut seen = std::collections::HashSet::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let page = store.load_page(range, bucket, after, 7).await.unwrap();
+            assert!(page.rows.timers.len() <= 7);
+            for t in page.rows.timers {
+                assert!(range.contains(l.slot_of(t.id.rand)));
+                assert!(seen.insert(t.id), "{} came twice", t.id);
+            }
+            pages += 1;
+            assert!(pages < 1000, "pages never end");
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        let whole: std::collections::HashSet<_> = store
+            .load_bucket(range, bucket)
+            .await
+            .unwrap()
+            .timers
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(seen, whole);
+        let want = ids
+            .iter()
+            .filter(|i| range.contains(l.slot_of(i.id.rand)))
+            .count();
+        assert_eq!(seen.len(), want);
+        assert!(pages > 1);
+    }
 }

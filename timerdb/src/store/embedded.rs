@@ -21,9 +21,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    CancelOutcome, Inserted, LoadedBucket, Progress, StoreOptions, StoredTimer, TimerStore,
-};
+use super::{CancelOutcome, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore};
 use crate::metrics as m;
 use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec, now_ms};
 use crate::{Error, Result};
@@ -630,25 +628,49 @@ impl TimerStore for EmbeddedStore {
         self.write(WriteOp::Cancel(id, tx), rx).await
     }
 
-    async fn load_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<LoadedBucket> {
+    async fn load_page(
+        &self,
+        slots: SlotRange,
+        bucket_ms: u64,
+        after: Option<TimerId>,
+        limit: usize,
+    ) -> Result<LoadedPage> {
         let layout = self.layout;
         self.read("load_bucket", move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(TIMERS)?;
             let (lo, hi) = bucket_keys(bucket_ms);
-            let mut out = LoadedBucket::default();
-            for row in table.range(lo.as_slice()..=hi.as_slice())? {
+            let mut out = LoadedPage::default();
+            let limit = limit.max(1);
+            let mut rows = 0;
+            let mut last = None;
+            let start = match after {
+                Some(a) if a.rand == u64::MAX => return Ok(out),
+                Some(a) => row_key(TimerId {
+                    bucket_ms,
+                    rand: a.rand + 1,
+                }),
+                None => lo,
+            };
+            for row in table.range(start.as_slice()..=hi.as_slice())? {
                 let (k, v) = row?;
+                let id = split_key(k.value());
                 if !in_slots(&layout, slots, k.value()) {
                     continue;
                 }
-                let id = split_key(k.value());
+                if rows >= limit {
+                    // More rows follow: the next page starts after the last one taken.
+                    out.next = last;
+                    break;
+                }
+                rows += 1;
+                last = Some(id);
                 match decode_value(id, v.value()) {
-                    Ok(t) if t.state == StoredState::Pending => out.timers.push(t.timer),
-                    Ok(_) => out.cancelled += 1,
+                    Ok(t) if t.state == StoredState::Pending => out.rows.timers.push(t.timer),
+                    Ok(_) => out.rows.cancelled += 1,
                     Err(e) => {
                         super::skip_unreadable(id, &e);
-                        out.unreadable += 1;
+                        out.rows.unreadable += 1;
                     }
                 }
             }

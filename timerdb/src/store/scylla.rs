@@ -24,9 +24,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, Row};
 
-use super::{
-    CancelOutcome, Inserted, LoadedBucket, Progress, StoreOptions, StoredTimer, TimerStore,
-};
+use super::{CancelOutcome, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore};
 use crate::metrics as m;
 use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec, now_ms};
 use crate::{Error, Result};
@@ -48,6 +46,8 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 const HOUR_MS: u64 = 3_600_000;
 /// Concurrent requests one store call may have in flight.
 const FAN_OUT: usize = 64;
+/// Partitions one page load reads at a time (each up to a page of rows).
+const LOAD_FAN_OUT: usize = 16;
 /// Index entries remembered as written, before the memory is dropped and rebuilt.
 const INDEX_CACHE_MAX: usize = 500_000;
 /// Most rows of one partition written as one unlogged batch, and most spec bytes in it.
@@ -202,6 +202,7 @@ struct Statements {
     bucket_slots: PreparedStatement,
     bucket_has_slots: PreparedStatement,
     load_partition: PreparedStatement,
+    load_partition_after: PreparedStatement,
     next_in_hour: PreparedStatement,
     delete_partition: PreparedStatement,
     delete_bucket_slots: PreparedStatement,
@@ -392,7 +393,11 @@ impl ScyllaStore {
             ))
             .await?,
             load_partition: prep(format!(
-                "SELECT rand, state, created_ms, spec FROM {ks}.timers WHERE slot = ? AND bucket = ?"
+                "SELECT rand, state, created_ms, spec FROM {ks}.timers WHERE slot = ? AND bucket = ? LIMIT ?"
+            ))
+            .await?,
+            load_partition_after: prep(format!(
+                "SELECT rand, state, created_ms, spec FROM {ks}.timers WHERE slot = ? AND bucket = ? AND rand > ? LIMIT ?"
             ))
             .await?,
             next_in_hour: prep(format!(
@@ -426,6 +431,7 @@ impl ScyllaStore {
             .await?,
         };
         st.load_partition.set_page_size(5000);
+        st.load_partition_after.set_page_size(5000);
         // The writer's clock starts at the latest low-water mark (see the embedded store's
         // `clock_floor`).
         let clock_floor = all_low_water(&session, &st.all_low_water)
@@ -443,6 +449,7 @@ impl ScyllaStore {
             &mut st.get_timer,
             &mut st.bucket_slots,
             &mut st.load_partition,
+            &mut st.load_partition_after,
             &mut st.delete_partition,
             &mut st.delete_bucket_slots,
             &mut st.delete_bucket_hour,
@@ -1012,46 +1019,93 @@ impl TimerStore for ScyllaStore {
         })
     }
 
-    async fn load_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<LoadedBucket> {
+    async fn load_page(
+        &self,
+        slots: SlotRange,
+        bucket_ms: u64,
+        after: Option<TimerId>,
+        limit: usize,
+    ) -> Result<LoadedPage> {
+        // Order: slot, then `rand` as the signed CQL bigint it is stored as.
         let started = Instant::now();
-        let present = self.slots_in(slots, bucket_ms).await?;
+        let limit = limit.max(1);
         let layout = self.layout;
+        let from = after.map(|a| (layout.slot_of(a.rand), a.rand as i64));
+        let mut present = self.slots_in(slots, bucket_ms).await?;
+        present.sort_unstable();
+        present.retain(|s| from.is_none_or(|(f, _)| *s >= f));
         let st = &self.st;
-        let parts: Vec<Vec<(i64, i8, i64, Vec<u8>)>> =
-            stream::iter(present.into_iter().map(|slot| async move {
-                let pager = self
-                    .session
-                    .execute_iter(st.load_partition.clone(), (slot as i32, bucket_ms as i64))
-                    .await
-                    .map_err(|e| unavailable("loading bucket", e))?;
-                pager
-                    .rows_stream::<(i64, i8, i64, Vec<u8>)>()
-                    .map_err(|e| unavailable("loading bucket", e))?
-                    .try_collect::<Vec<_>>()
-                    .await
-                    .map_err(|e| unavailable("loading bucket", e))
-            }))
-            .buffer_unordered(FAN_OUT)
-            .try_collect()
-            .await?;
-        let mut out = LoadedBucket::default();
-        for (rand, state, created, spec) in parts.into_iter().flatten() {
+        let fetch_limit = (limit + 1).min(i32::MAX as usize) as i32;
+        // Partitions are read a few at a time, in slot order, each up to one page; reading
+        // stops once the page is full (the rest are dropped unread).
+        let mut parts = stream::iter(present.into_iter().map(|slot| async move {
+            let pager = match from.filter(|(f, _)| *f == slot) {
+                Some((_, r)) => {
+                    self.session
+                        .execute_iter(
+                            st.load_partition_after.clone(),
+                            (slot as i32, bucket_ms as i64, r, fetch_limit),
+                        )
+                        .await
+                }
+                None => {
+                    self.session
+                        .execute_iter(
+                            st.load_partition.clone(),
+                            (slot as i32, bucket_ms as i64, fetch_limit),
+                        )
+                        .await
+                }
+            }
+            .map_err(|e| unavailable("loading bucket", e))?;
+            pager
+                .rows_stream::<(i64, i8, i64, Vec<u8>)>()
+                .map_err(|e| unavailable("loading bucket", e))?
+                .try_collect::<Vec<_>>()
+                .await
+                .map_err(|e| unavailable("loading bucket", e))
+        }))
+        .buffered(LOAD_FAN_OUT);
+        let mut rows: Vec<(i64, i8, i64, Vec<u8>)> = Vec::new();
+        let mut full = false;
+        while let Some(part) = parts.try_next().await? {
+            let room = limit - rows.len();
+            if part.len() > room {
+                rows.extend(part.into_iter().take(room));
+                full = true;
+                break;
+            }
+            rows.extend(part);
+            if rows.len() >= limit {
+                full = true;
+                break;
+            }
+        }
+        drop(parts);
+        let mut out = LoadedPage::default();
+        if full {
+            out.next = rows.last().map(|r| TimerId {
+                bucket_ms,
+                rand: r.0 as u64,
+            });
+        }
+        for (rand, state, created, spec) in rows {
             let id = TimerId {
                 bucket_ms,
                 rand: rand as u64,
             };
             debug_assert!(slots.contains(layout.slot_of(id.rand)));
             match self.decode(id, state, created, &spec) {
-                Ok(t) if t.state == StoredState::Pending => out.timers.push(t.timer),
-                Ok(_) => out.cancelled += 1,
+                Ok(t) if t.state == StoredState::Pending => out.rows.timers.push(t.timer),
+                Ok(_) => out.rows.cancelled += 1,
                 Err(e) => {
                     super::skip_unreadable(id, &e);
-                    out.unreadable += 1;
+                    out.rows.unreadable += 1;
                 }
             }
         }
-        (out.timers, out.superseded) = self.resolve_keys(out.timers).await?;
-        m::store_op("load_bucket", started.elapsed());
+        (out.rows.timers, out.rows.superseded) = self.resolve_keys(out.rows.timers).await?;
+        m::store_op("load_page", started.elapsed());
         Ok(out)
     }
 
