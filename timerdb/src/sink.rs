@@ -48,6 +48,13 @@ pub trait Sink: Send + Sync + 'static {
     /// Flushes anything buffered.
     async fn flush(&self) -> Result<()>;
 
+    /// Sends a copy of a stored row that cannot be decoded to the dead-letter topic, if the
+    /// sink has one: `Ok(true)` when sent, `Ok(false)` when there is nowhere to send it
+    /// (the row is logged and stays in the store either way).
+    async fn dead_letter_unreadable(&self, _row: &crate::store::Unreadable) -> Result<bool> {
+        Ok(false)
+    }
+
     /// The largest message (payload, key and headers together) this sink can write, if it
     /// has a limit; a timer that would exceed it is refused when it is set.
     fn max_message_bytes(&self) -> Option<usize> {

@@ -55,9 +55,21 @@ pub struct LoadedBucket {
     /// Rows not fired because their idempotency key belongs to another timer (deleted with
     /// the bucket).
     pub superseded: usize,
-    /// Rows that could not be decoded: not fired, and the bucket is left in the store
-    /// (not deleted) so they can be inspected and recovered.
-    pub unreadable: usize,
+    /// Rows that could not be decoded: not fired (but dead-lettered where the sink can),
+    /// and the bucket is left in the store (not deleted) so they can be inspected and
+    /// recovered.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A stored row that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The id its key names.
+    pub id: TimerId,
+    /// The stored bytes, as they are.
+    pub raw: Vec<u8>,
+    /// Why it could not be decoded.
+    pub error: String,
 }
 
 /// One page of a bucket's rows.
@@ -72,7 +84,9 @@ pub struct LoadedPage {
 impl LoadedBucket {
     /// Whether the bucket has rows at all (so it must be settled, deleted or kept).
     pub fn has_rows(&self) -> bool {
-        !self.timers.is_empty() || self.cancelled + self.superseded + self.unreadable > 0
+        !self.timers.is_empty()
+            || self.cancelled + self.superseded > 0
+            || !self.unreadable.is_empty()
     }
 }
 
@@ -156,7 +170,7 @@ pub trait TimerStore: Send + Sync + 'static {
             out.timers.extend(page.rows.timers);
             out.cancelled += page.rows.cancelled;
             out.superseded += page.rows.superseded;
-            out.unreadable += page.rows.unreadable;
+            out.unreadable.extend(page.rows.unreadable);
             match page.next {
                 Some(n) => after = Some(n),
                 None => return Ok(out),
@@ -196,9 +210,14 @@ pub trait TimerStore: Send + Sync + 'static {
 /// A stored row that cannot be decoded is skipped, not fired: logged with its id and
 /// counted (`timerdb_store_unreadable_rows_total`), so one bad row cannot stop its range.
 /// Its bucket is then left in the store, not deleted (see [`LoadedBucket::unreadable`]).
-pub(crate) fn skip_unreadable(id: TimerId, e: &Error) {
+pub(crate) fn skip_unreadable(id: TimerId, raw: &[u8], e: &Error) -> Unreadable {
     tracing::error!(timer_id = %id, error = %e, "skipping a stored timer that cannot be decoded");
     crate::metrics::unreadable_row();
+    Unreadable {
+        id,
+        raw: raw.to_vec(),
+        error: e.to_string(),
+    }
 }
 
 /// Logs a warning when this machine's clock is behind `floor`, the latest low-water mark

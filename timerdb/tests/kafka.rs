@@ -269,3 +269,65 @@ async fn a_message_over_the_sinks_limit_is_refused_when_set() {
     let more = collect(&c, Duration::from_millis(1500), |_| false).await;
     assert!(more.is_empty(), "only the small one was stored and fired");
 }
+
+/// A stored row that cannot be decoded: its neighbours fire, and a copy of the row as it is
+/// stored goes to the dead-letter topic, keyed and headed by its id, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_row_goes_to_the_dead_letter_topic() {
+    use timerdb::store::TimerStore;
+    let Some(svc) = services() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (topic, dlq) = (unique("neighbours"), unique("dead_letter"));
+    create_topic(&svc.kafka, &topic, 1).await;
+    create_topic(&svc.kafka, &dlq, 1).await;
+    let fire = now_ms() + 3000;
+    let data = dir.path().join("data");
+    let ids = {
+        let store = timerdb::store::embedded::EmbeddedStore::open(&data, Default::default())
+            .await
+            .unwrap();
+        let spec = |p: &str| timerdb::timer::TimerSpec {
+            fire_at_ms: fire,
+            topic: topic.clone(),
+            partition: 0,
+            key: None,
+            headers: vec![],
+            payload: p.to_owned().into(),
+            idempotency_key: None,
+        };
+        let ids =
+            timerdb::store::conformance::insert_ok(&store, &[spec("good"), spec("bad")]).await;
+        store.close().await.unwrap();
+        ids
+    };
+    let raw = [0xffu8, 0xfe, 0x01];
+    {
+        const TIMERS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("timers");
+        let db = redb::Database::open(data.join("timers.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(TIMERS)
+            .unwrap()
+            .insert(ids[1].id.to_bytes().as_slice(), raw.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let sink = format!("kafka://{}?dead_letter_topic={dlq}", svc.kafka);
+    let node = Node::start_with(dir.path(), None, Some(sink), &[]).await;
+    let c = consumer(&svc.kafka, &[&dlq]);
+    let got = collect(&c, Duration::from_secs(60), |m| !m.is_empty()).await;
+    assert_eq!(got.len(), 1, "dead-lettered\n{}", node.log_tail());
+    let m = &got[0];
+    let bad = ids[1].id.to_string();
+    assert_eq!(m.timer_id(), bad);
+    assert_eq!(m.key, bad.as_bytes());
+    assert_eq!(m.payload, raw);
+    assert!(
+        String::from_utf8_lossy(&m.headers["timerdb-error"]).contains("cannot be decoded"),
+        "{m:?}"
+    );
+    let good = consumer(&svc.kafka, &[&topic]);
+    let fired = collect(&good, Duration::from_secs(30), |m| !m.is_empty()).await;
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0].timer_id(), ids[0].id.to_string());
+    assert_eq!(fired[0].payload, b"good");
+}

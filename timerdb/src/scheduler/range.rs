@@ -273,7 +273,7 @@ impl Loader {
             timers,
             cancelled,
             superseded,
-            unreadable,
+            mut unreadable,
         } = loaded;
         let total = timers.len();
         let mut parts = slices(timers, LOAD_SLICE).peekable();
@@ -284,7 +284,11 @@ impl Loader {
                 timers,
                 cancelled: counts(cancelled),
                 superseded: counts(superseded),
-                unreadable: counts(unreadable),
+                unreadable: if last_slice {
+                    std::mem::take(&mut unreadable)
+                } else {
+                    Vec::new()
+                },
             };
             let bytes: usize = part.timers.iter().map(timer_bytes).sum();
             self.in_memory
@@ -625,6 +629,18 @@ impl RangeTask {
     }
 
     fn loaded(&mut self, bucket: u64, loaded: LoadedBucket, last: bool, total: usize) {
+        if !loaded.unreadable.is_empty() {
+            // Copies go to the dead-letter topic (where the sink has one); the rows stay.
+            let rows = loaded.unreadable.clone();
+            let sink = self.sink.clone();
+            tokio::spawn(async move {
+                for row in &rows {
+                    if let Err(e) = sink.dead_letter_unreadable(row).await {
+                        tracing::warn!(timer_id = %row.id, error = %e, "could not dead-letter an unreadable row; it stays in the store");
+                    }
+                }
+            });
+        }
         let bytes: usize = loaded.timers.iter().map(timer_bytes).sum();
         self.in_memory
             .loading
@@ -635,7 +651,7 @@ impl RangeTask {
             // Cancelled and superseded rows are not loaded, but the bucket must still be
             // deleted; one with unreadable rows is settled but left in the store.
             let b = self.buckets.entry(bucket).or_default();
-            b.keep_in_store |= loaded.unreadable > 0;
+            b.keep_in_store |= !loaded.unreadable.is_empty();
             // Room for the whole bucket at its first slice: no rehashing while it comes in.
             b.entries.reserve(total.saturating_sub(b.entries.len()));
         }

@@ -240,6 +240,33 @@ impl Sink for KafkaSink {
         Some(self.max_message_bytes)
     }
 
+    async fn dead_letter_unreadable(&self, row: &crate::store::Unreadable) -> Result<bool> {
+        let Some(dlq) = &self.dead_letter_topic else {
+            return Ok(false);
+        };
+        let id = row.id.to_string();
+        let why = format!("stored row cannot be decoded: {}", row.error);
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: super::HEADER_ID,
+                value: Some(id.as_bytes()),
+            })
+            .insert(Header {
+                key: "timerdb-error",
+                value: Some(why.as_bytes()),
+            });
+        let record = FutureRecord::to(dlq)
+            .key(id.as_bytes())
+            .payload(row.raw.as_slice())
+            .headers(headers);
+        self.producer
+            .send(record, Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| Error::Unavailable(format!("dead-letter topic {dlq:?}: {e}")))?;
+        m::dead_lettered(dlq);
+        Ok(true)
+    }
+
     async fn check_target(&self, topic: &str, partition: i32) -> Result<()> {
         match self.partition_count(topic).await? {
             None => Err(Error::FailedPrecondition(format!(

@@ -669,8 +669,8 @@ impl TimerStore for EmbeddedStore {
                     Ok(t) if t.state == StoredState::Pending => out.rows.timers.push(t.timer),
                     Ok(_) => out.rows.cancelled += 1,
                     Err(e) => {
-                        super::skip_unreadable(id, &e);
-                        out.rows.unreadable += 1;
+                        let row = super::skip_unreadable(id, v.value(), &e);
+                        out.rows.unreadable.push(row);
                     }
                 }
             }
