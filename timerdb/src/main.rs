@@ -9,6 +9,16 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `timerdb serve`: the process-wide Prometheus recorder is installed here, once, not by
+/// the node (several nodes may run in one process).
+async fn serve(config: timerdb::config::Config) -> timerdb::Result<()> {
+    config.validate()?;
+    if let Some(addr) = config.metrics_listen {
+        timerdb::metrics::install(addr)?;
+    }
+    timerdb::server::run(config).await
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -24,9 +34,7 @@ async fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => match args.config() {
-            Ok(config) => timerdb::server::run(config)
-                .await
-                .map_err(anyhow::Error::from),
+            Ok(config) => serve(config).await.map_err(anyhow::Error::from),
             Err(e) => Err(e.into()),
         },
         other => timerdb::cli::run_client(other).await,

@@ -1,6 +1,10 @@
 //! Runs one TimerDB node: store, sink, scheduler, gRPC API, health, reflection, metrics.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
 
 use timerdb_proto::v1::timer_service_server::TimerServiceServer;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -13,7 +17,8 @@ use crate::{Error, Result, sink, store};
 /// Largest gRPC request accepted: room for a full batch of typical timers.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// Runs a node until SIGTERM or Ctrl-C, then shuts down gracefully.
+/// Runs a node until SIGTERM or Ctrl-C, then shuts down gracefully. Metrics are served
+/// only if the caller installed a recorder (the binary does, see [`crate::metrics::install`]).
 pub async fn run(config: Config) -> Result<()> {
     run_until(config, shutdown_signal()).await
 }
@@ -21,10 +26,54 @@ pub async fn run(config: Config) -> Result<()> {
 /// Runs a node until `shutdown` completes: stops accepting calls, lets in-flight fires
 /// finish, records progress, and closes the store.
 pub async fn run_until(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-    config.validate()?;
-    if let Some(addr) = config.metrics_listen {
-        crate::metrics::install(addr)?;
+    let mut node = start(config).await?;
+    tokio::select! {
+        () = shutdown => node.shutdown().await,
+        // The server ended by itself (an error): report it.
+        ended = &mut node.task => {
+            node.stop = None;
+            ended.map_err(|e| Error::Internal(format!("node task: {e}")))?
+        }
     }
+}
+
+/// A node running in this process, as [`start`] returns it.
+pub struct NodeHandle {
+    /// The address its gRPC API listens on (the port is the bound one when the
+    /// configuration asked for port 0).
+    pub addr: SocketAddr,
+    /// Its scheduler (the slot ranges it owns, what it holds in memory).
+    pub scheduler: Arc<Scheduler>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl NodeHandle {
+    /// Stops the node gracefully (no new calls; in-flight fires finish; progress recorded;
+    /// store closed) and waits until it has.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| Error::Internal(format!("node task: {e}")))?
+    }
+}
+
+/// Starts a node in this process: opens its store and sink, takes every slot, binds its
+/// listener, and serves until [`NodeHandle::shutdown`]. Several nodes may run in one
+/// process (each on its own store); none installs a metrics recorder.
+pub async fn start(config: Config) -> Result<NodeHandle> {
+    config.validate()?;
     let store = store::open(&config.store, config.store_options.clone()).await?;
     let sink = sink::open(&config.sink).await?;
     if let Some(max) = sink.max_message_bytes()
@@ -73,33 +122,47 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()> + Send
         bucket_ms = layout.bucket_ms,
         "timerdb ready"
     );
-    let served = tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            name_the_message_limit::<tonic::body::Body>,
-        ))
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(
-            TimerServiceServer::new(api)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
-    tracing::info!("timerdb stopping: no new calls; finishing in-flight fires");
-    health_reporter
-        .set_not_serving::<TimerServiceServer<TimerApi>>()
-        .await;
-    // Writes already under way finish and hand off first, so the progress each range
-    // records at its stop covers their timers too.
-    let waited = std::time::Instant::now();
-    while !scheduler.writes().is_empty() && waited.elapsed() < config.scheduler.shutdown_timeout {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    scheduler.shutdown().await;
-    store.close().await?;
-    tracing::info!("timerdb stopped");
-    served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+    let (stop, stopped) = oneshot::channel::<()>();
+    let node_scheduler = scheduler.clone();
+    let task = tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                name_the_message_limit::<tonic::body::Body>,
+            ))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(
+                TimerServiceServer::new(api)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stopped.await;
+            })
+            .await;
+        tracing::info!("timerdb stopping: no new calls; finishing in-flight fires");
+        health_reporter
+            .set_not_serving::<TimerServiceServer<TimerApi>>()
+            .await;
+        // Writes already under way finish and hand off first, so the progress each range
+        // records at its stop covers their timers too.
+        let waited = std::time::Instant::now();
+        while !node_scheduler.writes().is_empty()
+            && waited.elapsed() < config.scheduler.shutdown_timeout
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        node_scheduler.shutdown().await;
+        store.close().await?;
+        tracing::info!("timerdb stopped");
+        served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+    });
+    Ok(NodeHandle {
+        addr: bound,
+        scheduler,
+        stop: Some(stop),
+        task,
+    })
 }
 
 /// tonic refuses a request over the decoding limit with `OUT_OF_RANGE` in its own words;

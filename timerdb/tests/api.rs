@@ -563,3 +563,55 @@ async fn a_batch_over_the_message_limit_is_refused_by_name() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(node.fired().is_empty());
 }
+
+/// Two nodes in one process (`timerdb::server::start`), each on its own store, sink and
+/// bound port: both take calls and fire, and each shuts down on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_run_in_one_process() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut nodes = Vec::new();
+    for d in &dirs {
+        let config = timerdb::config::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+            store: format!("embedded://{}", d.path().join("data").display()),
+            sink: format!("jsonl://{}", d.path().join("fired.jsonl").display()),
+            ..Default::default()
+        };
+        nodes.push(timerdb::server::start(config).await.unwrap());
+    }
+    assert_ne!(nodes[0].addr, nodes[1].addr);
+    let mut ids = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let mut client =
+            v1::timer_service_client::TimerServiceClient::connect(format!("http://{}", n.addr))
+                .await
+                .unwrap();
+        let id = client
+            .set_timeout(request(now_ms() + 500, "embedded", 0, &format!("node-{i}")))
+            .await
+            .unwrap()
+            .into_inner()
+            .timer_id;
+        ids.push(id);
+    }
+    for (d, id) in dirs.iter().zip(&ids) {
+        let path = d.path().join("fired.jsonl");
+        let started = std::time::Instant::now();
+        loop {
+            let fired = common::read_fired(&path);
+            if fired.iter().any(|l| &l.timer_id == id) {
+                assert_eq!(fired.len(), 1, "only its own timer: {fired:?}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{id} never fired"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for n in nodes {
+        n.shutdown().await.unwrap();
+    }
+}
