@@ -327,6 +327,18 @@ impl Config {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<()> {
         self.store_options.layout.validate()?;
+        // Both URLs are read here, before any I/O: a bad sink option must not surface only
+        // after the store has connected and migrated.
+        crate::store::check_url(&self.store)?;
+        if let Some(max) = crate::sink::check_url(&self.sink)?
+            && self.limits.max_payload_bytes > max
+        {
+            return Err(Error::Config(format!(
+                "max_payload_bytes = {} is over the sink's largest message, {max} bytes (sink \
+                 URL option max_message_bytes): such timers could be accepted and never produced",
+                self.limits.max_payload_bytes
+            )));
+        }
         let sc = &self.scheduler;
         let positive = [
             ("max_in_memory", sc.max_in_memory),
@@ -390,6 +402,34 @@ mod tests {
         let c = Config::load(Overrides::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.store, DEFAULT_STORE);
+    }
+
+    /// Both URLs are read when the configuration loads, before any I/O: a bad sink option
+    /// next to a store that would take seconds to reach fails at once, naming the option.
+    #[test]
+    fn bad_store_and_sink_urls_are_refused_at_load() {
+        let load = |store: &str, sink: &str| {
+            Config::load(Overrides {
+                store: Some(store.into()),
+                sink: Some(sink.into()),
+                ..Overrides::default()
+            })
+            .unwrap_err()
+            .to_string()
+        };
+        let unreachable = "scylla://192.0.2.1:9042/timers";
+        let err = load(unreachable, "kafka://127.0.0.1:9092?compresion=lz4");
+        assert!(err.contains("compresion"), "{err}");
+        let err = load(unreachable, "kafka://127.0.0.1:9092?compression=brotli");
+        assert!(err.contains("brotli"), "{err}");
+        let err = load(unreachable, "kafka://127.0.0.1:9092?linger_ms=soon");
+        assert!(err.contains("linger_ms"), "{err}");
+        let err = load("scylla://192.0.2.1:9042/bad-keyspace!", "stdout:");
+        assert!(err.contains("bad-keyspace!"), "{err}");
+        let err = load("rocksdb:///tmp/x", "stdout:");
+        assert!(err.contains("unsupported store URL"), "{err}");
+        let err = load(unreachable, "kafka://127.0.0.1:9092?max_message_bytes=1000");
+        assert!(err.contains("max_payload_bytes"), "{err}");
     }
 
     #[test]

@@ -76,15 +76,6 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
     config.validate()?;
     let store = store::open(&config.store, config.store_options.clone()).await?;
     let sink = sink::open(&config.sink).await?;
-    if let Some(max) = sink.max_message_bytes()
-        && config.limits.max_payload_bytes > max
-    {
-        return Err(Error::Config(format!(
-            "max_payload_bytes = {} is over the sink's largest message, {max} bytes (sink URL \
-             option max_message_bytes): such timers could be accepted and never produced",
-            config.limits.max_payload_bytes
-        )));
-    }
     let scheduler = Scheduler::new(store.clone(), sink.clone(), config.scheduler.clone());
     let layout = store.layout();
     // A single node owns every slot; a cluster member is assigned its ranges instead.

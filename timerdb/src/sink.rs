@@ -102,6 +102,29 @@ pub fn message_headers(timer: &Timer, fired_at_ms: u64) -> Vec<(&str, Vec<u8>)> 
     h
 }
 
+/// Checks `url` the way [`open`] reads it, without any I/O; returns the largest message
+/// the sink takes, if it has a limit.
+pub fn check_url(url: &str) -> Result<Option<usize>> {
+    if url == "stdout:" || url == "stdout" {
+        return Ok(None);
+    }
+    if let Some(path) = url
+        .strip_prefix("jsonl://")
+        .or_else(|| url.strip_prefix("jsonl:"))
+    {
+        if path.is_empty() {
+            return Err(Error::Config(format!("sink URL {url:?} has no file path")));
+        }
+        return Ok(None);
+    }
+    if url.starts_with("kafka://") {
+        return Ok(Some(kafka::KafkaUrl::parse(url)?.max_message_bytes));
+    }
+    Err(Error::Config(format!(
+        "unsupported sink URL {url:?}: expected stdout:, jsonl:///path or kafka://host:port"
+    )))
+}
+
 /// Opens the sink named by `url`: `stdout:`, `jsonl:///path` (or `jsonl:relative/path`),
 /// `kafka://host:port[,host:port...][?dead_letter_topic=T&compression=lz4&linger_ms=5]`.
 pub async fn open(url: &str) -> Result<Arc<dyn Sink>> {

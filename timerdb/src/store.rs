@@ -257,6 +257,27 @@ impl Default for StoreOptions {
     }
 }
 
+/// Checks `url` the way [`open`] reads it, without any I/O.
+pub fn check_url(url: &str) -> Result<()> {
+    if let Some(path) = url
+        .strip_prefix("embedded://")
+        .or_else(|| url.strip_prefix("embedded:"))
+    {
+        if path.is_empty() {
+            return Err(Error::Config(format!(
+                "store URL {url:?} has no path; use embedded:///absolute/dir or embedded:relative/dir"
+            )));
+        }
+        return Ok(());
+    }
+    if url.starts_with("scylla://") {
+        return scylla::ScyllaUrl::parse(url).map(|_| ());
+    }
+    Err(Error::Config(format!(
+        "unsupported store URL {url:?}: expected embedded:///path or scylla://host:9042/keyspace"
+    )))
+}
+
 /// Opens the store named by `url`: `embedded:PATH` / `embedded://PATH`, or
 /// `scylla://host:port[,host:port]/keyspace[?options]` (see [`scylla::ScyllaUrl`]).
 pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn TimerStore>> {

@@ -67,9 +67,27 @@ impl PartitionCache {
     }
 }
 
-impl KafkaSink {
-    /// Connects a producer as described by `url` (no round trip is made here).
-    pub async fn open(url: &str) -> Result<KafkaSink> {
+/// A parsed `kafka://` sink URL (no I/O: every mistake in it shows at configuration load).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaUrl {
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Where undeliverable timers (and copies of unreadable rows) go.
+    pub dead_letter_topic: Option<String>,
+    /// `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    pub compression: String,
+    /// How long the producer waits to fill a batch.
+    pub linger_ms: u64,
+    /// Largest message produced (payload, key and headers).
+    pub max_message_bytes: usize,
+    /// How long one delivery may take before it counts as failed.
+    pub message_timeout_ms: u64,
+}
+
+impl KafkaUrl {
+    /// Parses `kafka://host:port[,host:port...][?option=value&...]`.
+    pub fn parse(url: &str) -> Result<KafkaUrl> {
+        let bad = |why: String| Error::Config(format!("sink URL {url:?}: {why}"));
         let rest = url
             .strip_prefix("kafka://")
             .ok_or_else(|| Error::Config(format!("sink URL {url:?} must start with kafka://")))?;
@@ -80,71 +98,95 @@ impl KafkaSink {
                 "sink URL {url:?} names no broker; use kafka://host:port"
             )));
         }
+        let mut out = KafkaUrl {
+            brokers: hosts.to_owned(),
+            dead_letter_topic: None,
+            compression: "none".into(),
+            linger_ms: 5,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            message_timeout_ms: 30_000,
+        };
+        let number = |k: &str, v: &str, range: std::ops::RangeInclusive<u64>, why: &str| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| range.contains(n))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{k} {v:?}: want {}..={} ({why})",
+                        range.start(),
+                        range.end()
+                    ))
+                })
+        };
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match k.as_ref() {
+                "dead_letter_topic" if !v.is_empty() => {
+                    out.dead_letter_topic = Some(v.into_owned())
+                }
+                "compression" => {
+                    if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&v.as_ref()) {
+                        return Err(bad(format!(
+                            "compression {v:?}: want none, gzip, snappy, lz4 or zstd"
+                        )));
+                    }
+                    out.compression = v.into_owned();
+                }
+                "linger_ms" => {
+                    out.linger_ms = number("linger_ms", &v, 0..=10_000, "batching delay")?;
+                }
+                "message_timeout_ms" => {
+                    out.message_timeout_ms = number(
+                        "message_timeout_ms",
+                        &v,
+                        1000..=3_600_000,
+                        "how long one delivery may take before the scheduler retries it",
+                    )?;
+                }
+                "max_message_bytes" => {
+                    out.max_message_bytes = number(
+                        "max_message_bytes",
+                        &v,
+                        1000..=1_000_000_000,
+                        "and no more than the broker's message.max.bytes",
+                    )? as usize;
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown option {other:?} (known: dead_letter_topic, compression, linger_ms, max_message_bytes, message_timeout_ms)"
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl KafkaSink {
+    /// Connects a producer as described by `url` (no round trip is made here).
+    pub async fn open(url: &str) -> Result<KafkaSink> {
+        let u = KafkaUrl::parse(url)?;
         let mut config = ClientConfig::new();
         config
-            .set("bootstrap.servers", hosts)
+            .set("bootstrap.servers", &u.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("compression.type", "none")
+            .set("linger.ms", u.linger_ms.to_string())
+            .set("compression.type", &u.compression)
             // librdkafka would otherwise ask the broker to create any topic it is asked
             // about: a typo in a topic would then pass the check at SetTimeout, and a
             // deleted topic would come back instead of its timers being dead-lettered.
             .set("allow.auto.create.topics", "false")
             // A delivery that cannot finish in this time is reported failed; the scheduler
             // keeps the timer and retries, so nothing is dropped.
-            .set("message.timeout.ms", "30000");
-        let mut dead_letter_topic = None;
-        let mut max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES;
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            match k.as_ref() {
-                "dead_letter_topic" => dead_letter_topic = Some(v.into_owned()),
-                "compression" => {
-                    config.set("compression.type", v.as_ref());
-                }
-                "linger_ms" => {
-                    config.set("linger.ms", v.as_ref());
-                }
-                "message_timeout_ms" => {
-                    let ms: u64 = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1000..=3_600_000).contains(n))
-                        .ok_or_else(|| {
-                            Error::Config(format!(
-                                "sink URL {url:?}: message_timeout_ms {v:?}: want 1000..=3600000 \
-                                 (how long one delivery may take before the scheduler retries it)"
-                            ))
-                        })?;
-                    config.set("message.timeout.ms", ms.to_string());
-                }
-                "max_message_bytes" => {
-                    max_message_bytes = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1000..=1_000_000_000).contains(n))
-                        .ok_or_else(|| {
-                            Error::Config(format!(
-                                "sink URL {url:?}: max_message_bytes {v:?}: want 1000..=1000000000 \
-                                 (and no more than the broker's message.max.bytes)"
-                            ))
-                        })?;
-                }
-                other => {
-                    return Err(Error::Config(format!(
-                        "sink URL {url:?}: unknown option {other:?} (known: dead_letter_topic, compression, linger_ms, max_message_bytes, message_timeout_ms)"
-                    )));
-                }
-            }
-        }
-        config.set("message.max.bytes", max_message_bytes.to_string());
+            .set("message.timeout.ms", u.message_timeout_ms.to_string())
+            .set("message.max.bytes", u.max_message_bytes.to_string());
         let producer: FutureProducer = config
             .create()
             .map_err(|e| Error::Config(format!("sink URL {url:?}: {e}")))?;
         Ok(KafkaSink {
             producer,
-            dead_letter_topic,
-            max_message_bytes,
+            dead_letter_topic: u.dead_letter_topic,
+            max_message_bytes: u.max_message_bytes,
             partitions: Mutex::new(PartitionCache::default()),
         })
     }
