@@ -138,6 +138,8 @@ pub struct FileScheduler {
     pub max_in_memory: Option<usize>,
     /// Bytes the timers in memory may take before loading pauses.
     pub max_in_memory_bytes: Option<usize>,
+    /// Rows read per page of a bucket.
+    pub load_page_rows: Option<usize>,
     /// Timers per sink call.
     pub max_batch: Option<usize>,
     /// Sink calls in flight per range.
@@ -282,6 +284,9 @@ impl Config {
         if let Some(v) = o.max_in_memory_bytes.or(s.max_in_memory_bytes) {
             sc.max_in_memory_bytes = v;
         }
+        if let Some(v) = s.load_page_rows {
+            sc.load_page_rows = v;
+        }
         if let Some(v) = s.max_batch {
             sc.max_batch = v;
         }
@@ -343,6 +348,7 @@ impl Config {
         let positive = [
             ("max_in_memory", sc.max_in_memory),
             ("max_in_memory_bytes", sc.max_in_memory_bytes),
+            ("scheduler.load_page_rows", sc.load_page_rows),
             ("scheduler.max_batch", sc.max_batch),
             ("scheduler.max_inflight_batches", sc.max_inflight_batches),
             ("max_batch", self.limits.max_batch),

@@ -43,6 +43,9 @@ pub struct SchedulerConfig {
     /// Stop loading more buckets while the timers in memory take this many bytes
     /// (payload, key, headers and bookkeeping).
     pub max_in_memory_bytes: usize,
+    /// Rows read from the store per page of a bucket (the memory limits are checked
+    /// between pages).
+    pub load_page_rows: usize,
     /// Most timers handed to the sink in one call.
     pub max_batch: usize,
     /// Most sink calls in flight per range.
@@ -62,6 +65,7 @@ impl Default for SchedulerConfig {
             grace: Duration::from_secs(2),
             max_in_memory: 2_000_000,
             max_in_memory_bytes: 1 << 30,
+            load_page_rows: 20_000,
             max_batch: 4096,
             max_inflight_batches: 8,
             retry_min: Duration::from_millis(100),

@@ -301,16 +301,7 @@ async fn an_unreadable_row_goes_to_the_dead_letter_topic() {
         ids
     };
     let raw = [0xffu8, 0xfe, 0x01];
-    {
-        const TIMERS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("timers");
-        let db = redb::Database::open(data.join("timers.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(TIMERS)
-            .unwrap()
-            .insert(ids[1].id.to_bytes().as_slice(), raw.as_slice())
-            .unwrap();
-        txn.commit().unwrap();
-    }
+    common::corrupt_embedded_row(&data, ids[1].id, &raw);
     let sink = format!("kafka://{}?dead_letter_topic={dlq}", svc.kafka);
     let node = Node::start_with(dir.path(), None, Some(sink), &[]).await;
     let c = consumer(&svc.kafka, &[&dlq]);

@@ -1,5 +1,7 @@
 //! The `TimerStore` conformance suite on the embedded store.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,18 +135,7 @@ async fn an_unreadable_row_is_skipped_and_the_rest_of_its_bucket_loads() {
     let layout = store.layout();
     store.close().await.unwrap();
     drop(store);
-    const TIMERS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("timers");
-    let db = redb::Database::open(dir.path().join("timers.redb")).unwrap();
-    let txn = db.begin_write().unwrap();
-    txn.open_table(TIMERS)
-        .unwrap()
-        .insert(
-            ids[1].id.to_bytes().as_slice(),
-            [0xffu8, 0xff, 0x01].as_slice(),
-        )
-        .unwrap();
-    txn.commit().unwrap();
-    drop(db);
+    common::corrupt_embedded_row(dir.path(), ids[1].id, &[0xff, 0xff, 0x01]);
     let store = EmbeddedStore::open(dir.path(), StoreOptions::default())
         .await
         .unwrap();

@@ -238,7 +238,7 @@ impl Loader {
                 }
                 let page = match self
                     .store
-                    .load_page(self.range, bucket, after, LOAD_PAGE)
+                    .load_page(self.range, bucket, after, self.config.load_page_rows)
                     .await
                 {
                     Ok(page) => page,
@@ -315,9 +315,6 @@ impl Loader {
         true
     }
 }
-
-/// Rows read from the store per page of a bucket.
-const LOAD_PAGE: usize = 20_000;
 
 /// Cuts `timers` into owned slices of at most `n`, each allocated for its own length only
 /// (`Vec::split_off` would leave every front slice holding the whole original buffer).

@@ -54,6 +54,8 @@ const INDEX_CACHE_MAX: usize = 500_000;
 const BATCH_ROWS: usize = 64;
 const BATCH_BYTES: usize = 32 * 1024;
 
+/// Client-side timeout of one schema statement (keyspace and table creation).
+const DDL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Attempts at a key claim (or a superseded row's delete) before the call gives up.
 const CLAIM_ATTEMPTS: u32 = 4;
 /// How long after a row was written a claim by another timer still means the row lost
@@ -271,9 +273,13 @@ pub async fn migrate_upto(session: &Session, url: &ScyllaUrl, upto: i32) -> Resu
             url.replication_factor
         )
     };
+    // Schema changes wait for the cluster to agree on the new schema: far slower than a
+    // data request, so they get their own timeout rather than `request_timeout`.
     let ddl = |q: String| async move {
+        let mut statement = scylla::statement::unprepared::Statement::new(q.clone());
+        statement.set_request_timeout(Some(DDL_TIMEOUT));
         session
-            .query_unpaged(q.clone(), ())
+            .query_unpaged(statement, ())
             .await
             .map_err(|e| unavailable(&format!("migration statement {q:?}"), e))
     };

@@ -414,3 +414,42 @@ pub async fn send_batch(
         })
         .collect())
 }
+
+/// The embedded store's table of timer rows (key: the id's 16 bytes).
+const EMBEDDED_TIMERS: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("timers");
+
+/// The stored value of timer `id` in the embedded store in `dir`, read from the file once
+/// the store has let go of it (tasks holding it may take a moment after a shutdown).
+pub async fn embedded_row(dir: &Path, id: timerdb::timer::TimerId) -> Option<Vec<u8>> {
+    let started = Instant::now();
+    let db = loop {
+        match redb::Database::open(dir.join("timers.redb")) {
+            Ok(db) => break db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if started.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let table = txn.open_table(EMBEDDED_TIMERS).unwrap();
+    table
+        .get(id.to_bytes().as_slice())
+        .unwrap()
+        .map(|v| v.value().to_vec())
+}
+
+/// Overwrites the stored value of timer `id` in the embedded store in `dir` (closed) with
+/// `raw`, as a row the store cannot decode.
+pub fn corrupt_embedded_row(dir: &Path, id: timerdb::timer::TimerId, raw: &[u8]) {
+    const TIMERS: redb::TableDefinition<&[u8], &[u8]> = EMBEDDED_TIMERS;
+    let db = redb::Database::open(dir.join("timers.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    txn.open_table(TIMERS)
+        .unwrap()
+        .insert(id.to_bytes().as_slice(), raw)
+        .unwrap();
+    txn.commit().unwrap();
+}
