@@ -12,6 +12,8 @@
 # Redis runs with AOF fsync every second (its usual durable setting).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=../scripts/lib.sh
+source loadtest/scripts/lib.sh
 
 RATES=${RATES:-"5000 10000 20000 30000"}
 DURATION=${DURATION:-20}
@@ -24,7 +26,7 @@ KEEP_UP_MS=${KEEP_UP_MS:-1000}
 DATA_DIR=${DATA_DIR:-/dev/shm/timerdb-compare}
 TIMERDB_PORT=${TIMERDB_PORT:-17430}
 REDIS_PORT=${REDIS_PORT:-16380}
-OUT=${OUT:-target/loadtest-reports/compare-$(date +%Y%m%d-%H%M%S)}
+OUT=${OUT:-$TARGET_DIR/loadtest-reports/compare-$(date +%Y%m%d-%H%M%S)}
 
 summarize() {
   python3 - "$OUT" "$P99_MS" "$RATES" "$KEEP_UP_MS" <<'PY' | tee "$OUT/compare.txt"
@@ -94,7 +96,11 @@ if ! command -v redis-server >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
 fi
 if [[ ! -d loadtest/peers/bullmq/node_modules ]]; then
-  (cd loadtest/peers/bullmq && npm ci --no-audit --no-fund)
+  # `npm install` with the lock file's versions, not `npm ci`: npm 10-11 refuse this lock in
+  # `npm ci` over platform-specific optional packages of msgpackr-extract it cannot record
+  # for other platforms (npm/cli#4828, fixed by npm/cli#9083), whoever generates it.
+  # --no-save: the lock file is read, never rewritten.
+  (cd loadtest/peers/bullmq && npm install --no-audit --no-fund --no-save)
 fi
 cargo build --release -p timerdb -p timerdb-loadtest
 
@@ -118,12 +124,12 @@ for rate in $RATES; do
   rm -rf "$DATA_DIR/timerdb"
   mkdir -p "$DATA_DIR/timerdb"
   : >"$DATA_DIR/timerdb/fired.jsonl"
-  target/release/timerdb serve --listen "127.0.0.1:$TIMERDB_PORT" --metrics-listen off \
+  "$RELEASE/timerdb" serve --listen "127.0.0.1:$TIMERDB_PORT" --metrics-listen off \
     --store "embedded://$DATA_DIR/timerdb/data" --sink "jsonl://$DATA_DIR/timerdb/fired.jsonl" \
     >"$OUT/timerdb-$rate.log" 2>&1 &
   NODE_PID=$!
   echo "== rate $rate: TimerDB"
-  target/release/timerdb-loadtest steady --target "127.0.0.1:$TIMERDB_PORT" \
+  "$RELEASE/timerdb-loadtest" steady --target "127.0.0.1:$TIMERDB_PORT" \
     --jsonl "$DATA_DIR/timerdb/fired.jsonl" --server-pid "$NODE_PID" --rate "$rate" \
     --duration "${DURATION}s" --fire "${FIRE_MIN_MS}ms..${FIRE_MAX_MS}ms" \
     --payload-bytes "$PAYLOAD_BYTES" --batch "$BATCH" --no-progress \

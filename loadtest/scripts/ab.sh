@@ -8,9 +8,11 @@
 # Settings (env): A, B (node binaries), RATES, RUNS, DURATION, FIRE, BATCH, DATA_DIR, PORT, OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=../scripts/lib.sh
+source loadtest/scripts/lib.sh
 
 A=${A:?set A to the first node binary}
-B=${B:-target/release/timerdb}
+B=${B:-$RELEASE/timerdb}
 RATES=${RATES:-"60000 100000"}
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-20s}
@@ -18,16 +20,14 @@ FIRE=${FIRE:-1s..5s}
 BATCH=${BATCH:-1000}
 DATA_DIR=${DATA_DIR:-/dev/shm/timerdb-ab}
 PORT=${PORT:-17420}
-OUT=${OUT:-target/loadtest-reports/ab-$(date +%Y%m%d-%H%M%S)}
-LOADTEST=target/release/timerdb-loadtest
+OUT=${OUT:-$TARGET_DIR/loadtest-reports/ab-$(date +%Y%m%d-%H%M%S)}
+LOADTEST=$RELEASE/timerdb-loadtest
 SINK=$DATA_DIR/fired.jsonl
 NODE_PID=
 
 cargo build --release -p timerdb-loadtest
 mkdir -p "$OUT"
 
-# shellcheck source=lib.sh
-source loadtest/scripts/lib.sh
 stop_and_clean() {
   stop_node
   rm -rf "$DATA_DIR"

@@ -12,6 +12,8 @@
 # PORT, OUT, CEILING_CONCURRENCY, WARMUP (empty: none), NODE (node binary).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=../scripts/lib.sh
+source loadtest/scripts/lib.sh
 
 RATES=${RATES:-"5000 10000"}
 SLOTS=${SLOTS:-"1024 64"}
@@ -22,10 +24,10 @@ BATCH=${BATCH:-1000}
 PORT=${PORT:-17430}
 CEILING_CONCURRENCY=${CEILING_CONCURRENCY:-"64 256"}
 WARMUP=${WARMUP-60s}
-OUT=${OUT:-target/loadtest-reports/cassandra-$(date +%Y%m%d-%H%M%S)}
-NODE=${NODE:-target/release/timerdb}
-LOADTEST=target/release/timerdb-loadtest
-CEILING=target/release/timerdb-cql-ceiling
+OUT=${OUT:-$TARGET_DIR/loadtest-reports/cassandra-$(date +%Y%m%d-%H%M%S)}
+NODE=${NODE:-$RELEASE/timerdb}
+LOADTEST=$RELEASE/timerdb-loadtest
+CEILING=$RELEASE/timerdb-cql-ceiling
 NODE_PID=
 
 cargo build --release -p timerdb -p timerdb-loadtest
@@ -35,8 +37,6 @@ for t in 0 1 2 3; do
   deploy/local/kafka-tool topics --create --if-not-exists --topic "lt-$t" --partitions 8 >/dev/null
 done
 
-# shellcheck source=lib.sh
-source loadtest/scripts/lib.sh
 trap stop_node EXIT
 
 echo "machine: $(nproc) cores; Kafka $TIMERDB_KAFKA; Cassandra $TIMERDB_SCYLLA" | tee "$OUT/summary.txt"

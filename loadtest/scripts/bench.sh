@@ -11,6 +11,8 @@
 # OUT (report dir).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=../scripts/lib.sh
+source loadtest/scripts/lib.sh
 
 MODE=${1:-rates}
 DATA_DIR=${DATA_DIR:-/dev/shm/timerdb-bench}
@@ -25,11 +27,11 @@ STEADY_RATE=${STEADY_RATE:-10000}
 BURST_COUNTS=${BURST_COUNTS:-"100000 1000000"}
 BURST_RATE=${BURST_RATE:-50000}
 PORT=${PORT:-17420}
-OUT=${OUT:-target/loadtest-reports/$MODE-$(date +%Y%m%d-%H%M%S)}
+OUT=${OUT:-$TARGET_DIR/loadtest-reports/$MODE-$(date +%Y%m%d-%H%M%S)}
 
 cargo build --release -p timerdb -p timerdb-loadtest
-NODE=target/release/timerdb
-LOADTEST=target/release/timerdb-loadtest
+NODE=$RELEASE/timerdb
+LOADTEST=$RELEASE/timerdb-loadtest
 SINK=$DATA_DIR/fired.jsonl
 mkdir -p "$OUT"
 NODE_PID=
@@ -44,8 +46,6 @@ start_node() {
   NODE_PID=$!
 }
 
-# shellcheck source=lib.sh
-source loadtest/scripts/lib.sh
 trap stop_node EXIT
 
 # One loadtest run into $OUT/$1; the sink file is emptied first (the node appends with

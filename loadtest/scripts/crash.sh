@@ -12,6 +12,8 @@
 # PORT, OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=../scripts/lib.sh
+source loadtest/scripts/lib.sh
 
 RATES=${RATES:-"10000 100000"}
 RUNS=${RUNS:-3}
@@ -24,9 +26,9 @@ BACKLOG=${BACKLOG:-0}
 BATCH=${BATCH:-1000}
 DATA_DIR=${DATA_DIR:-/dev/shm/timerdb-crash}
 PORT=${PORT:-17430}
-OUT=${OUT:-target/loadtest-reports/crash-$(date +%Y%m%d-%H%M%S)}
-NODE=target/release/timerdb
-LOADTEST=target/release/timerdb-loadtest
+OUT=${OUT:-$TARGET_DIR/loadtest-reports/crash-$(date +%Y%m%d-%H%M%S)}
+NODE=$RELEASE/timerdb
+LOADTEST=$RELEASE/timerdb-loadtest
 SINK=$DATA_DIR/fired.jsonl
 PIDFILE=$DATA_DIR/node.pid
 NODE_PID=

@@ -1,5 +1,14 @@
 # Shared by the benchmark scripts (sourced, not run).
 
+# Where cargo puts its output, as cargo itself reports it: honours CARGO_TARGET_DIR and
+# build.target-dir, so the scripts find the binaries they just built.
+target_dir() {
+  cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])'
+}
+TARGET_DIR=$(target_dir)
+RELEASE=$TARGET_DIR/release
+
 # Stops the node the script started in the background ($NODE_PID), if any.
 stop_node() {
   if [[ -n "${NODE_PID:-}" ]]; then
