@@ -82,6 +82,25 @@ pub struct LoadedPage {
 }
 
 impl LoadedBucket {
+    /// Takes in one stored row as the store read it (`raw`) and decoded it: a pending
+    /// timer to fire, a cancelled row to count, or an unreadable row to skip (logged,
+    /// counted, kept for the dead-letter topic).
+    pub(crate) fn add(&mut self, id: TimerId, decoded: Result<StoredTimer>, raw: &[u8]) {
+        match decoded {
+            Ok(t) if t.state == StoredState::Pending => self.timers.push(t.timer),
+            Ok(_) => self.cancelled += 1,
+            Err(e) => {
+                tracing::error!(timer_id = %id, error = %e, "skipping a stored timer that cannot be decoded");
+                crate::metrics::unreadable_row();
+                self.unreadable.push(Unreadable {
+                    id,
+                    raw: raw.to_vec(),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+
     /// Whether the bucket has rows at all (so it must be settled, deleted or kept).
     pub fn has_rows(&self) -> bool {
         !self.timers.is_empty()
@@ -205,19 +224,6 @@ pub trait TimerStore: Send + Sync + 'static {
 
     /// Flushes and releases resources; later calls fail.
     async fn close(&self) -> Result<()>;
-}
-
-/// A stored row that cannot be decoded is skipped, not fired: logged with its id and
-/// counted (`timerdb_store_unreadable_rows_total`), so one bad row cannot stop its range.
-/// Its bucket is then left in the store, not deleted (see [`LoadedBucket::unreadable`]).
-pub(crate) fn skip_unreadable(id: TimerId, raw: &[u8], e: &Error) -> Unreadable {
-    tracing::error!(timer_id = %id, error = %e, "skipping a stored timer that cannot be decoded");
-    crate::metrics::unreadable_row();
-    Unreadable {
-        id,
-        raw: raw.to_vec(),
-        error: e.to_string(),
-    }
 }
 
 /// Logs a warning when this machine's clock is behind `floor`, the latest low-water mark

@@ -665,14 +665,7 @@ impl TimerStore for EmbeddedStore {
                 }
                 rows += 1;
                 last = Some(id);
-                match decode_value(id, v.value()) {
-                    Ok(t) if t.state == StoredState::Pending => out.rows.timers.push(t.timer),
-                    Ok(_) => out.rows.cancelled += 1,
-                    Err(e) => {
-                        let row = super::skip_unreadable(id, v.value(), &e);
-                        out.rows.unreadable.push(row);
-                    }
-                }
+                out.rows.add(id, decode_value(id, v.value()), v.value());
             }
             Ok(out)
         })

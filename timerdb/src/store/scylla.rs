@@ -1101,14 +1101,8 @@ impl TimerStore for ScyllaStore {
                 rand: rand as u64,
             };
             debug_assert!(slots.contains(layout.slot_of(id.rand)));
-            match self.decode(id, state, created, &spec) {
-                Ok(t) if t.state == StoredState::Pending => out.rows.timers.push(t.timer),
-                Ok(_) => out.rows.cancelled += 1,
-                Err(e) => {
-                    let row = super::skip_unreadable(id, &spec, &e);
-                    out.rows.unreadable.push(row);
-                }
-            }
+            out.rows
+                .add(id, self.decode(id, state, created, &spec), &spec);
         }
         (out.rows.timers, out.rows.superseded) = self.resolve_keys(out.rows.timers).await?;
         m::store_op("load_page", started.elapsed());
