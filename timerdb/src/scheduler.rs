@@ -146,8 +146,9 @@ enum Msg {
     /// Timers to admit; the write they came from stays registered until they are admitted.
     /// `true` for a repeat (an idempotent retry's timer read back from the store).
     HandOff(Vec<Timer>, Option<Arc<WriteGuard>>, bool),
-    /// A slice of a bucket's timers; `true` on the bucket's last slice; the bucket's size.
-    Loaded(u64, crate::store::LoadedBucket, bool, usize),
+    /// A slice of a bucket's timers; `true` on the bucket's last slice; the page's size;
+    /// the slice's [`timer_bytes`], as the loader counted them in [`MemoryUse::loading`].
+    Loaded(u64, crate::store::LoadedBucket, bool, usize, usize),
     Settled(u64),
     /// A delivered batch, its outcomes, when it was fired, and its earliest due time.
     Delivered(Vec<Timer>, Vec<crate::sink::Delivery>, u64, u64),

@@ -299,7 +299,7 @@ impl Loader {
             let last = last_page && last_slice;
             if self
                 .tx
-                .send(Msg::Loaded(bucket, part, last, total))
+                .send(Msg::Loaded(bucket, part, last, total, bytes))
                 .is_err()
             {
                 return false;
@@ -444,13 +444,8 @@ impl RangeTask {
         self.loader.abort();
         // Loaded slices never taken in are no longer on their way.
         while let Ok(msg) = rx.try_recv() {
-            if let Msg::Loaded(_, l, _, _) = msg {
-                let bytes: usize = l.timers.iter().map(timer_bytes).sum();
-                self.in_memory
-                    .loading
-                    .0
-                    .fetch_sub(l.timers.len(), Ordering::Relaxed);
-                self.in_memory.loading.1.fetch_sub(bytes, Ordering::Relaxed);
+            if let Msg::Loaded(_, l, _, _, bytes) = msg {
+                self.arrived(l.timers.len(), bytes);
             }
         }
         self.in_memory
@@ -494,7 +489,7 @@ impl RangeTask {
     fn handle(&mut self, msg: Msg) -> usize {
         let work = match &msg {
             Msg::HandOff(t, _, _) => t.len(),
-            Msg::Loaded(_, l, _, _) => l.timers.len(),
+            Msg::Loaded(_, l, _, _, _) => l.timers.len(),
             Msg::Delivered(b, _, _, _) => b.len(),
             _ => 1,
         };
@@ -522,7 +517,10 @@ impl RangeTask {
                 // Admitted: the write no longer holds back deletes and progress.
                 drop(guard);
             }
-            Msg::Loaded(bucket, loaded, last, total) => self.loaded(bucket, loaded, last, total),
+            Msg::Loaded(bucket, loaded, last, total, bytes) => {
+                self.arrived(loaded.timers.len(), bytes);
+                self.loaded(bucket, loaded, last, total)
+            }
             Msg::Settled(upto) => {
                 self.next_unsettled = self.next_unsettled.max(upto + self.layout.bucket_ms)
             }
@@ -564,6 +562,15 @@ impl RangeTask {
             }
         }
         work.max(1)
+    }
+
+    /// A loaded slice of `timers` taking `bytes` is no longer on its way from the loader.
+    fn arrived(&self, timers: usize, bytes: usize) {
+        self.in_memory
+            .loading
+            .0
+            .fetch_sub(timers, Ordering::Relaxed);
+        self.in_memory.loading.1.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Counts a timer of `bytes` (its [`timer_bytes`]) as held in memory.
@@ -638,12 +645,6 @@ impl RangeTask {
                 }
             });
         }
-        let bytes: usize = loaded.timers.iter().map(timer_bytes).sum();
-        self.in_memory
-            .loading
-            .0
-            .fetch_sub(loaded.timers.len(), Ordering::Relaxed);
-        self.in_memory.loading.1.fetch_sub(bytes, Ordering::Relaxed);
         if loaded.has_rows() || total > 0 {
             // Cancelled and superseded rows are not loaded, but the bucket must still be
             // deleted; one with unreadable rows is settled but left in the store.
