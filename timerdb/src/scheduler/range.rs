@@ -442,6 +442,10 @@ impl RangeTask {
         }
         self.stop_loader.store(true, Ordering::SeqCst);
         self.loader.abort();
+        // Wait until the loader has really stopped (an abort takes effect at its next
+        // await, and it may be running on another thread right now), so no slice it counts
+        // in `loading` arrives after the drain below and stays counted for ever.
+        let _ = (&mut self.loader).await;
         // Loaded slices never taken in are no longer on their way.
         while let Ok(msg) = rx.try_recv() {
             if let Msg::Loaded(_, l, _, _, bytes) = msg {
