@@ -11,7 +11,7 @@ use bytes::Bytes;
 use rand::Rng;
 use timerdb_proto::v1::timer_service_client::TimerServiceClient;
 use timerdb_proto::v1::{SetTimeoutRequest, SetTimeoutsRequest, set_timeout_result};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::{FireDist, RunConfig};
 use crate::payload::{SEQ_HEADER, Stamp, key_for};
@@ -23,10 +23,9 @@ pub async fn connect(
     n: usize,
     wait: Duration,
 ) -> anyhow::Result<Vec<TimerServiceClient<Channel>>> {
-    let endpoint = Endpoint::from_shared(target.to_owned())
-        .with_context(|| format!("bad target {target:?}"))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
+    let endpoint = timerdb_client::endpoint(target)
+        .with_context(|| format!("--target {target:?}"))?
+        .tcp_nodelay(true);
     let deadline = Instant::now() + wait;
     let mut clients = Vec::with_capacity(n);
     while clients.len() < n {
@@ -225,10 +224,7 @@ impl Generator {
             let mut headers = HashMap::with_capacity(1);
             headers.insert(SEQ_HEADER.to_owned(), Bytes::from(seq.to_string()));
             timers.push(SetTimeoutRequest {
-                fire_at: Some(prost_types::Timestamp {
-                    seconds: (fire_at_ms / 1000) as i64,
-                    nanos: ((fire_at_ms % 1000) * 1_000_000) as i32,
-                }),
+                fire_at: Some(timerdb_client::time::timestamp(fire_at_ms)),
                 payload: Bytes::from(stamp.encode(self.load.payload_bytes)),
                 topic: self.topics[topic].clone(),
                 partition,

@@ -2,7 +2,6 @@
 //! keeps the latency histograms, overall and per second of the run.
 
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -10,12 +9,7 @@ use serde::Serialize;
 use crate::payload::{Arrival, SEQ_HEADER, Stamp, key_for};
 
 /// Wall-clock now, ms since the epoch (the node stamps `timerdb-fired-at` on the same clock).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use timerdb_client::time::now_ms;
 
 /// A fresh auto-resizing histogram; `sigfig` 3 overall, 2 per second to keep them small.
 pub fn histogram(sigfig: u8) -> Histogram<u64> {

@@ -6,7 +6,6 @@
 //! [`scheduler`] (what fires them), the [`sink`] (where they go) and the [`api`].
 
 pub mod api;
-pub mod cli;
 pub mod config;
 mod error;
 pub mod failpoint;

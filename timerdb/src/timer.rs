@@ -209,13 +209,8 @@ pub enum StoredState {
     Cancelled,
 }
 
-/// Current wall-clock time in ms since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// Now, in milliseconds since the Unix epoch.
+pub use timerdb_client::time::now_ms;
 
 #[cfg(test)]
 mod tests {

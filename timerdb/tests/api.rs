@@ -1,4 +1,5 @@
-//! End-to-end through the real `timerdb` binary: what a client sends over gRPC and what
+//! End to end through a real node started in this process (`timerdb::server::start`), and
+//! through the `timerdb` CLI as a user runs it: what a client sends over gRPC and what
 //! arrives on the JSON-lines sink.
 
 mod common;
@@ -9,13 +10,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{Node, b64, fire_counts, now_ms, request};
 use timerdb::api::convert::timestamp;
+use timerdb::config::Overrides;
 use timerdb_proto::v1;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timers_fire_once_never_early_with_exact_content() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &[]).await;
+    let node = Node::embedded(dir.path(), Overrides::default()).await;
     let mut client = node.client().await;
     let now = now_ms();
     let mut sent: HashMap<String, v1::SetTimeoutRequest> = HashMap::new();
@@ -132,7 +134,7 @@ async fn timers_fire_once_never_early_with_exact_content() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_batch_item_is_refused_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &[]).await;
+    let node = Node::embedded(dir.path(), Overrides::default()).await;
     let mut client = node.client().await;
     let now = now_ms();
     let timers = vec![
@@ -170,9 +172,13 @@ async fn a_bad_batch_item_is_refused_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_invalid_argument_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(
+    let node = Node::embedded(
         dir.path(),
-        &["--max-batch", "3", "--max-payload-bytes", "16"],
+        Overrides {
+            max_batch: Some(3),
+            max_payload_bytes: Some(16),
+            ..Overrides::default()
+        },
     )
     .await;
     let mut client = node.client().await;
@@ -324,7 +330,14 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
 async fn cancelled_timers_never_fire_whether_loaded_or_not() {
     let dir = tempfile::tempdir().unwrap();
     // Lookahead 2 s: a timer 1.5 s out is in memory at once, one 5 s out is not yet.
-    let node = Node::start(dir.path(), &["--lookahead", "2s"]).await;
+    let node = Node::embedded(
+        dir.path(),
+        Overrides {
+            lookahead: Some("2s".into()),
+            ..Overrides::default()
+        },
+    )
+    .await;
     let mut client = node.client().await;
     let now = now_ms();
     let set = |r: v1::SetTimeoutRequest| {
@@ -379,7 +392,7 @@ async fn cancelled_timers_never_fire_whether_loaded_or_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_idempotency_key_returns_the_first_id_and_fires_once() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &[]).await;
+    let node = Node::embedded(dir.path(), Overrides::default()).await;
     let mut client = node.client().await;
     let now = now_ms();
     let r = v1::SetTimeoutRequest {
@@ -417,7 +430,7 @@ async fn a_repeated_idempotency_key_returns_the_first_id_and_fires_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_retry_after_an_abandoned_call_fires_once() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &[]).await;
+    let node = Node::embedded(dir.path(), Overrides::default()).await;
     let mut client = node.client().await;
     let mut ids = Vec::new();
     let mut abandoned = 0;
@@ -455,7 +468,7 @@ async fn health_and_reflection_answer() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &[]).await;
+    let node = Node::embedded(dir.path(), Overrides::default()).await;
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc))
         .unwrap()
         .connect()
@@ -499,7 +512,7 @@ async fn health_and_reflection_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sets_and_reads_timers_through_host_and_port() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &[]).await;
+    let node = Node::embedded(dir.path(), Overrides::default()).await;
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
             .args(args)
@@ -541,7 +554,7 @@ async fn the_cli_sets_and_reads_timers_through_host_and_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_over_the_message_limit_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &[]).await;
+    let node = Node::embedded(dir.path(), Overrides::default()).await;
     let mut client = node.client().await;
     let now = common::now_ms();
     // 140 timers of 500,000 bytes: 70 MB, over the 64 MiB a call may carry.

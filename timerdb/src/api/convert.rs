@@ -1,6 +1,5 @@
 //! Protobuf ⇄ domain conversions, with the request validation they imply.
 
-use prost_types::Timestamp;
 use timerdb_proto::v1;
 
 use crate::config::Limits;
@@ -8,13 +7,7 @@ use crate::sink::RESERVED_HEADER_PREFIX;
 use crate::timer::TimerSpec;
 use crate::{Error, Result};
 
-/// Milliseconds since the Unix epoch as a protobuf timestamp.
-pub fn timestamp(ms: u64) -> Timestamp {
-    Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
+pub use timerdb_client::time::timestamp;
 
 /// Whether `topic` is a legal Kafka topic name.
 pub fn valid_topic(topic: &str) -> bool {
@@ -143,6 +136,7 @@ pub fn timer_spec(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost_types::Timestamp;
 
     fn req() -> v1::SetTimeoutRequest {
         v1::SetTimeoutRequest {

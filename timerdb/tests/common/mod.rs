@@ -1,5 +1,5 @@
-//! Shared fixture: starts real `timerdb` nodes as child processes on loopback ports and
-//! reads what they fired.
+//! Shared fixture: starts real `timerdb` nodes, in this process ([`Node::embedded`]) or as
+//! child processes on loopback ports for the tests that kill them, and reads what they fired.
 #![allow(dead_code)]
 
 pub mod kafka;
@@ -31,6 +31,8 @@ pub fn now_ms() -> u64 {
 /// A `timerdb serve` child process with an embedded store and a JSON-lines sink in `dir`.
 pub struct Node {
     child: Option<Child>,
+    /// The node when it runs in this process.
+    embedded: Option<timerdb::server::NodeHandle>,
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
     pub dir: PathBuf,
@@ -80,6 +82,7 @@ impl Node {
             sink: sink.unwrap_or_else(|| format!("jsonl://{}", fired_path.display())),
             fired_path,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            embedded: None,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -88,6 +91,46 @@ impl Node {
         };
         node.spawn().await;
         node
+    }
+
+    /// Starts a node in this process (`timerdb::server::start`) on a port the system picks:
+    /// the embedded store in `dir/data` and JSON lines in `dir/fired.jsonl` unless
+    /// `overrides` says otherwise. It has no metrics endpoint and cannot be killed; tests
+    /// that need either spawn the binary ([`Node::start`]).
+    pub async fn embedded(dir: &Path, overrides: timerdb::config::Overrides) -> Node {
+        let fired_path = dir.join("fired.jsonl");
+        let store = format!("embedded://{}", dir.join("data").display());
+        let sink = format!("jsonl://{}", fired_path.display());
+        let config = timerdb::config::Config::load(timerdb::config::Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            metrics_listen: Some("off".into()),
+            store: overrides.store.clone().or(Some(store.clone())),
+            sink: overrides.sink.clone().or(Some(sink.clone())),
+            ..overrides
+        })
+        .expect("configuration");
+        let handle = timerdb::server::start(config)
+            .await
+            .expect("start the node");
+        Node {
+            child: None,
+            grpc: handle.addr,
+            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir: dir.to_path_buf(),
+            fired_path,
+            store,
+            sink,
+            extra: Vec::new(),
+            env: Vec::new(),
+            starts: 1,
+            embedded: Some(handle),
+        }
+    }
+
+    /// Stops an embedded node gracefully and waits until it has.
+    pub async fn shutdown(&mut self) {
+        let handle = self.embedded.take().expect("an embedded node");
+        handle.shutdown().await.expect("clean shutdown");
     }
 
     /// Waits (up to `timeout`) for the process to exit by itself, as a kill-point makes it.

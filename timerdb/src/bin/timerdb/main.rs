@@ -1,7 +1,11 @@
-//! The `timerdb` binary: parses the command line and hands over to the library.
+//! The `timerdb` binary: parses the command line, sets up logging and hands over to one
+//! function per command (`serve`, the client commands, `migrate`).
 
-use clap::Parser;
-use timerdb::cli::{Cli, Command};
+mod client;
+mod migrate;
+mod serve;
+
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 // The node allocates per timer on every path (requests, loads, fires): the profile in
@@ -9,14 +13,27 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `timerdb serve`: the process-wide Prometheus recorder is installed here, once, not by
-/// the node (several nodes may run in one process).
-async fn serve(config: timerdb::config::Config) -> timerdb::Result<()> {
-    config.validate()?;
-    if let Some(addr) = config.metrics_listen {
-        timerdb::metrics::install(addr)?;
-    }
-    timerdb::server::run(config).await
+/// TimerDB: a durable setTimeout that fires messages to Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "timerdb", version, about)]
+struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve(serve::ServeArgs),
+    /// Schedule a timer; prints its id.
+    SetTimeout(client::SetTimeoutArgs),
+    /// Show a timer.
+    Get(client::IdArgs),
+    /// Cancel a timer.
+    Cancel(client::IdArgs),
+    /// Create or upgrade a Scylla/Cassandra schema, then exit (`serve` also does this).
+    Migrate(migrate::MigrateArgs),
 }
 
 #[tokio::main]
@@ -33,11 +50,11 @@ async fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Serve(args) => match args.config() {
-            Ok(config) => serve(config).await.map_err(anyhow::Error::from),
-            Err(e) => Err(e.into()),
-        },
-        other => timerdb::cli::run_client(other).await,
+        Command::Serve(a) => serve::run(a).await,
+        Command::SetTimeout(a) => client::set_timeout(a).await,
+        Command::Get(a) => client::get(a).await,
+        Command::Cancel(a) => client::cancel(a).await,
+        Command::Migrate(a) => migrate::run(a).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
