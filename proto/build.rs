@@ -1,4 +1,5 @@
-//! Generates the tonic/prost code for `proto/timerdb/v1/*.proto` with a vendored `protoc`,
+//! Generates the tonic/prost code for the public API (`proto/timerdb/v1`) and the
+//! node-to-node one (`proto/timerdb/internal/v1`) with a vendored `protoc`,
 //! so that building needs no system protobuf compiler.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -10,7 +11,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Payloads, keys and header values stay `Bytes` so they move through the server
         // without copies.
         .bytes(".timerdb.v1")
-        .compile_with_config(config, &["proto/timerdb/v1/timerdb.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &[
+                "proto/timerdb/v1/timerdb.proto",
+                "proto/timerdb/internal/v1/internal.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

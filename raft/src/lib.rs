@@ -11,9 +11,12 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub mod map;
+pub mod network;
+pub mod node;
 pub mod store;
 
 pub use map::{ClusterMap, Command, NodeId, Refusal};
+pub use node::{ClusterConfig, ClusterNode, OwnedRange};
 
 /// What applying a command answered: done, or refused with the map unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,495 @@
+//! A cluster member: its Raft instance, its lease, what it owns and since when it may act on
+//! it, and the leader's duties (bootstrap the map, renew leases, move the ranges of a member
+//! that went silent). The argument these rules make is written in docs/design.md,
+//! "Cluster: leases and epochs".
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::error::{ClientWriteError, RaftError};
+use timerdb_proto::internal::v1 as pb;
+use timerdb_proto::internal::v1::cluster_client::ClusterClient;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::map::{Command, Handover, LeaseSettings, MemberState, NodeId, Range};
+use crate::network::{self, Network, RaftService};
+use crate::store::{self, AppliedMap};
+use crate::{Answer, Error, Raft, Result};
+
+/// How a member takes part in the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This member's id (1, 2, ...).
+    pub id: NodeId,
+    /// The `host:port` other members reach it on.
+    pub advertise: String,
+    /// Where its Raft log lives.
+    pub raft_dir: PathBuf,
+    /// The first members, `(id, host:port)`, when bootstrapping a new cluster; empty when
+    /// the cluster exists already or is initialised by `timerdb admin init`.
+    pub initial_members: Vec<(NodeId, String)>,
+    /// Slot count of the store the cluster shares.
+    pub slots: u32,
+    /// Lease settings of a new cluster.
+    pub lease: LeaseSettings,
+    /// Raft election timeout range; the leader's heartbeat is a third of its low end.
+    pub election_timeout_ms: (u64, u64),
+}
+
+impl ClusterConfig {
+    /// A member with the default lease and election settings.
+    pub fn new(id: NodeId, advertise: impl Into<String>, raft_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            id,
+            advertise: advertise.into(),
+            raft_dir: raft_dir.into(),
+            initial_members: Vec::new(),
+            slots: 256,
+            lease: LeaseSettings::default(),
+            election_timeout_ms: (400, 800),
+        }
+    }
+}
+
+/// A range this member owns in its current map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnedRange {
+    /// The range, with its epoch (the fencing token for writes that belong to ownership).
+    pub range: Range,
+    /// When this member may start acting on it: at once for a range nobody could still
+    /// hold, one lease plus the drift after it learned of the move otherwise.
+    pub usable_at: Instant,
+}
+
+/// A running cluster member.
+#[derive(Clone)]
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.inner.config.id)
+            .finish()
+    }
+}
+
+struct Inner {
+    config: ClusterConfig,
+    raft: Raft,
+    map: watch::Receiver<AppliedMap>,
+    /// Until when this member's lease holds (none before the first renewal).
+    lease_until: Mutex<Option<Instant>>,
+    /// When this member first saw each slot it owns under its current epoch.
+    gained: Mutex<HashMap<u32, (u64, Instant)>>,
+    /// Leader only: when each member last renewed its lease.
+    last_seen: Mutex<HashMap<NodeId, Instant>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ClusterNode {
+    /// Opens the member's Raft store, starts Raft and the member's background duties. The
+    /// services it returns ([`ClusterNode::raft_service`], [`ClusterNode::cluster_service`])
+    /// must be served on `config.advertise` by the caller.
+    pub async fn start(config: ClusterConfig) -> Result<Self> {
+        config
+            .lease
+            .validate()
+            .map_err(|e| Error::Refused(crate::Refusal::Invalid(e)))?;
+        let (log, sm, map) = store::open(&config.raft_dir).await?;
+        let raft_config = openraft::Config {
+            cluster_name: "timerdb".into(),
+            heartbeat_interval: config.election_timeout_ms.0 / 3,
+            election_timeout_min: config.election_timeout_ms.0,
+            election_timeout_max: config.election_timeout_ms.1,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::Raft(e.to_string()))?;
+        let network = Network {
+            timeout: Duration::from_millis(config.election_timeout_ms.0 / 2),
+        };
+        let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        let node = Self {
+            inner: Arc::new(Inner {
+                config,
+                raft,
+                map,
+                lease_until: Mutex::new(None),
+                gained: Mutex::new(HashMap::new()),
+                last_seen: Mutex::new(HashMap::new()),
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        node.bootstrap().await?;
+        let tasks = vec![
+            tokio::spawn(node.clone().renew_leases()),
+            tokio::spawn(node.clone().leader_duties()),
+            tokio::spawn(node.clone().track_gains()),
+        ];
+        *node.inner.tasks.lock().unwrap() = tasks;
+        Ok(node)
+    }
+
+    /// The lowest id of the initial members creates the Raft membership, once.
+    async fn bootstrap(&self) -> Result<()> {
+        let c = &self.inner.config;
+        let Some(first) = c.initial_members.iter().map(|(id, _)| *id).min() else {
+            return Ok(());
+        };
+        if first != c.id {
+            return Ok(());
+        }
+        let initialised = self
+            .inner
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        if !initialised {
+            let members: BTreeMap<NodeId, BasicNode> = c
+                .initial_members
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            self.inner
+                .raft
+                .initialize(members)
+                .await
+                .map_err(|e| Error::Raft(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.config.id
+    }
+
+    /// The Raft instance (metrics, membership changes).
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The cluster map as this member last applied it; changes are published on it.
+    pub fn map(&self) -> watch::Receiver<AppliedMap> {
+        self.inner.map.clone()
+    }
+
+    /// The server of `timerdb.internal.v1.Raft` for this member.
+    pub fn raft_service(&self) -> pb::raft_server::RaftServer<RaftService> {
+        RaftService::new(self.inner.raft.clone()).into_server()
+    }
+
+    /// The server of `timerdb.internal.v1.Cluster` for this member.
+    pub fn cluster_service(&self) -> pb::cluster_server::ClusterServer<ClusterService> {
+        pb::cluster_server::ClusterServer::new(ClusterService { node: self.clone() })
+    }
+
+    /// Until when this member's lease holds, if it holds now.
+    pub fn lease_until(&self) -> Option<Instant> {
+        (*self.inner.lease_until.lock().unwrap()).filter(|t| *t > Instant::now())
+    }
+
+    /// The ranges this member owns in its map, each with the moment it may start on it.
+    /// Acting on one also needs [`ClusterNode::lease_until`] to hold.
+    pub fn owned(&self) -> Vec<OwnedRange> {
+        let applied = self.inner.map.borrow().clone();
+        let gained = self.inner.gained.lock().unwrap();
+        let wait = Duration::from_millis(applied.map.lease.lease_ms + applied.map.lease.drift_ms);
+        applied
+            .map
+            .ranges_of(self.id())
+            .into_iter()
+            .map(|range| {
+                let seen = (range.start..=range.end)
+                    .filter_map(|s| gained.get(&s).map(|(_, at)| *at))
+                    .max()
+                    .unwrap_or_else(Instant::now);
+                let usable_at = match range.handover {
+                    Handover::Immediate => seen,
+                    Handover::AfterLease => seen + wait,
+                };
+                OwnedRange { range, usable_at }
+            })
+            .collect()
+    }
+
+    /// The leader's id and address, as this member knows them.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    /// Applies `command` to the cluster map through the leader, wherever it is; waits up
+    /// to ten election timeouts for a leader.
+    pub async fn propose(&self, command: Command) -> Result<()> {
+        let patience = Duration::from_millis(self.inner.config.election_timeout_ms.1 * 10);
+        let deadline = Instant::now() + patience;
+        loop {
+            let attempt = match self.leader() {
+                Some((id, _)) if id == self.id() => self.propose_here(command.clone()).await,
+                Some((id, addr)) => forward(id, &addr, &command, patience).await,
+                None => Err(Error::NoLeader("no leader is elected yet".into())),
+            };
+            match attempt {
+                Err(Error::NoLeader(why)) if Instant::now() < deadline => {
+                    tracing::debug!(%why, "cluster.propose: waiting for a leader");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Leader only: writes `command` to the log and waits until it is applied.
+    async fn propose_here(&self, command: Command) -> Result<()> {
+        match self.inner.raft.client_write(command).await {
+            Ok(r) => {
+                let Answer(answer) = r.data;
+                answer.map_err(Error::Refused)
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(Error::NoLeader(format!(
+                    "node {} is not the leader (leader: {:?})",
+                    self.id(),
+                    f.leader_id
+                )))
+            }
+            Err(e) => Err(Error::Raft(e.to_string())),
+        }
+    }
+
+    /// Leader only: renews `member`'s lease. Returns the applied index the renewal is
+    /// good for, after confirming with a quorum that this node still leads.
+    async fn grant(&self, member: NodeId) -> Result<u64> {
+        self.inner
+            .raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| Error::NoLeader(format!("node {} cannot grant leases: {e}", self.id())))?;
+        let applied = self.inner.map.borrow().clone();
+        self.inner
+            .last_seen
+            .lock()
+            .unwrap()
+            .insert(member, Instant::now());
+        if applied.map.members.get(&member).map(|m| m.state) == Some(MemberState::Gone) {
+            // It speaks again (restarted, or its partition healed): give it ranges again.
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.propose(Command::Rejoin { id: member }).await {
+                    tracing::warn!(member, error = %e, "cluster.rejoin failed");
+                }
+            });
+        }
+        Ok(applied.index)
+    }
+
+    /// Every heartbeat: ask the leader to renew this member's lease. A renewal counts from
+    /// the moment it was asked for, and only if this member's map is at least as recent as
+    /// the leader's was when it granted it.
+    async fn renew_leases(self) {
+        let mut clients: HashMap<String, ClusterClient<tonic::transport::Channel>> = HashMap::new();
+        loop {
+            let lease = self.inner.map.borrow().map.lease;
+            tokio::time::sleep(Duration::from_millis(lease.heartbeat_ms)).await;
+            let Some((leader, addr)) = self.leader() else {
+                continue;
+            };
+            let asked = Instant::now();
+            let granted = if leader == self.id() {
+                self.grant(self.id()).await.ok()
+            } else {
+                let timeout = Duration::from_millis(lease.heartbeat_ms * 2);
+                let client = match clients.get(&addr) {
+                    Some(c) => c.clone(),
+                    None => match network::channel(&addr, timeout) {
+                        Ok(ch) => clients
+                            .entry(addr.clone())
+                            .or_insert(ClusterClient::new(ch))
+                            .clone(),
+                        Err(_) => continue,
+                    },
+                };
+                let mut client = client;
+                let call = client.heartbeat(pb::HeartbeatRequest { node_id: self.id() });
+                match tokio::time::timeout(timeout, call).await {
+                    Ok(Ok(r)) => Some(r.into_inner().applied_index),
+                    _ => None,
+                }
+            };
+            let Some(index) = granted else { continue };
+            if self.inner.map.borrow().index >= index {
+                let until = asked + Duration::from_millis(lease.lease_ms);
+                let mut l = self.inner.lease_until.lock().unwrap();
+                *l = Some(l.map_or(until, |t| t.max(until)));
+            }
+        }
+    }
+
+    /// While leader: create the map of a new cluster, and declare gone the members that
+    /// renewed nothing for the failure timeout (their leases have ended by then).
+    async fn leader_duties(self) {
+        let mut leading_since: Option<(u64, Instant)> = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let m = self.inner.raft.metrics().borrow().clone();
+            if m.current_leader != Some(self.id()) {
+                leading_since = None;
+                continue;
+            }
+            if leading_since.map(|(term, _)| term) != Some(m.current_term) {
+                // A new leader knows nothing of leases its predecessor granted: it gives
+                // every member a whole failure timeout from now.
+                leading_since = Some((m.current_term, Instant::now()));
+                self.inner.last_seen.lock().unwrap().clear();
+            }
+            let since = leading_since.map(|(_, t)| t).unwrap_or_else(Instant::now);
+            let map = self.inner.map.borrow().map.clone();
+            if !map.is_initialised() {
+                let c = &self.inner.config;
+                if !c.initial_members.is_empty() {
+                    let init = Command::Init {
+                        slots: c.slots,
+                        members: c.initial_members.clone(),
+                        lease: c.lease,
+                    };
+                    if let Err(e) = self.propose_here(init).await {
+                        tracing::warn!(error = %e, "cluster.init failed");
+                    }
+                }
+                continue;
+            }
+            let failure = Duration::from_millis(map.lease.failure_ms);
+            let silent: Vec<NodeId> = {
+                let seen = self.inner.last_seen.lock().unwrap();
+                map.members
+                    .iter()
+                    .filter(|(id, m)| **id != self.id() && m.state != MemberState::Gone)
+                    .filter(|(id, _)| seen.get(id).copied().unwrap_or(since).elapsed() > failure)
+                    .map(|(id, _)| *id)
+                    .collect()
+            };
+            for id in silent {
+                tracing::warn!(
+                    member = id,
+                    "cluster.failure: no lease renewal for the failure timeout; moving its ranges"
+                );
+                if let Err(e) = self.propose_here(Command::MarkGone { id }).await {
+                    tracing::warn!(member = id, error = %e, "cluster.mark_gone failed");
+                }
+            }
+        }
+    }
+
+    /// Remembers when this member first saw each slot it gained under its current epoch.
+    async fn track_gains(self) {
+        let mut rx = self.inner.map.clone();
+        loop {
+            {
+                let applied = rx.borrow_and_update().clone();
+                let now = Instant::now();
+                let mut gained = self.inner.gained.lock().unwrap();
+                let mine: HashMap<u32, u64> = (0..applied.map.slots)
+                    .filter_map(|s| {
+                        let o = applied.map.owners[s as usize];
+                        (o.owner == Some(self.id())).then_some((s, o.epoch))
+                    })
+                    .collect();
+                gained.retain(|s, (epoch, _)| mine.get(s) == Some(epoch));
+                for (s, epoch) in mine {
+                    gained.entry(s).or_insert((epoch, now));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Stops the member's duties and Raft.
+    pub async fn shutdown(&self) {
+        for t in self.inner.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+        let _ = self.inner.raft.shutdown().await;
+    }
+}
+
+async fn forward(leader: NodeId, addr: &str, command: &Command, timeout: Duration) -> Result<()> {
+    let channel = network::channel(addr, timeout).map_err(Error::Network)?;
+    let json = serde_json::to_vec(command).map_err(|e| Error::Network(e.to_string()))?;
+    match ClusterClient::new(channel)
+        .propose(pb::RaftPayload { json })
+        .await
+    {
+        Ok(r) => {
+            let Answer(answer) = serde_json::from_slice(&r.into_inner().json)
+                .map_err(|e| Error::Network(format!("leader {leader}: {e}")))?;
+            answer.map_err(Error::Refused)
+        }
+        Err(s)
+            if s.code() == tonic::Code::FailedPrecondition
+                || s.code() == tonic::Code::Unavailable =>
+        {
+            Err(Error::NoLeader(format!(
+                "leader {leader} at {addr}: {}",
+                s.message()
+            )))
+        }
+        Err(s) => Err(Error::Network(format!("leader {leader} at {addr}: {s}"))),
+    }
+}
+
+/// The server side of `timerdb.internal.v1.Cluster`.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    node: ClusterNode,
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn heartbeat(
+        &self,
+        request: tonic::Request<pb::HeartbeatRequest>,
+    ) -> std::result::Result<tonic::Response<pb::HeartbeatReply>, tonic::Status> {
+        let member = request.into_inner().node_id;
+        match self.node.grant(member).await {
+            Ok(applied_index) => Ok(tonic::Response::new(pb::HeartbeatReply {
+                applied_index,
+                leader_id: self.node.id(),
+            })),
+            Err(e) => Err(tonic::Status::failed_precondition(e.to_string())),
+        }
+    }
+
+    async fn propose(
+        &self,
+        request: tonic::Request<pb::RaftPayload>,
+    ) -> std::result::Result<tonic::Response<pb::RaftPayload>, tonic::Status> {
+        let command: Command = serde_json::from_slice(&request.into_inner().json)
+            .map_err(|e| tonic::Status::invalid_argument(format!("undecodable command: {e}")))?;
+        let answer = match self.node.propose_here(command).await {
+            Ok(()) => Answer(Ok(())),
+            Err(Error::Refused(r)) => Answer(Err(r)),
+            Err(e @ Error::NoLeader(_)) => {
+                return Err(tonic::Status::failed_precondition(e.to_string()));
+            }
+            Err(e) => return Err(tonic::Status::internal(e.to_string())),
+        };
+        let json =
+            serde_json::to_vec(&answer).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(tonic::Response::new(pb::RaftPayload { json }))
+    }
+}
