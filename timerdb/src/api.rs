@@ -11,6 +11,7 @@ use timerdb_proto::v1::timer_service_server::TimerService;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::cluster::{FORWARDED, Member};
 use crate::config::Limits;
 use crate::metrics as m;
 use crate::scheduler::{CancelProbe, MemState, Scheduler};
@@ -25,6 +26,8 @@ pub struct TimerApi {
     sink: Arc<dyn Sink>,
     scheduler: Arc<Scheduler>,
     limits: Limits,
+    /// This node's part in a cluster, if it is a member.
+    member: Option<Arc<Member>>,
 }
 
 impl TimerApi {
@@ -40,6 +43,32 @@ impl TimerApi {
             sink,
             scheduler,
             limits,
+            member: None,
+        }
+    }
+
+    /// As a cluster member: hand-offs, cancels and reads reach the owner of each slot.
+    pub fn with_member(mut self, member: Option<Arc<Member>>) -> TimerApi {
+        self.member = member;
+        self
+    }
+
+    /// For a call about `id` on a cluster member that does not own its slot: the owner's
+    /// client, to forward the call to. `Ok(None)`: answer here. A call that was forwarded
+    /// already is answered here or refused, never forwarded again.
+    fn owner_client<T>(&self, id: TimerId, request: &Request<T>) -> Result<Option<(u64, String)>> {
+        let Some(member) = &self.member else {
+            return Ok(None);
+        };
+        match member.remote_owner(id)? {
+            None => Ok(None),
+            Some((owner, addr)) if request.metadata().contains_key(FORWARDED) => {
+                Err(Error::Unavailable(format!(
+                    "timer {id} belongs to node {owner} ({addr}) by this node's map, but the \
+                     call was forwarded here; the members' maps differ for a moment, retry"
+                )))
+            }
+            Some(owner) => Ok(Some(owner)),
         }
     }
 
@@ -52,7 +81,8 @@ impl TimerApi {
     async fn store_timers(&self, specs: Vec<TimerSpec>) -> Result<Vec<Result<TimerId>>> {
         let store = self.store.clone();
         let scheduler = self.scheduler.clone();
-        tokio::spawn(store_and_hand_off(store, scheduler, specs))
+        let member = self.member.clone();
+        tokio::spawn(store_and_hand_off(store, scheduler, member, specs))
             .await
             .map_err(|e| Error::Internal(format!("store task: {e}")))?
     }
@@ -97,6 +127,7 @@ impl TimerApi {
 async fn store_and_hand_off(
     store: Arc<dyn TimerStore>,
     scheduler: Arc<Scheduler>,
+    member: Option<Arc<Member>>,
     specs: Vec<TimerSpec>,
 ) -> Result<Vec<Result<TimerId>>> {
     // Registered before the write: until the hand-off is applied, no bucket this write may
@@ -111,17 +142,47 @@ async fn store_and_hand_off(
     let mut ids = Vec::with_capacity(inserted.len());
     for (n, (i, spec)) in inserted.into_iter().zip(specs).enumerate() {
         match i {
-            Ok(i) if i.created => fresh.push(Timer {
-                id: i.id,
-                created_ms,
-                spec,
-            }),
-            Ok(i) if scheduler.is_loaded(i.id) => repeated.push((n, i.id)),
+            Ok(i) if i.created => fresh.push((
+                n,
+                Timer {
+                    id: i.id,
+                    created_ms,
+                    spec,
+                },
+            )),
+            // A member cannot see whether the owner loaded it: it always hands it again.
+            Ok(i) if member.is_some() || scheduler.is_loaded(i.id) => repeated.push((n, i.id)),
             _ => {}
         }
         ids.push(i.map(|i| i.id));
     }
     m::scheduled(fresh.len());
+    if let Some(member) = &member {
+        // Acknowledged only once the owner has them (see crate::cluster).
+        let (at, timers): (Vec<usize>, Vec<Timer>) = fresh.into_iter().unzip();
+        let handed = member.hand_off(timers, false, Some(guard.clone())).await;
+        for (n, r) in at.into_iter().zip(handed) {
+            if let Err(e) = r {
+                ids[n] = Err(e);
+            }
+        }
+        for (n, id) in repeated {
+            match store.get(id).await {
+                Ok(Some(stored)) if stored.state == StoredState::Pending => {
+                    let r = member
+                        .hand_off(vec![stored.timer], true, Some(guard.clone()))
+                        .await;
+                    if let Some(Err(e)) = r.into_iter().next() {
+                        ids[n] = Err(e);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => ids[n] = Err(e),
+            }
+        }
+        return Ok(ids);
+    }
+    let fresh: Vec<Timer> = fresh.into_iter().map(|(_, t)| t).collect();
     scheduler.hand_off(fresh, Some(guard.clone()));
     // A repeated idempotency key whose timer is due inside the loaded window: hand it off
     // again (the range admits each id once), in case the first call's hand-off never came.
@@ -293,9 +354,22 @@ impl TimerService for TimerApi {
         &self,
         request: Request<v1::GetTimerRequest>,
     ) -> std::result::Result<Response<v1::GetTimerResponse>, Status> {
+        let owner =
+            parse_id(&request.get_ref().timer_id).and_then(|id| self.owner_client(id, &request));
         let req = request.into_inner();
         let r = async {
             let id = parse_id(&req.timer_id)?;
+            if let Some((owner, addr)) = owner? {
+                return forward(
+                    owner,
+                    &addr,
+                    v1::GetTimerRequest {
+                        timer_id: req.timer_id.clone(),
+                    },
+                    |mut c, r| async move { c.get_timer(r).await },
+                )
+                .await;
+            }
             let Some(stored) = self.store.get(id).await? else {
                 return Err(not_found(id));
             };
@@ -327,9 +401,24 @@ impl TimerService for TimerApi {
         &self,
         request: Request<v1::CancelTimeoutRequest>,
     ) -> std::result::Result<Response<v1::CancelTimeoutResponse>, Status> {
+        let owner =
+            parse_id(&request.get_ref().timer_id).and_then(|id| self.owner_client(id, &request));
         let req = request.into_inner();
         let r = async {
             let id = parse_id(&req.timer_id)?;
+            // Only the owner can keep a loaded timer from firing: a cancel goes there, and
+            // changes nothing when the owner cannot be reached.
+            if let Some((owner, addr)) = owner? {
+                return forward(
+                    owner,
+                    &addr,
+                    v1::CancelTimeoutRequest {
+                        timer_id: req.timer_id.clone(),
+                    },
+                    |mut c, r| async move { c.cancel_timeout(r).await },
+                )
+                .await;
+            }
             tokio::spawn(cancel_in_task(
                 self.store.clone(),
                 self.scheduler.clone(),
@@ -341,6 +430,42 @@ impl TimerService for TimerApi {
         .instrument(tracing::debug_span!("api.cancel_timeout", timer_id = %req.timer_id))
         .await;
         finish("CancelTimeout", r)
+    }
+}
+
+/// Sends a call to the member that owns its timer, marked as forwarded; the owner's answer
+/// (or error) is this call's.
+async fn forward<Req, Resp, F, Fut>(owner: u64, addr: &str, request: Req, call: F) -> Result<Resp>
+where
+    F: FnOnce(
+        v1::timer_service_client::TimerServiceClient<tonic::transport::Channel>,
+        Request<Req>,
+    ) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
+{
+    let client = timerdb_client::Client::connect_lazy(addr)
+        .map_err(|e| Error::Unavailable(format!("node {owner}: {e}")))?
+        .raw();
+    let mut request = Request::new(request);
+    request.set_timeout(std::time::Duration::from_secs(5));
+    request
+        .metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    match call(client, request).await {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            ) =>
+        {
+            Err(Error::Unavailable(format!(
+                "the timer's owner, node {owner} at {addr}, cannot be reached ({}); nothing was \
+                 changed, retry",
+                s.message()
+            )))
+        }
+        Err(s) => Err(Error::Forwarded(s)),
     }
 }
 

@@ -70,6 +70,62 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Request limits.
     pub limits: Limits,
+    /// Cluster membership; `None` runs a single node that owns every slot.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// How this node takes part in a cluster (`--node-id` and the `[cluster]` table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// This node's id (1, 2, ...).
+    pub node_id: u64,
+    /// The `host:port` other nodes and clients reach this node on.
+    pub advertise: String,
+    /// Where the Raft log lives.
+    pub raft_dir: PathBuf,
+    /// The members of a new cluster, `(id, host:port)`; empty to join one (`join`).
+    pub initial_members: Vec<(u64, String)>,
+    /// Any member of an existing cluster, to join it.
+    pub join: Option<String>,
+    /// Lease and failure detection.
+    pub lease: timerdb_raft::map::LeaseSettings,
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_members(v: &str) -> Result<Vec<(u64, String)>> {
+    let bad = |why: String| {
+        Error::Config(format!(
+            "cluster.initial_members = {v:?}: {why} (write ID=host:port,..., e.g. \
+             1=10.0.0.1:7420,2=10.0.0.2:7420,3=10.0.0.3:7420)"
+        ))
+    };
+    let mut out: Vec<(u64, String)> = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{item:?} has no '='")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|id| *id > 0)
+            .ok_or_else(|| bad(format!("{id:?} is not a node id (1, 2, ...)")))?;
+        let addr = addr.trim();
+        if addr
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(bad(format!("{addr:?} is not host:port")));
+        }
+        if out.iter().any(|(i, _)| *i == id) {
+            return Err(bad(format!("node {id} is listed twice")));
+        }
+        out.push((id, addr.to_owned()));
+    }
+    if out.is_empty() {
+        return Err(bad("no members".into()));
+    }
+    Ok(out)
 }
 
 impl Default for Config {
@@ -82,6 +138,7 @@ impl Default for Config {
             store_options: StoreOptions::default(),
             scheduler: SchedulerConfig::default(),
             limits: Limits::default(),
+            cluster: None,
         }
     }
 }
@@ -114,6 +171,33 @@ pub struct FileConfig {
     /// Request limits.
     #[serde(default)]
     pub limits: FileLimits,
+    /// Cluster membership.
+    #[serde(default)]
+    pub cluster: FileCluster,
+}
+
+/// `[cluster]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCluster {
+    /// This node's id; setting it makes the node a cluster member.
+    pub node_id: Option<u64>,
+    /// `host:port` others reach this node on.
+    pub advertise: Option<String>,
+    /// Raft log directory.
+    pub raft_dir: Option<PathBuf>,
+    /// `1=host:port,2=host:port,...`
+    pub initial_members: Option<String>,
+    /// Any member of the cluster to join.
+    pub join: Option<String>,
+    /// How often a member renews its lease, e.g. "200ms".
+    pub heartbeat: Option<String>,
+    /// How long a renewal lasts, e.g. "1s".
+    pub lease: Option<String>,
+    /// Clock drift tolerated over one lease, e.g. "200ms".
+    pub drift: Option<String>,
+    /// Silence after which a member's ranges move, e.g. "1300ms".
+    pub failure_timeout: Option<String>,
 }
 
 /// `[layout]`
@@ -205,6 +289,16 @@ pub struct Overrides {
     pub max_in_memory_bytes: Option<usize>,
     /// `--store-quick-repair`
     pub store_quick_repair: Option<bool>,
+    /// `--node-id`
+    pub node_id: Option<u64>,
+    /// `--advertise`
+    pub advertise: Option<String>,
+    /// `--raft-dir`
+    pub raft_dir: Option<PathBuf>,
+    /// `--initial-members`
+    pub initial_members: Option<String>,
+    /// `--join`
+    pub join: Option<String>,
 }
 
 fn duration(setting: &str, v: &str) -> Result<Duration> {
@@ -244,6 +338,9 @@ impl Config {
                 "off" | "" => None,
                 v => Some(address("metrics_listen", v)?),
             };
+        }
+        if let Some(node_id) = o.node_id.or(file.cluster.node_id) {
+            c.cluster = Some(cluster_settings(node_id, &o, &file.cluster, &c)?);
         }
         c.store = o.store.or(file.store).unwrap_or(d.store);
         c.sink = o.sink.or(file.sink).unwrap_or(d.sink);
@@ -332,6 +429,16 @@ impl Config {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<()> {
         self.store_options.layout.validate()?;
+        if let Some(cluster) = &self.cluster
+            && !self.store.starts_with("scylla://")
+        {
+            return Err(Error::Config(format!(
+                "node_id = {} makes this node a cluster member, and a cluster needs the shared \
+                 Scylla store: store = {:?} is this node's own disk, which other nodes cannot \
+                 read (use store = scylla://host:9042/keyspace, or drop node_id to run alone)",
+                cluster.node_id, self.store
+            )));
+        }
         // Both URLs are read here, before any I/O: a bad sink option must not surface only
         // after the store has connected and migrated.
         crate::store::check_url(&self.store)?;
@@ -391,6 +498,71 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn cluster_settings(
+    node_id: u64,
+    o: &Overrides,
+    f: &FileCluster,
+    c: &Config,
+) -> Result<ClusterSettings> {
+    if node_id == 0 {
+        return Err(Error::Config("node_id must be 1 or more".into()));
+    }
+    let advertise = match o.advertise.as_ref().or(f.advertise.as_ref()) {
+        Some(a) => a.clone(),
+        None if !c.listen.ip().is_unspecified() => c.listen.to_string(),
+        None => {
+            return Err(Error::Config(format!(
+                "advertise is needed: listen = {} does not say which address other nodes \
+                 reach this one on",
+                c.listen
+            )));
+        }
+    };
+    let initial_members = match o.initial_members.as_ref().or(f.initial_members.as_ref()) {
+        Some(v) => parse_members(v)?,
+        None => Vec::new(),
+    };
+    let join = o.join.clone().or(f.join.clone());
+    if !initial_members.is_empty() && join.is_some() {
+        return Err(Error::Config(
+            "give initial_members (a new cluster) or join (an existing one), not both".into(),
+        ));
+    }
+    if !initial_members.is_empty() && !initial_members.iter().any(|(id, _)| *id == node_id) {
+        return Err(Error::Config(format!(
+            "initial_members does not list this node (node_id = {node_id})"
+        )));
+    }
+    let mut lease = timerdb_raft::map::LeaseSettings::default();
+    let ms = |name: &str, v: &Option<String>, into: &mut u64| -> Result<()> {
+        if let Some(v) = v {
+            *into = duration(name, v)?.as_millis() as u64;
+        }
+        Ok(())
+    };
+    ms("cluster.heartbeat", &f.heartbeat, &mut lease.heartbeat_ms)?;
+    ms("cluster.lease", &f.lease, &mut lease.lease_ms)?;
+    ms("cluster.drift", &f.drift, &mut lease.drift_ms)?;
+    ms(
+        "cluster.failure_timeout",
+        &f.failure_timeout,
+        &mut lease.failure_ms,
+    )?;
+    lease.validate().map_err(Error::Config)?;
+    Ok(ClusterSettings {
+        node_id,
+        advertise,
+        raft_dir: o
+            .raft_dir
+            .clone()
+            .or(f.raft_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(format!("timerdb-data/raft-{node_id}"))),
+        initial_members,
+        join,
+        lease,
+    })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {

@@ -28,6 +28,10 @@ pub enum Error {
     /// Anything else (I/O, a bug); the message says what.
     #[error("{0}")]
     Internal(String),
+    /// The answer of the member a call was forwarded to (the timer's owner), passed on as
+    /// it came.
+    #[error("{}", .0.message())]
+    Forwarded(tonic::Status),
 }
 
 /// Result alias used across the crate.
@@ -43,6 +47,7 @@ impl Error {
             Error::Unavailable(_) | Error::ShuttingDown => tonic::Code::Unavailable,
             Error::Corrupt(_) => tonic::Code::DataLoss,
             Error::Internal(_) => tonic::Code::Internal,
+            Error::Forwarded(s) => s.code(),
         }
     }
 }

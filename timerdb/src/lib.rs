@@ -6,6 +6,7 @@
 //! [`scheduler`] (what fires them), the [`sink`] (where they go) and the [`api`].
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 mod error;
 pub mod failpoint;

@@ -56,6 +56,27 @@ pub struct SchedulerConfig {
     pub retry_max: Duration,
     /// How long shutdown waits for deliveries already in flight.
     pub shutdown_timeout: Duration,
+    /// Whether this node may act on its ranges right now (a cluster member: while its
+    /// lease holds). Checked before every fire and every write that belongs to ownership
+    /// (bucket deletes, progress, low-water marks). `None`: always (a single node).
+    pub authority: Option<Authority>,
+}
+
+/// Answers whether the node may act on its ranges now (see [`SchedulerConfig::authority`]).
+#[derive(Clone)]
+pub struct Authority(pub Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authority")
+    }
+}
+
+impl SchedulerConfig {
+    /// Whether ranges may fire and write ownership records now.
+    pub fn may_act(&self) -> bool {
+        self.authority.as_ref().is_none_or(|a| (a.0)())
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -71,6 +92,7 @@ impl Default for SchedulerConfig {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            authority: None,
         }
     }
 }
@@ -314,6 +336,15 @@ impl Scheduler {
             .iter()
             .map(|h| h.range)
             .collect()
+    }
+
+    /// Whether a range of this node is running for `slot`.
+    pub fn runs(&self, slot: u32) -> bool {
+        self.ranges
+            .read()
+            .expect("ranges lock")
+            .iter()
+            .any(|h| h.range.contains(slot))
     }
 
     /// Timers held in memory across all ranges.

@@ -10,12 +10,13 @@ use timerdb_proto::v1::timer_service_server::TimerServiceServer;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::TimerApi;
+use crate::cluster::Member;
 use crate::config::Config;
 use crate::scheduler::Scheduler;
 use crate::{Error, Result, sink, store};
 
 /// Largest gRPC request accepted: room for a full batch of typical timers.
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Runs a node until SIGTERM or Ctrl-C, then shuts down gracefully. Metrics are served
 /// only if the caller installed a recorder (the binary does, see [`crate::metrics::install`]).
@@ -44,6 +45,8 @@ pub struct NodeHandle {
     pub addr: SocketAddr,
     /// Its scheduler (the slot ranges it owns, what it holds in memory).
     pub scheduler: Arc<Scheduler>,
+    /// Its cluster membership, when it is a member.
+    pub cluster: Option<timerdb_raft::ClusterNode>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<()>>,
 }
@@ -74,16 +77,46 @@ impl NodeHandle {
 /// process (each on its own store); none installs a metrics recorder.
 pub async fn start(config: Config) -> Result<NodeHandle> {
     config.validate()?;
-    let store = store::open(&config.store, config.store_options.clone()).await?;
-    let sink = sink::open(&config.sink).await?;
-    let scheduler = Scheduler::new(store.clone(), sink.clone(), config.scheduler.clone());
-    let layout = store.layout();
-    // A single node owns every slot; a cluster member is assigned its ranges instead.
-    scheduler.assign(vec![layout.all_slots()]).await?;
-
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| Error::Config(format!("listen = {}: {e}", config.listen)))?;
+    start_on(config, listener).await
+}
+
+/// Starts a node like [`start`] on a listener the caller bound (tests bind port 0 first,
+/// so that cluster members know each other's addresses before any starts).
+pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Result<NodeHandle> {
+    config.validate()?;
+    let store = store::open(&config.store, config.store_options.clone()).await?;
+    let sink = sink::open(&config.sink).await?;
+    let layout = store.layout();
+    let cluster = match &config.cluster {
+        Some(c) => Some(start_member(c, layout.slots).await?),
+        None => None,
+    };
+    let mut scheduler_config = config.scheduler.clone();
+    if let Some(node) = &cluster {
+        let node = node.clone();
+        scheduler_config.authority = Some(crate::scheduler::Authority(Arc::new(move || {
+            node.lease_until().is_some_and(|until| {
+                until.saturating_duration_since(tokio::time::Instant::now()) > LEASE_MARGIN
+            })
+        })));
+    }
+    let scheduler = Scheduler::new(store.clone(), sink.clone(), scheduler_config);
+    let member = cluster
+        .clone()
+        .map(|node| Member::new(node, scheduler.clone(), config.scheduler.lookahead));
+    let follower = match &member {
+        // A cluster member runs the ranges the cluster map gives it, while its lease holds.
+        Some(member) => Some(tokio::spawn(member.clone().follow_ownership())),
+        // A single node owns every slot.
+        None => {
+            scheduler.assign(vec![layout.all_slots()]).await?;
+            None
+        }
+    };
+
     let bound = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;
@@ -93,7 +126,8 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         sink.clone(),
         scheduler.clone(),
         config.limits.clone(),
-    );
+    )
+    .with_member(member.clone());
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<TimerServiceServer<TimerApi>>()
@@ -115,6 +149,10 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
     );
     let (stop, stopped) = oneshot::channel::<()>();
     let node_scheduler = scheduler.clone();
+    let node_cluster = cluster.clone();
+    let raft_service = cluster.as_ref().map(|c| c.raft_service());
+    let cluster_service = cluster.as_ref().map(|c| c.cluster_service());
+    let node_service = member.as_ref().map(|m| m.service());
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(
@@ -122,6 +160,9 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
             ))
             .add_service(health)
             .add_service(reflection)
+            .add_optional_service(raft_service)
+            .add_optional_service(cluster_service)
+            .add_optional_service(node_service)
             .add_service(
                 TimerServiceServer::new(api)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -143,7 +184,14 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
         {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        if let Some(f) = follower {
+            f.abort();
+        }
         node_scheduler.shutdown().await;
+        // The lease is renewed until the ranges have stopped and recorded their progress.
+        if let Some(node) = &node_cluster {
+            node.shutdown().await;
+        }
         store.close().await?;
         tracing::info!("timerdb stopped");
         served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
@@ -151,9 +199,27 @@ pub async fn start(config: Config) -> Result<NodeHandle> {
     Ok(NodeHandle {
         addr: bound,
         scheduler,
+        cluster,
         stop: Some(stop),
         task,
     })
+}
+
+/// A fire or ownership write needs at least this much lease left: the check and the act
+/// are not one instant.
+const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
+
+async fn start_member(
+    c: &crate::config::ClusterSettings,
+    slots: u32,
+) -> Result<timerdb_raft::ClusterNode> {
+    let mut config = timerdb_raft::ClusterConfig::new(c.node_id, &c.advertise, &c.raft_dir);
+    config.initial_members = c.initial_members.clone();
+    config.slots = slots;
+    config.lease = c.lease;
+    timerdb_raft::ClusterNode::start(config)
+        .await
+        .map_err(|e| Error::Config(format!("cluster member {}: {e}", c.node_id)))
 }
 
 /// tonic refuses a request over the decoding limit with `OUT_OF_RANGE` in its own words;

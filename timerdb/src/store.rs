@@ -145,6 +145,49 @@ impl Progress {
     }
 }
 
+/// What the earlier owners of a range's slots recorded as delivered: each record speaks
+/// for the slots of its own range only.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    records: Vec<(SlotRange, Progress)>,
+}
+
+impl Resume {
+    /// The records that may be used at `now_ms`. A record from a clock ahead of ours is
+    /// ignored (at-least-once: its timers may fire again): with our clock behind, new timers
+    /// could be created at times the record already covers.
+    pub fn new(records: Vec<(SlotRange, Progress)>, now_ms: u64) -> Resume {
+        Resume {
+            records: records
+                .into_iter()
+                .filter(|(_, p)| p.fired_through_ms < now_ms)
+                .collect(),
+        }
+    }
+
+    /// Whether `timer`, read from bucket `bucket_ms`, was already delivered according to a
+    /// record for its slot.
+    pub fn covers(&self, layout: Layout, bucket_ms: u64, timer: &Timer) -> bool {
+        if self.records.is_empty() {
+            return false;
+        }
+        let slot = layout.slot_of(timer.id.rand);
+        self.records
+            .iter()
+            .any(|(r, p)| r.contains(slot) && p.covers(bucket_ms, timer))
+    }
+
+    /// Forgets the records that say nothing about buckets from `bucket_ms` on.
+    pub fn forget_before(&mut self, bucket_ms: u64) {
+        self.records.retain(|(_, p)| p.loaded_through > bucket_ms);
+    }
+
+    /// The latest delivered-through time among the records, for the start-up log.
+    pub fn fired_through_ms(&self) -> Option<u64> {
+        self.records.iter().map(|(_, p)| p.fired_through_ms).max()
+    }
+}
+
 /// Durable storage for timers. Every implementation passes [`conformance`].
 #[async_trait]
 pub trait TimerStore: Send + Sync + 'static {
@@ -216,8 +259,10 @@ pub trait TimerStore: Send + Sync + 'static {
     /// Records that no bucket of `slots` before `bucket_ms` holds unfired timers.
     async fn set_low_water_mark(&self, slots: SlotRange, bucket_ms: u64) -> Result<()>;
 
-    /// The progress last recorded for exactly `slots`, if any.
-    async fn progress(&self, slots: SlotRange) -> Result<Option<Progress>>;
+    /// Every progress record written for a slot range that overlaps `slots`, with its
+    /// range (a range that changed bounds, as cluster ranges do when they split, merge or
+    /// move, still finds what the earlier owners of its slots recorded).
+    async fn progress(&self, slots: SlotRange) -> Result<Vec<(SlotRange, Progress)>>;
 
     /// Records the progress of `slots` (replacing the previous record).
     async fn set_progress(&self, slots: SlotRange, progress: &Progress) -> Result<()>;

@@ -190,7 +190,7 @@ impl TimerSpec {
 }
 
 /// A stored timer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timer {
     /// Its id.
     pub id: TimerId,

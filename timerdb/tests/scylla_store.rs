@@ -147,7 +147,7 @@ async fn an_older_keyspace_is_migrated_forward() {
         unconfirmed: vec![],
     };
     store.set_progress(all, &p).await.unwrap();
-    assert_eq!(store.progress(all).await.unwrap(), Some(p));
+    assert_eq!(store.progress(all).await.unwrap(), vec![(all, p)]);
 }
 
 /// A row whose spec cannot be decoded is skipped and counted; the rest of its bucket loads.

@@ -15,7 +15,7 @@ use super::{
 use crate::Result;
 use crate::metrics as m;
 use crate::sink::{Delivery, Sink};
-use crate::store::{CancelOutcome, LoadedBucket, Progress, TimerStore};
+use crate::store::{CancelOutcome, LoadedBucket, Progress, Resume, TimerStore};
 use crate::timer::{Layout, SlotRange, Timer, TimerId, now_ms};
 
 /// Timers per `Loaded` message.
@@ -92,18 +92,12 @@ pub(super) async fn start(
             b
         }
     };
-    // What the last owner confirmed as delivered: not fired again. A record from a clock
-    // ahead of ours is ignored (at-least-once: its timers may fire again): with the clock
-    // behind, new timers could be created at times the record already covers.
-    let now = now_ms();
-    let resume = store
-        .progress(range)
-        .await?
-        .filter(|p| p.fired_through_ms < now);
+    // What the earlier owners of these slots confirmed as delivered: not fired again.
+    let resume = Resume::new(store.progress(range).await?, now_ms());
     tracing::info!(
         range = %range,
         low_water_ms = start_bucket,
-        fired_through_ms = resume.as_ref().map(|p| p.fired_through_ms),
+        fired_through_ms = resume.fired_through_ms(),
         "scheduler.start"
     );
     let (go, go_rx) = tokio::sync::oneshot::channel();
@@ -373,7 +367,7 @@ struct RangeTask {
     /// Writes under way on this node (rule 4).
     writes: Arc<Writes>,
     /// The progress found at start: loaded timers it covers count as fired.
-    resume: Option<Progress>,
+    resume: Resume,
     /// Buckets deleted lately; a hand-off into one of them is a repeat of a fired timer.
     deleted: BTreeSet<u64>,
     /// Timers whose delivery failed and that are not confirmed yet.
@@ -461,14 +455,16 @@ impl RangeTask {
         self.report_memory();
         // Persist how far this range got, so a restart scans as little as possible and
         // fires nothing again that was confirmed.
-        let progress = self.progress_candidate();
+        let may_act = self.config.may_act();
+        let progress = self.progress_candidate().filter(|_| may_act);
         if let Some(progress) = progress.filter(|p| Some(p) != self.progress_written.as_ref())
             && let Err(e) = self.store.set_progress(self.range, &progress).await
         {
             tracing::warn!(range = %self.range, error = %e, "scheduler.stop: progress not written; recent fires will fire again after restart");
         }
         let lwm = self.low_water_candidate();
-        if lwm > self.lwm_written
+        if may_act
+            && lwm > self.lwm_written
             && let Err(e) = self.store.set_low_water_mark(self.range, lwm).await
         {
             tracing::warn!(range = %self.range, error = %e, "scheduler.stop: low-water mark not written");
@@ -507,11 +503,7 @@ impl RangeTask {
                         if self.deleted.contains(&t.id.bucket_ms) {
                             continue;
                         }
-                        if self
-                            .resume
-                            .as_ref()
-                            .is_some_and(|p| p.covers(t.id.bucket_ms, &t))
-                        {
+                        if self.resume.covers(self.layout, t.id.bucket_ms, &t) {
                             self.admit_fired(t.id);
                             continue;
                         }
@@ -657,16 +649,19 @@ impl RangeTask {
             // Room for the whole bucket at its first slice: no rehashing while it comes in.
             b.entries.reserve(total.saturating_sub(b.entries.len()));
         }
-        let resume = self.resume.take();
+        let resume = std::mem::take(&mut self.resume);
         for t in loaded.timers {
-            match &resume {
-                Some(p) if p.covers(bucket, &t) => self.admit_fired(t.id),
-                _ => self.admit(t),
+            if resume.covers(self.layout, bucket, &t) {
+                self.admit_fired(t.id);
+            } else {
+                self.admit(t);
             }
         }
-        // Kept until the last slice of the last bucket the record speaks of.
-        self.resume =
-            resume.filter(|p| !(last && bucket + self.layout.bucket_ms >= p.loaded_through));
+        self.resume = resume;
+        // Each record is kept until the last slice of the last bucket it speaks of.
+        if last {
+            self.resume.forget_before(bucket + self.layout.bucket_ms);
+        }
         if last {
             self.next_unsettled = self.next_unsettled.max(bucket + self.layout.bucket_ms);
         }
@@ -687,6 +682,11 @@ impl RangeTask {
     }
 
     fn fire_due(&mut self) {
+        // A cluster member whose lease has lapsed fires nothing: another node may own
+        // these slots by now.
+        if !self.config.may_act() {
+            return;
+        }
         let now = now_ms();
         while self.inflight < self.config.max_inflight_batches {
             let mut batch = Vec::new();
@@ -880,6 +880,10 @@ impl RangeTask {
 
     fn housekeeping(&mut self) {
         self.report_memory();
+        // Deletes, progress and low-water marks belong to the owner: none without a lease.
+        if !self.config.may_act() {
+            return;
+        }
         let now = now_ms();
         let w = self.layout.bucket_ms;
         let grace = self.config.grace.as_millis() as u64;

@@ -304,8 +304,9 @@ pub async fn low_water_mark_is_the_minimum_over_slots(store: Arc<dyn TimerStore>
     assert_eq!(store.low_water_mark(upper).await.unwrap(), Some(9_000));
 }
 
-/// A range's progress reads back exactly, replaced by the next write, and only for that
-/// exact range.
+/// A range's progress reads back exactly, replaced by the next write; a range asking
+/// gets every record of a range that overlaps it (a cluster range that split, merged or
+/// moved finds what its slots' earlier owners recorded), and no other.
 pub async fn progress_is_kept_per_range(store: Arc<dyn TimerStore>) {
     let l = store.layout();
     let all = l.all_slots();
@@ -313,7 +314,11 @@ pub async fn progress_is_kept_per_range(store: Arc<dyn TimerStore>) {
         first: 0,
         last: l.slots / 2 - 1,
     };
-    assert_eq!(store.progress(all).await.unwrap(), None);
+    let upper = crate::timer::SlotRange {
+        first: l.slots / 2,
+        last: l.slots - 1,
+    };
+    assert_eq!(store.progress(all).await.unwrap(), vec![]);
     let ids = insert_ok(&*store, &[spec(now_ms() + 60_000, 1)]).await;
     let p1 = Progress {
         fired_through_ms: 1_700_000_000_123,
@@ -321,15 +326,23 @@ pub async fn progress_is_kept_per_range(store: Arc<dyn TimerStore>) {
         unconfirmed: vec![ids[0].id],
     };
     store.set_progress(all, &p1).await.unwrap();
-    assert_eq!(store.progress(all).await.unwrap(), Some(p1.clone()));
-    assert_eq!(store.progress(lower).await.unwrap(), None);
+    assert_eq!(store.progress(all).await.unwrap(), vec![(all, p1.clone())]);
+    assert_eq!(
+        store.progress(lower).await.unwrap(),
+        vec![(all, p1.clone())]
+    );
     let p2 = Progress {
         fired_through_ms: p1.fired_through_ms + 100,
         loaded_through: p1.loaded_through,
         unconfirmed: vec![],
     };
     store.set_progress(all, &p2).await.unwrap();
-    assert_eq!(store.progress(all).await.unwrap(), Some(p2));
+    assert_eq!(store.progress(all).await.unwrap(), vec![(all, p2.clone())]);
+    store.set_progress(lower, &p1).await.unwrap();
+    let mut got = store.progress(lower).await.unwrap();
+    got.sort_by_key(|(r, _)| (r.first, r.last));
+    assert_eq!(got, vec![(lower, p1.clone()), (all, p2.clone())]);
+    assert_eq!(store.progress(upper).await.unwrap(), vec![(all, p2)]);
 }
 
 /// Read a page at a time (of 7 rows), a bucket's rows of a slot range come back each

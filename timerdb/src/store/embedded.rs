@@ -728,12 +728,22 @@ impl TimerStore for EmbeddedStore {
             .await
     }
 
-    async fn progress(&self, slots: SlotRange) -> Result<Option<Progress>> {
+    async fn progress(&self, slots: SlotRange) -> Result<Vec<(SlotRange, Progress)>> {
         self.read("progress", move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(PROGRESS)?;
-            let row = table.get(range_key(slots))?;
-            row.map(|v| Progress::from_bytes(v.value())).transpose()
+            let mut out = Vec::new();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                let r = SlotRange {
+                    first: (k.value() >> 32) as u32,
+                    last: k.value() as u32,
+                };
+                if r.first <= slots.last && slots.first <= r.last {
+                    out.push((r, Progress::from_bytes(v.value())?));
+                }
+            }
+            Ok(out)
         })
         .await
     }

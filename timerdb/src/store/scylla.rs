@@ -211,6 +211,7 @@ struct Statements {
     delete_bucket_hour: PreparedStatement,
     all_low_water: PreparedStatement,
     set_low_water: PreparedStatement,
+    init_low_water: PreparedStatement,
     get_progress: PreparedStatement,
     set_progress: PreparedStatement,
 }
@@ -423,12 +424,16 @@ impl ScyllaStore {
             ))
             .await?,
             all_low_water: prep(format!("SELECT slot, bucket FROM {ks}.low_water_marks")).await?,
+            init_low_water: prep(format!(
+                "INSERT INTO {ks}.low_water_marks (slot, bucket) VALUES (?, ?) IF NOT EXISTS"
+            ))
+            .await?,
             set_low_water: prep(format!(
                 "INSERT INTO {ks}.low_water_marks (slot, bucket) VALUES (?, ?)"
             ))
             .await?,
             get_progress: prep(format!(
-                "SELECT progress FROM {ks}.range_progress WHERE first_slot = ? AND last_slot = ?"
+                "SELECT first_slot, last_slot, progress FROM {ks}.range_progress"
             ))
             .await?,
             set_progress: prep(format!(
@@ -440,13 +445,10 @@ impl ScyllaStore {
         st.load_partition_after.set_page_size(5000);
         // The writer's clock starts at the latest low-water mark (see the embedded store's
         // `clock_floor`).
-        let clock_floor = all_low_water(&session, &st.all_low_water)
-            .await?
-            .into_iter()
-            .map(|(_, b)| b)
-            .max()
-            .unwrap_or(0);
+        let marks = all_low_water(&session, &st.all_low_water).await?;
+        let clock_floor = marks.iter().map(|(_, b)| *b).max().unwrap_or(0);
         super::warn_if_clock_behind(clock_floor, layout);
+        st.init_low_water.set_is_idempotent(true);
         for s in [
             &mut st.insert_timer,
             &mut st.insert_bucket_slot,
@@ -466,7 +468,7 @@ impl ScyllaStore {
             // Safe to retry on timeouts: each one writes the same values again.
             s.set_is_idempotent(true);
         }
-        Ok(ScyllaStore {
+        let store = ScyllaStore {
             session,
             layout,
             st,
@@ -474,7 +476,27 @@ impl ScyllaStore {
             clock_ms: AtomicU64::new(clock_floor),
             written_slots: Mutex::new(HashSet::new()),
             written_hours: Mutex::new(HashSet::new()),
-        })
+        };
+        // Every slot gets a low-water mark before this node takes a call: a slot without
+        // one would start, under whichever member comes to own it, at the bucket of that
+        // moment, past timers other members wrote into it before. Only the first writer
+        // of each slot's mark wins (IF NOT EXISTS), so nodes starting together agree.
+        let marked: HashSet<u32> = marks.iter().map(|(s, _)| *s).collect();
+        let now_bucket = layout.bucket_start(now_ms()) as i64;
+        let missing: Vec<(i32, i64)> = (0..layout.slots)
+            .filter(|s| !marked.contains(s))
+            .map(|s| (s as i32, now_bucket))
+            .collect();
+        if !missing.is_empty() {
+            store
+                .execute_all(
+                    &store.st.init_low_water,
+                    missing,
+                    "initialising low-water marks",
+                )
+                .await?;
+        }
+        Ok(store)
     }
 
     /// Executes `statement` once per row of values, up to `FAN_OUT` at a time.
@@ -1200,23 +1222,33 @@ impl TimerStore for ScyllaStore {
             .await
     }
 
-    async fn progress(&self, slots: SlotRange) -> Result<Option<Progress>> {
+    async fn progress(&self, slots: SlotRange) -> Result<Vec<(SlotRange, Progress)>> {
         let started = Instant::now();
+        // The table holds one small row per slot range ever owned (hundreds at most): read
+        // it whole and keep the overlapping ones.
         let rows = self
             .session
-            .execute_unpaged(
-                &self.st.get_progress,
-                (slots.first as i32, slots.last as i32),
-            )
+            .execute_unpaged(&self.st.get_progress, ())
             .await
             .map_err(|e| unavailable("reading range progress", e))?
             .into_rows_result()
             .map_err(|e| unavailable("reading range progress", e))?;
-        let row = rows
-            .maybe_first_row::<(Vec<u8>,)>()
-            .map_err(|e| unavailable("reading range progress", e))?;
+        let mut out = Vec::new();
+        for row in rows
+            .rows::<(i32, i32, Vec<u8>)>()
+            .map_err(|e| unavailable("reading range progress", e))?
+        {
+            let (first, last, b) = row.map_err(|e| unavailable("reading range progress", e))?;
+            let r = SlotRange {
+                first: first as u32,
+                last: last as u32,
+            };
+            if r.first <= slots.last && slots.first <= r.last {
+                out.push((r, Progress::from_bytes(&b)?));
+            }
+        }
         m::store_op("progress", started.elapsed());
-        row.map(|(b,)| Progress::from_bytes(&b)).transpose()
+        Ok(out)
     }
 
     async fn set_progress(&self, slots: SlotRange, progress: &Progress) -> Result<()> {

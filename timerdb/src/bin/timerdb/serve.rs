@@ -56,6 +56,21 @@ pub struct ServeArgs {
     /// commit) [default: true].
     #[arg(long, env = "TIMERDB_STORE_QUICK_REPAIR")]
     pub store_quick_repair: Option<bool>,
+    /// Cluster: this node's id (1, 2, ...); makes the node a member (needs a scylla:// store).
+    #[arg(long, env = "TIMERDB_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Cluster: host:port other nodes and clients reach this node on [default: --listen].
+    #[arg(long, env = "TIMERDB_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Cluster: where the Raft log lives [default: timerdb-data/raft-ID].
+    #[arg(long, env = "TIMERDB_RAFT_DIR")]
+    pub raft_dir: Option<PathBuf>,
+    /// Cluster: the members of a new cluster, 1=host:port,2=host:port,3=host:port.
+    #[arg(long, env = "TIMERDB_INITIAL_MEMBERS", conflicts_with = "join")]
+    pub initial_members: Option<String>,
+    /// Cluster: join the cluster that the member at host:port belongs to.
+    #[arg(long, env = "TIMERDB_JOIN")]
+    pub join: Option<String>,
 }
 
 impl ServeArgs {
@@ -77,6 +92,11 @@ impl ServeArgs {
             max_in_memory: self.max_in_memory,
             max_in_memory_bytes: self.max_in_memory_bytes,
             store_quick_repair: self.store_quick_repair,
+            node_id: self.node_id,
+            advertise: self.advertise,
+            raft_dir: self.raft_dir,
+            initial_members: self.initial_members,
+            join: self.join,
         })
     }
 }

@@ -1,0 +1,278 @@
+//! Three cluster members in this process, on one real Cassandra keyspace, each firing to its
+//! own JSON-lines file: every call works on every member, every timer fires once on the
+//! member that owns its slot, and a member that stops has its timers fired by the others.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use timerdb::config::{Config, Overrides};
+use timerdb::server::NodeHandle;
+use timerdb::sink::jsonl::FiredLine;
+use timerdb_client::{Client, NewTimer, TimerState};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use common::{now_ms, read_fired, services, unique};
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<Option<NodeHandle>>,
+    addrs: Vec<String>,
+}
+
+impl Cluster {
+    async fn start(scylla: &str, n: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let store = format!("scylla://{scylla}/{}", unique("cluster"));
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let members = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let id = i as u64 + 1;
+            let config = Config::load(Overrides {
+                listen: Some(addrs[i].clone()),
+                metrics_listen: Some("off".into()),
+                store: Some(store.clone()),
+                sink: Some(format!(
+                    "jsonl://{}",
+                    dir.path().join(format!("fired-{id}.jsonl")).display()
+                )),
+                node_id: Some(id),
+                raft_dir: Some(dir.path().join(format!("raft-{id}"))),
+                initial_members: Some(members.clone()),
+                ..Overrides::default()
+            })
+            .unwrap();
+            nodes.push(Some(
+                timerdb::server::start_on(config, listener).await.unwrap(),
+            ));
+        }
+        Cluster { dir, nodes, addrs }
+    }
+
+    fn fired_path(&self, id: usize) -> PathBuf {
+        self.dir.path().join(format!("fired-{id}.jsonl"))
+    }
+
+    /// Every line every member fired, with the member that fired it.
+    fn fired(&self) -> Vec<(usize, FiredLine)> {
+        (1..=self.nodes.len())
+            .flat_map(|id| {
+                read_fired(&self.fired_path(id))
+                    .into_iter()
+                    .map(move |l| (id, l))
+            })
+            .collect()
+    }
+
+    /// Waits until the running members' scheduler ranges cover every slot exactly once.
+    async fn wait_running(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut slots: Vec<u32> = Vec::new();
+            for n in self.nodes.iter().flatten() {
+                for r in n.scheduler.owned() {
+                    slots.extend(r.first..=r.last);
+                }
+            }
+            slots.sort_unstable();
+            if slots == (0..256).collect::<Vec<u32>>() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the members never ran every slot once: {} slots run",
+                slots.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(&mut self, id: usize) {
+        let node = self.nodes[id - 1].take().expect("running");
+        node.shutdown().await.unwrap();
+    }
+}
+
+/// Waits until each of `ids` fired at least once (panics after `timeout`).
+async fn wait_fired(c: &Cluster, ids: &[String], timeout: Duration) -> Vec<(usize, FiredLine)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let fired = c.fired();
+        let seen: HashSet<&str> = fired.iter().map(|(_, l)| l.timer_id.as_str()).collect();
+        let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains(i.as_str())).collect();
+        if missing.is_empty() {
+            return fired;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} timers never fired, e.g. {:?}",
+            missing.len(),
+            ids.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_member_takes_every_call_and_each_timer_fires_once_on_its_owner() {
+    let Some(s) = services() else { return };
+    let mut c = Cluster::start(&s.scylla, 3).await;
+    c.wait_running().await;
+
+    // All set on member 1: two thirds belong to the others, and near-term ones must be
+    // handed to them (they have read those buckets already).
+    let mut client = Client::connect(&c.addrs[0]).await.unwrap();
+    let start = now_ms();
+    let mut sent: HashMap<String, (u64, String)> = HashMap::new();
+    let timers: Vec<NewTimer> = (0..300u64)
+        .map(|i| {
+            NewTimer::new(start + 300 + (i % 30) * 100, "cluster", (i % 3) as i32)
+                .payload(format!("timer-{i}"))
+                .header("n", i.to_string())
+        })
+        .collect();
+    let expected: Vec<(u64, String)> = timers
+        .iter()
+        .map(|t| (t.fire_at_ms, String::from_utf8(t.payload.to_vec()).unwrap()))
+        .collect();
+    let ids: Vec<String> = client
+        .set_timeouts(timers)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.expect("accepted"))
+        .collect();
+    for (id, e) in ids.iter().zip(expected) {
+        sent.insert(id.clone(), e);
+    }
+
+    // Cancels and reads on other members reach the owner.
+    let far = now_ms() + 60_000;
+    let cancel_ids: Vec<String> = client
+        .set_timeouts(
+            (0..30)
+                .map(|i| {
+                    NewTimer::new(
+                        if i % 2 == 0 { now_ms() + 1_500 } else { far },
+                        "cluster",
+                        0,
+                    )
+                })
+                .collect(),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let mut other = Client::connect(&c.addrs[1]).await.unwrap();
+    for id in &cancel_ids {
+        assert!(
+            other.cancel(id).await.unwrap(),
+            "cancel {id} through member 2"
+        );
+    }
+    let mut third = Client::connect(&c.addrs[2]).await.unwrap();
+    for id in cancel_ids.iter().take(5) {
+        assert_eq!(third.get(id).await.unwrap().state, TimerState::Cancelled);
+    }
+
+    wait_fired(&c, &ids, Duration::from_secs(30)).await;
+    // A timer that just fired reads as fired through any member (its owner knows).
+    let last = ids.iter().max_by_key(|id| sent[*id].0).expect("timers");
+    for member in [&mut client, &mut other, &mut third] {
+        assert_eq!(member.get(last).await.unwrap().state, TimerState::Fired);
+    }
+    // Let anything that would fire twice, or a cancelled timer, show itself.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fired = c.fired();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    let mut by_member: HashMap<usize, usize> = HashMap::new();
+    for (member, l) in &fired {
+        *counts.entry(l.timer_id.as_str()).or_default() += 1;
+        *by_member.entry(*member).or_default() += 1;
+        assert!(
+            !cancel_ids.contains(&l.timer_id),
+            "cancelled timer {} fired on member {member}",
+            l.timer_id
+        );
+        let (fire_at, payload) = &sent[&l.timer_id];
+        assert!(l.fired_at_ms >= *fire_at, "{} fired early", l.timer_id);
+        assert_eq!(common::b64(&l.payload), payload.as_bytes());
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "fired more than once: {twice:?}");
+    // Each member fired its own share.
+    assert_eq!(by_member.len(), 3, "fires per member: {by_member:?}");
+
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_member_s_timers_fire_on_the_others() {
+    let Some(s) = services() else { return };
+    let mut c = Cluster::start(&s.scylla, 3).await;
+    c.wait_running().await;
+    let mut client = Client::connect(&c.addrs[0]).await.unwrap();
+    let start = now_ms();
+    let ids: Vec<String> = client
+        .set_timeouts(
+            (0..200u64)
+                .map(|i| NewTimer::new(start + 1_000 + i * 30, "cluster", 0).payload(i.to_string()))
+                .collect(),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let owned_by_2: Vec<u32> = c.nodes[1]
+        .as_ref()
+        .unwrap()
+        .scheduler
+        .owned()
+        .iter()
+        .flat_map(|r| r.first..=r.last)
+        .collect();
+    assert!(!owned_by_2.is_empty());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let stopped = now_ms();
+    c.stop(2).await;
+    let fired = wait_fired(&c, &ids, Duration::from_secs(30)).await;
+    let late_on_others: Vec<u64> = fired
+        .iter()
+        .filter(|(m, l)| *m != 2 && l.fire_at_ms >= stopped)
+        .map(|(_, l)| l.fired_at_ms - l.fire_at_ms)
+        .collect();
+    assert!(!late_on_others.is_empty());
+    let worst = late_on_others.iter().max().unwrap();
+    eprintln!(
+        "member 2 stopped; its timers fired on the others, at worst {worst} ms late ({} fires)",
+        late_on_others.len()
+    );
+    for (_, l) in &fired {
+        assert!(l.fired_at_ms >= l.fire_at_ms, "{} fired early", l.timer_id);
+    }
+    for id in [1, 3] {
+        c.stop(id).await;
+    }
+}
