@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/timerdb/v1/timerdb.proto",
                 "proto/timerdb/internal/v1/internal.proto",
+                "proto/timerdb/admin/v1/admin.proto",
             ],
             &["proto"],
         )?;

@@ -170,6 +170,46 @@ pub fn state_name(state: TimerState) -> &'static str {
     }
 }
 
+/// Who owns which slots, as [`Client::cluster_map`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMap {
+    /// Slot count of the store.
+    pub slots: u32,
+    /// Members: id, address (empty for a single node: the one called), state.
+    pub members: Vec<(u64, String, String)>,
+    /// `(start, end, owner)`, both ends inclusive.
+    pub ranges: Vec<(u32, u32, Option<u64>)>,
+    /// Grows with every change.
+    pub version: u64,
+}
+
+impl ClusterMap {
+    /// The address of the member that owns timer `id` (`None`: unknown id format, no
+    /// owner, or a single node).
+    pub fn owner_address(&self, id: &str) -> Option<&str> {
+        let slot = slot_of(id, self.slots)?;
+        let (_, _, owner) = self
+            .ranges
+            .iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))?;
+        let owner = (*owner)?;
+        self.members
+            .iter()
+            .find(|(mid, addr, _)| *mid == owner && !addr.is_empty())
+            .map(|(_, addr, _)| addr.as_str())
+    }
+}
+
+/// The slot of timer `id` in a store of `slots` slots: crc32 of the id's random part (its
+/// last 16 hex digits, as 8 big-endian bytes) modulo `slots`. `None` if `id` is not an id.
+pub fn slot_of(id: &str, slots: u32) -> Option<u32> {
+    if id.len() != 32 || slots == 0 {
+        return None;
+    }
+    let rand = u64::from_str_radix(&id[16..], 16).ok()?;
+    Some(crc32fast::hash(&rand.to_be_bytes()) % slots)
+}
+
 /// A connection to one TimerDB node. Cheap to clone: clones share the connection.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -253,6 +293,29 @@ impl Client {
             partition: t.partition,
             payload_size: t.payload_size,
             has_idempotency_key: t.has_idempotency_key,
+        })
+    }
+
+    /// Who owns which slots (a single node owns them all).
+    pub async fn cluster_map(&mut self) -> Result<ClusterMap> {
+        let m = self
+            .inner
+            .get_cluster_map(v1::GetClusterMapRequest {})
+            .await?
+            .into_inner();
+        Ok(ClusterMap {
+            slots: m.slots,
+            members: m
+                .members
+                .into_iter()
+                .map(|x| (x.id, x.address, x.state))
+                .collect(),
+            ranges: m
+                .ranges
+                .into_iter()
+                .map(|r| (r.start, r.end, r.owner))
+                .collect(),
+            version: m.version,
         })
     }
 

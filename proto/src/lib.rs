@@ -14,5 +14,13 @@ pub mod internal {
     }
 }
 
+/// The `timerdb.admin.v1` package: operating a cluster (`timerdb admin`).
+pub mod admin {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("timerdb.admin.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of the API, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("timerdb_descriptor");

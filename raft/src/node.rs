@@ -358,16 +358,22 @@ impl ClusterNode {
             let since = leading_since.map(|(_, t)| t).unwrap_or_else(Instant::now);
             let map = self.inner.map.borrow().map.clone();
             if !map.is_initialised() {
+                // The first leader of a new cluster creates the map over the Raft members
+                // (whoever bootstrapped them: --initial-members or `timerdb admin init`).
                 let c = &self.inner.config;
-                if !c.initial_members.is_empty() {
-                    let init = Command::Init {
-                        slots: c.slots,
-                        members: c.initial_members.clone(),
-                        lease: c.lease,
-                    };
-                    if let Err(e) = self.propose_here(init).await {
-                        tracing::warn!(error = %e, "cluster.init failed");
-                    }
+                let members: Vec<(NodeId, String)> = m
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .map(|(id, n)| (*id, n.addr.clone()))
+                    .collect();
+                let init = Command::Init {
+                    slots: c.slots,
+                    members,
+                    lease: c.lease,
+                };
+                if let Err(e) = self.propose_here(init).await {
+                    tracing::warn!(error = %e, "cluster.init failed");
                 }
                 continue;
             }
@@ -416,6 +422,98 @@ impl ClusterNode {
                 return;
             }
         }
+    }
+
+    /// The current Raft term.
+    pub fn term(&self) -> u64 {
+        self.inner.raft.metrics().borrow().current_term
+    }
+
+    /// Whether this member leads.
+    pub fn is_leader(&self) -> bool {
+        self.inner.raft.metrics().borrow().current_leader == Some(self.id())
+    }
+
+    /// Leader only: how long ago each member last renewed its lease.
+    pub fn heard_from(&self) -> HashMap<NodeId, Duration> {
+        self.inner
+            .last_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, at)| (*id, at.elapsed()))
+            .collect()
+    }
+
+    /// Bootstraps a new cluster over `members` (each started with its `--node-id` and
+    /// nothing else); the leader then creates the map over them.
+    pub async fn initialize(&self, members: &[(NodeId, String)]) -> Result<()> {
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+            .collect();
+        if !nodes.contains_key(&self.id()) {
+            return Err(Error::Refused(crate::Refusal::Invalid(format!(
+                "the members must include node {}, which is asked to bootstrap them",
+                self.id()
+            ))));
+        }
+        self.inner
+            .raft
+            .initialize(nodes)
+            .await
+            .map_err(|e| match e {
+                RaftError::APIError(e) => Error::Refused(crate::Refusal::Invalid(format!(
+                    "node {} cannot bootstrap a cluster: {e}",
+                    self.id()
+                ))),
+                e => Error::Raft(e.to_string()),
+            })
+    }
+
+    /// Leader only: adds a running member: it catches up with the log as a learner, then
+    /// becomes a voter and a member of the map; the slots are spread again.
+    pub async fn add_member(&self, id: NodeId, addr: &str) -> Result<()> {
+        let node = BasicNode {
+            addr: addr.to_owned(),
+        };
+        self.inner
+            .raft
+            .add_learner(id, node, true)
+            .await
+            .map_err(|e| Error::Raft(format!("adding node {id} at {addr} as a learner: {e}")))?;
+        self.inner
+            .raft
+            .change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
+            .await
+            .map_err(|e| Error::Raft(format!("making node {id} a voter: {e}")))?;
+        self.propose_here(Command::AddMember {
+            id,
+            addr: addr.to_owned(),
+        })
+        .await?;
+        self.propose_here(Command::Rebalance).await
+    }
+
+    /// Leader only: removes a member that owns nothing from the map, then from Raft.
+    pub async fn remove_member(&self, id: NodeId) -> Result<()> {
+        if id == self.id() {
+            return Err(Error::Refused(crate::Refusal::Invalid(format!(
+                "node {id} leads the cluster: stop it (another leader is elected), then remove it"
+            ))));
+        }
+        self.propose_here(Command::RemoveMember { id }).await?;
+        self.inner
+            .raft
+            .change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
+            .await
+            .map_err(|e| Error::Raft(format!("removing node {id} from Raft: {e}")))?;
+        Ok(())
+    }
+
+    /// Leader only: applies `command` here (no forwarding).
+    pub async fn apply_here(&self, command: Command) -> Result<()> {
+        self.propose_here(command).await
     }
 
     /// Stops the member's duties and Raft.

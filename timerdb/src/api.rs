@@ -397,6 +397,54 @@ impl TimerService for TimerApi {
         finish("GetTimer", r)
     }
 
+    async fn get_cluster_map(
+        &self,
+        _request: Request<v1::GetClusterMapRequest>,
+    ) -> std::result::Result<Response<v1::GetClusterMapResponse>, Status> {
+        let slots = self.scheduler.layout().slots;
+        let Some(member) = &self.member else {
+            return Ok(Response::new(v1::GetClusterMapResponse {
+                slots,
+                members: vec![v1::ClusterMember {
+                    id: 0,
+                    address: String::new(),
+                    state: "active".into(),
+                }],
+                ranges: vec![v1::SlotOwnership {
+                    start: 0,
+                    end: slots - 1,
+                    owner: Some(0),
+                }],
+                version: 0,
+            }));
+        };
+        let applied = member.node().map().borrow().clone();
+        Ok(Response::new(v1::GetClusterMapResponse {
+            slots,
+            members: applied
+                .map
+                .members
+                .iter()
+                .map(|(id, m)| v1::ClusterMember {
+                    id: *id,
+                    address: m.addr.clone(),
+                    state: m.state.as_str().into(),
+                })
+                .collect(),
+            ranges: applied
+                .map
+                .ranges()
+                .into_iter()
+                .map(|r| v1::SlotOwnership {
+                    start: r.start,
+                    end: r.end,
+                    owner: r.owner,
+                })
+                .collect(),
+            version: applied.index,
+        }))
+    }
+
     async fn cancel_timeout(
         &self,
         request: Request<v1::CancelTimeoutRequest>,

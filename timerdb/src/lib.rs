@@ -5,6 +5,7 @@
 //! run several in one process); its parts are the [`store`] (where timers live), the
 //! [`scheduler`] (what fires them), the [`sink`] (where they go) and the [`api`].
 
+pub mod admin;
 pub mod api;
 pub mod cluster;
 pub mod config;

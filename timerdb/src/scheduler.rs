@@ -185,12 +185,59 @@ enum Msg {
 
 struct RangeHandle {
     range: SlotRange,
+    stats: Arc<RangeStats>,
+    started: std::time::Instant,
     tx: mpsc::UnboundedSender<Msg>,
     horizon: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
     /// Lets the loader begin; sent once the handle is registered, so no write can miss
     /// both the loader and the hand-off.
     go: Option<oneshot::Sender<()>>,
+}
+
+/// A running range's figures, for `timerdb admin status`.
+#[derive(Debug, Default)]
+pub struct RangeStats {
+    /// Timers it holds in memory.
+    pub in_memory: AtomicUsize,
+    /// Its last recorded low-water mark (ms).
+    pub low_water_ms: AtomicU64,
+    /// Timers it delivered since it started.
+    pub fired: AtomicU64,
+    /// (when, fired then, rate): the fire rate, measured between two reads at least a
+    /// second apart.
+    rate: std::sync::Mutex<Option<(std::time::Instant, u64, f64)>>,
+}
+
+impl RangeStats {
+    /// Timers delivered per second, over the time since the previous measure (at least a
+    /// second; since the range started for the first).
+    pub fn fired_per_s(&self, started: std::time::Instant) -> f64 {
+        let fired = self.fired.load(Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let mut rate = self.rate.lock().expect("rate lock");
+        let (at, then, last) = rate.unwrap_or((started, 0, 0.0));
+        let elapsed = now.duration_since(at).as_secs_f64();
+        if elapsed < 1.0 {
+            return last;
+        }
+        let r = (fired - then) as f64 / elapsed;
+        *rate = Some((now, fired, r));
+        r
+    }
+}
+
+/// What [`Scheduler::report`] tells of one running range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangeReport {
+    /// The range.
+    pub range: SlotRange,
+    /// Its last recorded low-water mark (ms).
+    pub low_water_ms: u64,
+    /// Timers it holds in memory.
+    pub in_memory: usize,
+    /// Timers delivered per second lately.
+    pub fired_per_s: f64,
 }
 
 /// What the ranges hold in memory, shared for the loaders' backpressure.
@@ -335,6 +382,21 @@ impl Scheduler {
             .expect("ranges lock")
             .iter()
             .map(|h| h.range)
+            .collect()
+    }
+
+    /// The figures of every running range.
+    pub fn report(&self) -> Vec<RangeReport> {
+        self.ranges
+            .read()
+            .expect("ranges lock")
+            .iter()
+            .map(|h| RangeReport {
+                range: h.range,
+                low_water_ms: h.stats.low_water_ms.load(Ordering::Relaxed),
+                in_memory: h.stats.in_memory.load(Ordering::Relaxed),
+                fired_per_s: h.stats.fired_per_s(h.started),
+            })
             .collect()
     }
 

@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 use timerdb_proto::v1::timer_service_server::TimerServiceServer;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::admin::AdminService;
 use crate::api::TimerApi;
 use crate::cluster::Member;
 use crate::config::Config;
@@ -153,6 +154,17 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
     let raft_service = cluster.as_ref().map(|c| c.raft_service());
     let cluster_service = cluster.as_ref().map(|c| c.cluster_service());
     let node_service = member.as_ref().map(|m| m.service());
+    let admin_addr = config
+        .cluster
+        .as_ref()
+        .map(|c| c.advertise.clone())
+        .unwrap_or_else(|| bound.to_string());
+    let admin = AdminService::new(member.clone(), scheduler.clone(), admin_addr).into_server();
+    if let (Some(c), Some(node)) = (&config.cluster, &cluster)
+        && let Some(join) = c.join.clone()
+    {
+        tokio::spawn(join_cluster(node.clone(), join, c.advertise.clone()));
+    }
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(
@@ -163,6 +175,7 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
             .add_optional_service(raft_service)
             .add_optional_service(cluster_service)
             .add_optional_service(node_service)
+            .add_service(admin)
             .add_service(
                 TimerServiceServer::new(api)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -220,6 +233,43 @@ async fn start_member(
     timerdb_raft::ClusterNode::start(config)
         .await
         .map_err(|e| Error::Config(format!("cluster member {}: {e}", c.node_id)))
+}
+
+/// `--join ADDR`: asks the member at ADDR to add this node, until it has (a restarted
+/// member that is in the cluster already is added again harmlessly).
+async fn join_cluster(node: timerdb_raft::ClusterNode, join: String, advertise: String) {
+    use timerdb_proto::admin::v1 as pb;
+    loop {
+        if node
+            .map()
+            .borrow()
+            .map
+            .members
+            .get(&node.id())
+            .is_some_and(|m| m.addr == advertise)
+        {
+            return;
+        }
+        let result = match timerdb_raft::network::channel(&join, std::time::Duration::from_secs(30))
+        {
+            Ok(ch) => pb::admin_client::AdminClient::new(ch)
+                .add_node(pb::AddNodeRequest {
+                    id: node.id(),
+                    address: advertise.clone(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| s.message().to_owned()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => tracing::info!(via = %join, "cluster.join: added"),
+            Err(e) => {
+                tracing::warn!(via = %join, error = %e, "cluster.join: not added yet; retrying")
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// tonic refuses a request over the decoding limit with `OUT_OF_RANGE` in its own words;

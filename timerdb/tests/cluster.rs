@@ -276,3 +276,125 @@ async fn a_stopped_member_s_timers_fire_on_the_others() {
         c.stop(id).await;
     }
 }
+
+/// Runs the `timerdb` CLI; returns stdout, panicking with stderr on failure.
+fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+        .args(args)
+        .output()
+        .expect("run timerdb");
+    assert!(
+        out.status.success(),
+        "timerdb {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_status_shows_the_cluster_and_a_drained_member_stops_with_nothing_lost_or_repeated() {
+    let Some(s) = services() else { return };
+    let mut c = Cluster::start(&s.scylla, 3).await;
+    c.wait_running().await;
+
+    // Status through a follower, as JSON: the whole map, with each owner's figures.
+    let status: serde_json::Value = serde_json::from_str(&cli(&[
+        "admin",
+        "--server",
+        &c.addrs[2],
+        "status",
+        "--json",
+    ]))
+    .unwrap();
+    let leader = status["leader"].as_u64().expect("a leader");
+    assert!((1..=3).contains(&leader));
+    assert!(status["term"].as_u64().unwrap() >= 1);
+    let members = status["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        assert_eq!(m["state"], "active");
+        assert!(m["last_heartbeat_ms_ago"].as_u64().unwrap() < 2_000, "{m}");
+    }
+    let ranges = status["ranges"].as_array().unwrap();
+    let mut next = 0;
+    for r in ranges {
+        assert_eq!(
+            r["start"].as_u64().unwrap(),
+            next,
+            "ranges in order, no gap: {r}"
+        );
+        next = r["end"].as_u64().unwrap() + 1;
+        assert!(
+            r["owner"].as_u64().is_some() && r["epoch"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+        assert!(r["lease_left_ms"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["in_memory"].as_u64().is_some(), "{r}");
+    }
+    assert_eq!(next, 256);
+
+    // A client can route by the map: the owner of an id is a member's address.
+    let mut client = Client::connect(&c.addrs[0]).await.unwrap();
+    let map = client.cluster_map().await.unwrap();
+    assert_eq!((map.slots, map.members.len()), (256, 3));
+
+    // Bad input is named and changes nothing.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+        .args([
+            "admin",
+            "--server",
+            &c.addrs[0],
+            "move-range",
+            "0..300",
+            "--to",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not within slots 0..255"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // Timers across the next seconds; member 2 is drained while they fire, then stops.
+    let start = now_ms();
+    let ids: Vec<String> = client
+        .set_timeouts(
+            (0..300u64)
+                .map(|i| NewTimer::new(start + 500 + i * 20, "cluster", 0).payload(i.to_string()))
+                .collect(),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let addr = c.addrs[0].clone();
+    let drained =
+        tokio::task::spawn_blocking(move || cli(&["admin", "--server", &addr, "drain", "2"]))
+            .await
+            .unwrap();
+    assert!(drained.contains("node 2 is drained"), "{drained}");
+    assert!(c.nodes[1].as_ref().unwrap().scheduler.owned().is_empty());
+    c.stop(2).await;
+    wait_fired(&c, &ids, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fired = c.fired();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for (_, l) in &fired {
+        *counts.entry(l.timer_id.as_str()).or_default() += 1;
+        assert!(l.fired_at_ms >= l.fire_at_ms, "{} fired early", l.timer_id);
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "a drain must fire nothing twice: {twice:?}"
+    );
+    assert_eq!(counts.len(), ids.len());
+    for id in [1, 3] {
+        c.stop(id).await;
+    }
+}

@@ -10,7 +10,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::{
-    CancelProbe, MemState, MemoryUse, Msg, RangeHandle, SchedulerConfig, Writes, timer_bytes,
+    CancelProbe, MemState, MemoryUse, Msg, RangeHandle, RangeStats, SchedulerConfig, Writes,
+    timer_bytes,
 };
 use crate::Result;
 use crate::metrics as m;
@@ -117,7 +118,10 @@ pub(super) async fn start(
         }
         .run(start_bucket, go_rx),
     );
+    let stats = Arc::new(RangeStats::default());
+    stats.low_water_ms.store(start_bucket, Ordering::Relaxed);
     let task = RangeTask {
+        stats: stats.clone(),
         range,
         layout,
         store,
@@ -150,6 +154,8 @@ pub(super) async fn start(
     };
     let task = tokio::spawn(task.run(rx));
     Ok(RangeHandle {
+        stats,
+        started: std::time::Instant::now(),
         range,
         tx,
         horizon,
@@ -356,6 +362,7 @@ impl DueQueue {
 }
 
 struct RangeTask {
+    stats: Arc<RangeStats>,
     range: SlotRange,
     layout: Layout,
     store: Arc<dyn TimerStore>,
@@ -534,6 +541,9 @@ impl RangeTask {
                 self.lwm_writing = false;
                 if ok {
                     self.lwm_written = self.lwm_written.max(lwm);
+                    self.stats
+                        .low_water_ms
+                        .store(self.lwm_written, Ordering::Relaxed);
                 }
             }
             Msg::BeginCancel(id, reply) => {
@@ -573,6 +583,7 @@ impl RangeTask {
     fn hold(&mut self, bytes: usize) {
         self.held += 1;
         self.held_bytes += bytes;
+        self.stats.in_memory.store(self.held, Ordering::Relaxed);
         self.in_memory.timers.fetch_add(1, Ordering::Relaxed);
         self.in_memory.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -582,6 +593,7 @@ impl RangeTask {
         let bytes = timer_bytes(t);
         self.held -= 1;
         self.held_bytes -= bytes;
+        self.stats.in_memory.store(self.held, Ordering::Relaxed);
         self.in_memory.timers.fetch_sub(1, Ordering::Relaxed);
         self.in_memory.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
@@ -789,6 +801,9 @@ impl RangeTask {
                 }
             }
         }
+        self.stats
+            .fired
+            .fetch_add(lateness.len() as u64, Ordering::Relaxed);
         m::fired(lateness.into_iter());
         if failed > 0 {
             m::sink_failed(failed);

@@ -1,6 +1,7 @@
 //! The `timerdb` binary: parses the command line, sets up logging and hands over to one
 //! function per command (`serve`, the client commands, `migrate`).
 
+mod admin;
 mod client;
 mod migrate;
 mod serve;
@@ -34,6 +35,8 @@ enum Command {
     Cancel(client::IdArgs),
     /// Create or upgrade a Scylla/Cassandra schema, then exit (`serve` also does this).
     Migrate(migrate::MigrateArgs),
+    /// Operate a cluster: status, init, add-node, remove-node, drain, move-range, rebalance.
+    Admin(admin::AdminArgs),
 }
 
 #[tokio::main]
@@ -55,6 +58,7 @@ async fn main() -> std::process::ExitCode {
         Command::Get(a) => client::get(a).await,
         Command::Cancel(a) => client::cancel(a).await,
         Command::Migrate(a) => migrate::run(a).await,
+        Command::Admin(a) => admin::run(a).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
