@@ -301,12 +301,16 @@ impl ClusterMap {
             }
             Command::MarkGone { id } => {
                 self.member_mut(*id)?.state = MemberState::Gone;
-                // Its lease has ended (failure timeout > lease + drift): others start at once.
-                self.rebalance_with(Handover::Immediate);
+                // Its slots start at once elsewhere (its lease has ended: failure timeout >
+                // lease + drift); slots the rebalance takes from live members still wait.
+                self.rebalance();
             }
             Command::Rejoin { id } => {
-                self.member_mut(*id)?.state = MemberState::Active;
-                self.rebalance();
+                // Only a gone member rejoins: a draining one stays draining.
+                if self.member_mut(*id)?.state == MemberState::Gone {
+                    self.member_mut(*id)?.state = MemberState::Active;
+                    self.rebalance();
+                }
             }
             Command::RemoveMember { id } => {
                 self.member_mut(*id)?;
@@ -332,7 +336,7 @@ impl ClusterMap {
                 }
                 self.member_mut(*to)?.state = MemberState::Active;
                 let gives = (*start..=*end).map(|slot| (slot, *to)).collect();
-                self.give(gives, Handover::AfterLease);
+                self.give(gives);
             }
             Command::Rebalance => self.rebalance(),
         }
@@ -351,41 +355,43 @@ impl ClusterMap {
     }
 
     /// Gives each `(slot, to)` to its new owner under a new epoch, one epoch per run of
-    /// neighbouring slots going to the same owner (so a moved block stays one range). A
-    /// slot `to` owns already is left as it is.
-    fn give(&mut self, mut gives: Vec<(u32, NodeId)>, handover: Handover) {
+    /// neighbouring slots going to the same owner with the same handover (so a moved block
+    /// stays one range). A slot `to` owns already is left as it is. The handover is
+    /// decided per slot: at once when the previous owner cannot hold a lease (none, or
+    /// gone: declared so only after the failure timeout), after a lease otherwise.
+    fn give(&mut self, mut gives: Vec<(u32, NodeId)>) {
         gives.sort_unstable();
-        let mut run: Option<(u32, NodeId)> = None;
+        let mut run: Option<(u32, NodeId, Handover)> = None;
         for (slot, to) in gives {
             let o = self.owners[slot as usize];
             if o.owner == Some(to) {
                 continue;
             }
-            if run != Some((slot.wrapping_sub(1), to)) {
+            let previous_holds_lease = o
+                .owner
+                .and_then(|p| self.members.get(&p))
+                .is_some_and(|m| m.state != MemberState::Gone);
+            let handover = if previous_holds_lease {
+                Handover::AfterLease
+            } else {
+                Handover::Immediate
+            };
+            if run != Some((slot.wrapping_sub(1), to, handover)) {
                 self.last_epoch += 1;
             }
-            run = Some((slot, to));
+            run = Some((slot, to, handover));
             self.owners[slot as usize] = SlotOwner {
                 owner: Some(to),
                 epoch: self.last_epoch,
-                // A slot nobody owned can start at once whatever the caller asked.
-                handover: if o.owner.is_none() {
-                    Handover::Immediate
-                } else {
-                    handover
-                },
+                handover,
             };
         }
-    }
-
-    fn rebalance(&mut self) {
-        self.rebalance_with(Handover::AfterLease);
     }
 
     /// Spreads the slots evenly over the active and joining members, moving as few as it
     /// can: each keeps what it owns up to its share; the rest go, lowest slot first, to the
     /// members below their share, lowest id first. Deterministic, as the log needs.
-    fn rebalance_with(&mut self, handover: Handover) {
+    fn rebalance(&mut self) {
         let takers: Vec<NodeId> = self
             .members
             .iter()
@@ -428,7 +434,7 @@ impl ClusterMap {
             let missing = share[id] - kept.get(id).copied().unwrap_or(0);
             gives.extend(free.by_ref().take(missing).map(|slot| (slot, *id)));
         }
-        self.give(gives, handover);
+        self.give(gives);
     }
 
     /// The map's ranges: maximal runs of slots with one owner and epoch, in slot order.
@@ -585,6 +591,52 @@ mod tests {
             assert!(e.contains(words), "{e}");
             assert_eq!(m, before);
         }
+    }
+
+    /// A member declared gone has its slots started at once elsewhere; slots the same
+    /// rebalance takes from a live member wait for that member's lease.
+    #[test]
+    fn only_a_gone_member_s_slots_move_without_waiting() {
+        let mut m = three();
+        m.apply(&Command::MoveRange {
+            start: 0,
+            end: 200,
+            to: 1,
+        })
+        .unwrap();
+        let before = m.clone();
+        m.apply(&Command::MarkGone { id: 3 }).unwrap();
+        assert_eq!(counts(&m), vec![128, 128, 0]);
+        for s in 0..256usize {
+            let (a, b) = (before.owners[s], m.owners[s]);
+            if a == b {
+                continue;
+            }
+            let want = if a.owner == Some(3) {
+                Handover::Immediate
+            } else {
+                Handover::AfterLease
+            };
+            assert_eq!(b.handover, want, "slot {s}: {a:?} -> {b:?}");
+        }
+        // Ranges never mix the two kinds.
+        for r in m.ranges() {
+            for s in r.start..=r.end {
+                assert_eq!(m.owners[s as usize].handover, r.handover);
+            }
+        }
+    }
+
+    #[test]
+    fn rejoin_brings_back_a_gone_member_but_does_not_undo_a_drain() {
+        let mut m = three();
+        m.apply(&Command::Drain { id: 2 }).unwrap();
+        m.apply(&Command::Rejoin { id: 2 }).unwrap();
+        assert_eq!(m.members[&2].state, MemberState::Draining);
+        assert!(m.slots_of(2).is_empty());
+        m.apply(&Command::MarkGone { id: 2 }).unwrap();
+        m.apply(&Command::Rejoin { id: 2 }).unwrap();
+        assert_eq!(m.members[&2].state, MemberState::Active);
     }
 
     #[test]

@@ -88,8 +88,15 @@ struct Inner {
     lease_until: Mutex<Option<Instant>>,
     /// When this member first saw each slot it owns under its current epoch.
     gained: Mutex<HashMap<u32, (u64, Instant)>>,
-    /// Leader only: when each member last renewed its lease.
-    last_seen: Mutex<HashMap<NodeId, Instant>>,
+    /// Slots it lost lately, with the end of the lease it held when it saw the loss.
+    lost: Mutex<HashMap<u32, Instant>>,
+    /// The map index `gained` and `lost` were last brought up to.
+    noted: std::sync::atomic::AtomicU64,
+    /// Leader only: when each member last renewed its lease while keeping up with the
+    /// log, and the index the leader granted it last.
+    last_seen: Mutex<HashMap<NodeId, (Instant, u64)>>,
+    /// Leader only: members a rejoin is being proposed for.
+    rejoining: Mutex<std::collections::HashSet<NodeId>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -125,7 +132,10 @@ impl ClusterNode {
                 map,
                 lease_until: Mutex::new(None),
                 gained: Mutex::new(HashMap::new()),
+                lost: Mutex::new(HashMap::new()),
+                noted: std::sync::atomic::AtomicU64::new(u64::MAX),
                 last_seen: Mutex::new(HashMap::new()),
+                rejoining: Mutex::new(Default::default()),
                 tasks: Mutex::new(Vec::new()),
             }),
         };
@@ -210,8 +220,13 @@ impl ClusterNode {
             .ranges_of(self.id())
             .into_iter()
             .map(|range| {
+                // First seen under this range's epoch; a record from an earlier epoch (the
+                // slot went away and came back) does not count.
                 let seen = (range.start..=range.end)
-                    .filter_map(|s| gained.get(&s).map(|(_, at)| *at))
+                    .map(|s| match gained.get(&s) {
+                        Some((epoch, at)) if *epoch == range.epoch => *at,
+                        _ => Instant::now(),
+                    })
                     .max()
                     .unwrap_or_else(Instant::now);
                 let usable_at = match range.handover {
@@ -271,26 +286,38 @@ impl ClusterNode {
     }
 
     /// Leader only: renews `member`'s lease. Returns the applied index the renewal is
-    /// good for, after confirming with a quorum that this node still leads.
-    async fn grant(&self, member: NodeId) -> Result<u64> {
+    /// good for, after confirming with a quorum that this node still leads. The member
+    /// counts as alive only if its own map has caught up with the index granted to it
+    /// before (`member_applied`): one that cannot apply the log never holds a lease, and
+    /// its slots must move.
+    async fn grant(&self, member: NodeId, member_applied: u64) -> Result<u64> {
         self.inner
             .raft
             .ensure_linearizable()
             .await
             .map_err(|e| Error::NoLeader(format!("node {} cannot grant leases: {e}", self.id())))?;
         let applied = self.inner.map.borrow().clone();
-        self.inner
-            .last_seen
-            .lock()
-            .unwrap()
-            .insert(member, Instant::now());
-        if applied.map.members.get(&member).map(|m| m.state) == Some(MemberState::Gone) {
+        {
+            let mut seen = self.inner.last_seen.lock().unwrap();
+            let keeps_up = seen
+                .get(&member)
+                .is_none_or(|(_, granted)| member_applied >= *granted);
+            let at = match seen.get(&member) {
+                Some((at, _)) if !keeps_up => *at,
+                _ => Instant::now(),
+            };
+            seen.insert(member, (at, applied.index));
+        }
+        if applied.map.members.get(&member).map(|m| m.state) == Some(MemberState::Gone)
+            && self.inner.rejoining.lock().unwrap().insert(member)
+        {
             // It speaks again (restarted, or its partition healed): give it ranges again.
             let node = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = node.propose(Command::Rejoin { id: member }).await {
                     tracing::warn!(member, error = %e, "cluster.rejoin failed");
                 }
+                node.inner.rejoining.lock().unwrap().remove(&member);
             });
         }
         Ok(applied.index)
@@ -300,62 +327,94 @@ impl ClusterNode {
     /// the moment it was asked for, and only if this member's map is at least as recent as
     /// the leader's was when it granted it.
     async fn renew_leases(self) {
+        let period = Duration::from_millis(self.inner.map.borrow().map.lease.heartbeat_ms.max(1));
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut clients: HashMap<String, ClusterClient<tonic::transport::Channel>> = HashMap::new();
         loop {
+            ticks.tick().await;
             let lease = self.inner.map.borrow().map.lease;
-            tokio::time::sleep(Duration::from_millis(lease.heartbeat_ms)).await;
             let Some((leader, addr)) = self.leader() else {
                 continue;
             };
-            let asked = Instant::now();
-            let granted = if leader == self.id() {
-                self.grant(self.id()).await.ok()
+            // Each renewal runs on its own, so a slow or dead leader does not hold up the
+            // next one; each may take up to half a lease.
+            let timeout = Duration::from_millis(lease.lease_ms / 2);
+            let client = if leader == self.id() {
+                None
             } else {
-                let timeout = Duration::from_millis(lease.heartbeat_ms * 2);
-                let client = match clients.get(&addr) {
-                    Some(c) => c.clone(),
+                match clients.get(&addr) {
+                    Some(c) => Some(c.clone()),
                     None => match network::channel(&addr, timeout) {
-                        Ok(ch) => clients
-                            .entry(addr.clone())
-                            .or_insert(ClusterClient::new(ch))
-                            .clone(),
+                        Ok(ch) => Some(
+                            clients
+                                .entry(addr.clone())
+                                .or_insert(ClusterClient::new(ch))
+                                .clone(),
+                        ),
                         Err(_) => continue,
                     },
-                };
-                let mut client = client;
-                let call = client.heartbeat(pb::HeartbeatRequest { node_id: self.id() });
-                match tokio::time::timeout(timeout, call).await {
-                    Ok(Ok(r)) => Some(r.into_inner().applied_index),
-                    _ => None,
                 }
             };
-            let Some(index) = granted else { continue };
-            if self.inner.map.borrow().index >= index {
-                let until = asked + Duration::from_millis(lease.lease_ms);
-                let mut l = self.inner.lease_until.lock().unwrap();
-                *l = Some(l.map_or(until, |t| t.max(until)));
-            }
+            let node = self.clone();
+            tokio::spawn(async move {
+                let asked = Instant::now();
+                let my_index = node.inner.map.borrow().index;
+                let granted = match client {
+                    None => node.grant(node.id(), my_index).await.ok(),
+                    Some(mut client) => {
+                        let call = client.heartbeat(pb::HeartbeatRequest {
+                            node_id: node.id(),
+                            applied_index: my_index,
+                        });
+                        match tokio::time::timeout(timeout, call).await {
+                            Ok(Ok(r)) => Some(r.into_inner().applied_index),
+                            Ok(Err(s)) => {
+                                tracing::debug!(leader, error = %s.message(), "cluster.lease: renewal refused");
+                                None
+                            }
+                            Err(_) => None,
+                        }
+                    }
+                };
+                if let Some(index) = granted {
+                    node.take_renewal(asked, index, lease.lease_ms);
+                }
+            });
+        }
+    }
+
+    /// Takes in a renewal asked at `asked` and granted at the leader's `index`, if this
+    /// member's map has applied as far. Losses the map shows are noted first, with the
+    /// lease as it was, in one step with the check, so no renewal can extend the time a
+    /// lost slot may still be acted on.
+    fn take_renewal(&self, asked: Instant, index: u64, lease_ms: u64) {
+        let mut lease = self.inner.lease_until.lock().unwrap();
+        let applied = self.inner.map.borrow().clone();
+        self.note_map(&applied, *lease);
+        if applied.index >= index {
+            let until = asked + Duration::from_millis(lease_ms);
+            *lease = Some(lease.map_or(until, |t| t.max(until)));
         }
     }
 
     /// While leader: create the map of a new cluster, and declare gone the members that
     /// renewed nothing for the failure timeout (their leases have ended by then).
     async fn leader_duties(self) {
-        let mut leading_since: Option<(u64, Instant)> = None;
+        let mut leading_term: Option<u64> = None;
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let m = self.inner.raft.metrics().borrow().clone();
             if m.current_leader != Some(self.id()) {
-                leading_since = None;
+                leading_term = None;
                 continue;
             }
-            if leading_since.map(|(term, _)| term) != Some(m.current_term) {
+            if leading_term != Some(m.current_term) {
                 // A new leader knows nothing of leases its predecessor granted: it gives
                 // every member a whole failure timeout from now.
-                leading_since = Some((m.current_term, Instant::now()));
+                leading_term = Some(m.current_term);
                 self.inner.last_seen.lock().unwrap().clear();
             }
-            let since = leading_since.map(|(_, t)| t).unwrap_or_else(Instant::now);
             let map = self.inner.map.borrow().map.clone();
             if !map.is_initialised() {
                 // The first leader of a new cluster creates the map over the Raft members
@@ -379,11 +438,17 @@ impl ClusterNode {
             }
             let failure = Duration::from_millis(map.lease.failure_ms);
             let silent: Vec<NodeId> = {
-                let seen = self.inner.last_seen.lock().unwrap();
+                let mut seen = self.inner.last_seen.lock().unwrap();
+                // A member this leader never heard from counts from when it first noticed
+                // it (its election, or the member's addition), not from before.
+                for id in map.members.keys() {
+                    seen.entry(*id).or_insert((Instant::now(), 0));
+                }
+                seen.retain(|id, _| map.members.contains_key(id));
                 map.members
                     .iter()
                     .filter(|(id, m)| **id != self.id() && m.state != MemberState::Gone)
-                    .filter(|(id, _)| seen.get(id).copied().unwrap_or(since).elapsed() > failure)
+                    .filter(|(id, _)| seen[*id].0.elapsed() > failure)
                     .map(|(id, _)| *id)
                     .collect()
             };
@@ -404,24 +469,78 @@ impl ClusterNode {
         let mut rx = self.inner.map.clone();
         loop {
             {
+                let lease = self.inner.lease_until.lock().unwrap();
                 let applied = rx.borrow_and_update().clone();
-                let now = Instant::now();
-                let mut gained = self.inner.gained.lock().unwrap();
-                let mine: HashMap<u32, u64> = (0..applied.map.slots)
-                    .filter_map(|s| {
-                        let o = applied.map.owners[s as usize];
-                        (o.owner == Some(self.id())).then_some((s, o.epoch))
-                    })
-                    .collect();
-                gained.retain(|s, (epoch, _)| mine.get(s) == Some(epoch));
-                for (s, epoch) in mine {
-                    gained.entry(s).or_insert((epoch, now));
-                }
+                self.note_map(&applied, *lease);
             }
             if rx.changed().await.is_err() {
                 return;
             }
         }
+    }
+
+    /// Records, for the map as applied now, when each slot gained under its epoch was
+    /// first seen, and for each slot lost the end of the lease held when the loss was
+    /// seen: the old owner may finish with it (final fires, progress, low-water mark) until
+    /// then and no longer, since its later renewals are asked after the move committed and
+    /// the new owner waits one lease plus the drift from then. Called before every lease
+    /// renewal is taken in (the caller holds the lease lock), so no renewal can extend a
+    /// lost slot's deadline.
+    fn note_map(&self, applied: &AppliedMap, lease: Option<Instant>) {
+        let now = Instant::now();
+        self.inner
+            .noted
+            .store(applied.index, std::sync::atomic::Ordering::Release);
+        let mut gained = self.inner.gained.lock().unwrap();
+        let mut lost = self.inner.lost.lock().unwrap();
+        let mine: HashMap<u32, u64> = (0..applied.map.slots)
+            .filter_map(|s| {
+                let o = applied.map.owners[s as usize];
+                (o.owner == Some(self.id())).then_some((s, o.epoch))
+            })
+            .collect();
+        for (s, _) in gained.iter() {
+            if !mine.contains_key(s) {
+                lost.entry(*s).or_insert(lease.unwrap_or(now));
+            }
+        }
+        gained.retain(|s, (epoch, _)| mine.get(s) == Some(epoch));
+        for (s, epoch) in &mine {
+            lost.remove(s);
+            gained.entry(*s).or_insert((*epoch, now));
+        }
+        lost.retain(|_, until| *until > now);
+    }
+
+    /// Whether this member may fire and write ownership records for slots
+    /// `first..=last` now: its lease holds for more than `margin`, and each slot is its own
+    /// in its map, or was lost so recently that the lease held at the loss has not ended.
+    pub fn may_act(&self, first: u32, last: u32, margin: Duration) -> bool {
+        let now = Instant::now();
+        let Some(until) = self.lease_until() else {
+            return false;
+        };
+        // A map change this member has not noted yet (its watchers may not have run):
+        // note it now, so a slot just lost counts as lost, not as never owned.
+        if self.inner.map.borrow().index
+            != self.inner.noted.load(std::sync::atomic::Ordering::Acquire)
+        {
+            let lease = self.inner.lease_until.lock().unwrap();
+            let applied = self.inner.map.borrow().clone();
+            self.note_map(&applied, *lease);
+        }
+        if until.saturating_duration_since(now) <= margin {
+            return false;
+        }
+        let me = Some(self.id());
+        let map = self.inner.map.borrow();
+        let lost = self.inner.lost.lock().unwrap();
+        (first..=last).all(|s| {
+            map.map.owner_of(s) == me
+                || lost
+                    .get(&s)
+                    .is_some_and(|t| t.saturating_duration_since(now) > margin)
+        })
     }
 
     /// The current Raft term.
@@ -441,7 +560,7 @@ impl ClusterNode {
             .lock()
             .unwrap()
             .iter()
-            .map(|(id, at)| (*id, at.elapsed()))
+            .map(|(id, (at, _))| (*id, at.elapsed()))
             .collect()
     }
 
@@ -562,8 +681,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: tonic::Request<pb::HeartbeatRequest>,
     ) -> std::result::Result<tonic::Response<pb::HeartbeatReply>, tonic::Status> {
-        let member = request.into_inner().node_id;
-        match self.node.grant(member).await {
+        let r = request.into_inner();
+        match self.node.grant(r.node_id, r.applied_index).await {
             Ok(applied_index) => Ok(tonic::Response::new(pb::HeartbeatReply {
                 applied_index,
                 leader_id: self.node.id(),

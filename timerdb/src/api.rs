@@ -134,55 +134,41 @@ async fn store_and_hand_off(
     // use is deleted and the recorded progress stays before `created_ms`.
     let guard = scheduler.begin_write()?;
     let created_ms = guard.started_ms;
+    // A cluster member stores near-term timers only in slots it runs (taken after the
+    // guard, so a range stopping from here on keeps its records before this write).
+    let homing = member.as_ref().map(|m| m.homing()).unwrap_or_default();
+    let mut results: Vec<Option<Result<TimerId>>> = Vec::with_capacity(specs.len());
+    let mut to_store = Vec::with_capacity(specs.len());
+    let mut at = Vec::with_capacity(specs.len());
+    for (n, spec) in specs.into_iter().enumerate() {
+        if let Some(member) = &member
+            && let Some(refusal) = member.refuse_near(&spec, &homing)
+        {
+            results.push(Some(Err(refusal)));
+            continue;
+        }
+        results.push(None);
+        at.push(n);
+        to_store.push(spec);
+    }
     crate::failpoint::hit_async("api.before_store").await?;
-    let inserted = store.insert(&specs).await?;
+    let inserted = store.insert(&to_store, &homing).await?;
     crate::failpoint::hit_async("api.after_store").await?;
     let mut fresh = Vec::with_capacity(inserted.len());
     let mut repeated = Vec::new();
-    let mut ids = Vec::with_capacity(inserted.len());
-    for (n, (i, spec)) in inserted.into_iter().zip(specs).enumerate() {
+    for ((n, i), spec) in at.into_iter().zip(inserted).zip(to_store) {
         match i {
-            Ok(i) if i.created => fresh.push((
-                n,
-                Timer {
-                    id: i.id,
-                    created_ms,
-                    spec,
-                },
-            )),
-            // A member cannot see whether the owner loaded it: it always hands it again.
-            Ok(i) if member.is_some() || scheduler.is_loaded(i.id) => repeated.push((n, i.id)),
+            Ok(i) if i.created => fresh.push(Timer {
+                id: i.id,
+                created_ms,
+                spec,
+            }),
+            Ok(i) if scheduler.is_loaded(i.id) => repeated.push((n, i.id)),
             _ => {}
         }
-        ids.push(i.map(|i| i.id));
+        results[n] = Some(i.map(|i| i.id));
     }
     m::scheduled(fresh.len());
-    if let Some(member) = &member {
-        // Acknowledged only once the owner has them (see crate::cluster).
-        let (at, timers): (Vec<usize>, Vec<Timer>) = fresh.into_iter().unzip();
-        let handed = member.hand_off(timers, false, Some(guard.clone())).await;
-        for (n, r) in at.into_iter().zip(handed) {
-            if let Err(e) = r {
-                ids[n] = Err(e);
-            }
-        }
-        for (n, id) in repeated {
-            match store.get(id).await {
-                Ok(Some(stored)) if stored.state == StoredState::Pending => {
-                    let r = member
-                        .hand_off(vec![stored.timer], true, Some(guard.clone()))
-                        .await;
-                    if let Some(Err(e)) = r.into_iter().next() {
-                        ids[n] = Err(e);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => ids[n] = Err(e),
-            }
-        }
-        return Ok(ids);
-    }
-    let fresh: Vec<Timer> = fresh.into_iter().map(|(_, t)| t).collect();
     scheduler.hand_off(fresh, Some(guard.clone()));
     // A repeated idempotency key whose timer is due inside the loaded window: hand it off
     // again (the range admits each id once), in case the first call's hand-off never came.
@@ -193,10 +179,13 @@ async fn store_and_hand_off(
                 scheduler.hand_off_repeat(vec![stored.timer], Some(guard.clone()));
             }
             Ok(_) => {}
-            Err(e) => ids[n] = Err(e),
+            Err(e) => results[n] = Some(Err(e)),
         }
     }
-    Ok(ids)
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every item has its result"))
+        .collect())
 }
 
 /// Both phases of a cancel, in a task of their own so that a caller going away between

@@ -62,9 +62,9 @@ pub struct SchedulerConfig {
     pub authority: Option<Authority>,
 }
 
-/// Answers whether the node may act on its ranges now (see [`SchedulerConfig::authority`]).
+/// Answers whether the node may act on a range now (see [`SchedulerConfig::authority`]).
 #[derive(Clone)]
-pub struct Authority(pub Arc<dyn Fn() -> bool + Send + Sync>);
+pub struct Authority(pub Arc<dyn Fn(SlotRange) -> bool + Send + Sync>);
 
 impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,9 +73,9 @@ impl std::fmt::Debug for Authority {
 }
 
 impl SchedulerConfig {
-    /// Whether ranges may fire and write ownership records now.
-    pub fn may_act(&self) -> bool {
-        self.authority.as_ref().is_none_or(|a| (a.0)())
+    /// Whether `range` may fire and write ownership records now.
+    pub fn may_act(&self, range: SlotRange) -> bool {
+        self.authority.as_ref().is_none_or(|a| (a.0)(range))
     }
 }
 
@@ -180,7 +180,8 @@ enum Msg {
     BeginCancel(TimerId, oneshot::Sender<CancelProbe>),
     EndCancel(TimerId, Option<CancelOutcome>),
     Status(TimerId, oneshot::Sender<Option<MemState>>),
-    Shutdown(oneshot::Sender<()>),
+    /// Stop; with a cutoff (ms), record no progress or low-water mark at or past it.
+    Shutdown(oneshot::Sender<()>, Option<u64>),
 }
 
 struct RangeHandle {
@@ -323,18 +324,10 @@ impl Scheduler {
     /// in-flight deliveries), new ones start by scanning from their low-water mark.
     pub async fn assign(&self, ranges: Vec<SlotRange>) -> Result<()> {
         let _one_at_a_time = self.assigning.lock().await;
-        // Ranges given up stop while still registered (see `shutdown`), then go.
-        let stopping: Vec<mpsc::UnboundedSender<Msg>> = self
-            .ranges
-            .read()
-            .expect("ranges lock")
-            .iter()
-            .filter(|h| !ranges.contains(&h.range))
-            .map(|h| h.tx.clone())
-            .collect();
-        for tx in &stopping {
-            ask_to_stop(tx).await;
-        }
+        // Ranges given up leave the routing table first: from here on no write homes a
+        // timer in them and no hand-off reaches them. What they record at their stop stays
+        // before every write still under way (`cutoff`), whose timers the next owner of
+        // those slots then reads from the store.
         let stopped: Vec<RangeHandle> = {
             let mut current = self.ranges.write().expect("ranges lock");
             let (keep, stopped) = std::mem::take(&mut *current)
@@ -343,6 +336,21 @@ impl Scheduler {
             *current = keep;
             stopped
         };
+        let cutoff = self.writes.floor().unwrap_or(u64::MAX).min(now_ms());
+        // All at once: one range waiting for its last deliveries must not keep another
+        // firing after it was given up.
+        let replies: Vec<_> = stopped
+            .iter()
+            .filter_map(|h| {
+                let (reply, rx) = oneshot::channel();
+                h.tx.send(Msg::Shutdown(reply, Some(cutoff)))
+                    .ok()
+                    .map(|()| rx)
+            })
+            .collect();
+        for rx in replies {
+            let _ = rx.await;
+        }
         for h in stopped {
             let _ = h.task.await;
         }
@@ -555,7 +563,7 @@ impl Scheduler {
 /// Asks a range to stop and waits until it has (deliveries finished, progress written).
 async fn ask_to_stop(tx: &mpsc::UnboundedSender<Msg>) {
     let (reply, rx) = oneshot::channel();
-    if tx.send(Msg::Shutdown(reply)).is_ok() {
+    if tx.send(Msg::Shutdown(reply, None)).is_ok() {
         let _ = rx.await;
     }
 }

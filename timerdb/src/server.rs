@@ -96,18 +96,24 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
         None => None,
     };
     let mut scheduler_config = config.scheduler.clone();
-    if let Some(node) = &cluster {
-        let node = node.clone();
-        scheduler_config.authority = Some(crate::scheduler::Authority(Arc::new(move || {
-            node.lease_until().is_some_and(|until| {
-                until.saturating_duration_since(tokio::time::Instant::now()) > LEASE_MARGIN
-            })
+    // A member fires and writes ownership records for a range only while its lease holds
+    // and its map still gives it the range (the member is made after its scheduler).
+    let member_cell: Arc<std::sync::OnceLock<std::sync::Weak<Member>>> = Arc::default();
+    if cluster.is_some() {
+        let cell = member_cell.clone();
+        scheduler_config.authority = Some(crate::scheduler::Authority(Arc::new(move |range| {
+            cell.get()
+                .and_then(std::sync::Weak::upgrade)
+                .is_some_and(|m| m.may_act(range))
         })));
     }
     let scheduler = Scheduler::new(store.clone(), sink.clone(), scheduler_config);
     let member = cluster
         .clone()
         .map(|node| Member::new(node, scheduler.clone(), config.scheduler.lookahead));
+    if let Some(m) = &member {
+        let _ = member_cell.set(Arc::downgrade(m));
+    }
     let follower = match &member {
         // A cluster member runs the ranges the cluster map gives it, while its lease holds.
         Some(member) => Some(tokio::spawn(member.clone().follow_ownership())),
@@ -153,7 +159,6 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
     let node_cluster = cluster.clone();
     let raft_service = cluster.as_ref().map(|c| c.raft_service());
     let cluster_service = cluster.as_ref().map(|c| c.cluster_service());
-    let node_service = member.as_ref().map(|m| m.service());
     let admin_addr = config
         .cluster
         .as_ref()
@@ -174,7 +179,6 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
             .add_service(reflection)
             .add_optional_service(raft_service)
             .add_optional_service(cluster_service)
-            .add_optional_service(node_service)
             .add_service(admin)
             .add_service(
                 TimerServiceServer::new(api)
@@ -217,10 +221,6 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
         task,
     })
 }
-
-/// A fire or ownership write needs at least this much lease left: the check and the act
-/// are not one instant.
-const LEASE_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
 
 async fn start_member(
     c: &crate::config::ClusterSettings,

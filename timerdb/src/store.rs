@@ -124,14 +124,27 @@ pub struct Progress {
     /// Due by `fired_through_ms` but not confirmed: these fire again after a restart.
     /// Sorted.
     pub unconfirmed: Vec<TimerId>,
+    /// Delivered although due (or created) after `fired_through_ms`: a range given up
+    /// while writes were under way records its mark before those writes, and lists what it
+    /// fired past the mark, so the next owner fires none of it again. Sorted.
+    pub delivered_after: Vec<TimerId>,
+}
+
+/// The record as written before `delivered_after` existed.
+#[derive(serde::Deserialize)]
+struct ProgressV1 {
+    fired_through_ms: u64,
+    loaded_through: u64,
+    unconfirmed: Vec<TimerId>,
 }
 
 impl Progress {
     /// Whether `timer`, read from bucket `bucket_ms`, was already delivered.
     pub fn covers(&self, bucket_ms: u64, timer: &Timer) -> bool {
         bucket_ms < self.loaded_through
-            && timer.spec.fire_at_ms.max(timer.created_ms) <= self.fired_through_ms
-            && self.unconfirmed.binary_search(&timer.id).is_err()
+            && ((timer.spec.fire_at_ms.max(timer.created_ms) <= self.fired_through_ms
+                && self.unconfirmed.binary_search(&timer.id).is_err())
+                || self.delivered_after.binary_search(&timer.id).is_ok())
     }
 
     /// Encoded for storage.
@@ -141,7 +154,53 @@ impl Progress {
 
     /// Decoded from storage.
     pub fn from_bytes(b: &[u8]) -> Result<Progress> {
-        postcard::from_bytes(b).map_err(|e| Error::Corrupt(format!("range progress record: {e}")))
+        match postcard::from_bytes::<Progress>(b) {
+            Ok(p) => Ok(p),
+            Err(e) => match postcard::from_bytes::<ProgressV1>(b) {
+                Ok(v1) => Ok(Progress {
+                    fired_through_ms: v1.fired_through_ms,
+                    loaded_through: v1.loaded_through,
+                    unconfirmed: v1.unconfirmed,
+                    delivered_after: Vec::new(),
+                }),
+                Err(_) => Err(Error::Corrupt(format!("range progress record: {e}"))),
+            },
+        }
+    }
+}
+
+/// Which slots new ids may fall in. A cluster member stores a near-term timer only in a
+/// slot of a range it runs itself, so the member that writes the timer is the one that
+/// fires it (its own write guard then covers the write, as on a single node); later timers
+/// may go anywhere: their owner reads them in time.
+#[derive(Debug, Clone, Default)]
+pub struct Homing {
+    /// Timers in buckets up to this (ms) are near-term.
+    pub near_until_ms: u64,
+    /// The slots near-term timers must use; empty: any slot (a single node).
+    pub slots: Vec<SlotRange>,
+}
+
+impl Homing {
+    /// Ids anywhere.
+    pub fn any() -> Homing {
+        Homing::default()
+    }
+
+    /// A new id in bucket `bucket_ms`, in a slot this homing allows.
+    pub fn new_id(&self, layout: Layout, bucket_ms: u64) -> TimerId {
+        loop {
+            let id = TimerId::generate(bucket_ms);
+            if self.slots.is_empty()
+                || bucket_ms > self.near_until_ms
+                || self
+                    .slots
+                    .iter()
+                    .any(|r| r.contains(layout.slot_of(id.rand)))
+            {
+                return id;
+            }
+        }
     }
 }
 
@@ -203,7 +262,7 @@ pub trait TimerStore: Send + Sync + 'static {
     /// `Err`: nothing of the call counts as stored (rows may have been written; unkeyed ones
     /// may then fire, keyed ones only if their key is claimed for them later). An item's
     /// own `Err` (its key could not be claimed) leaves the other items stored.
-    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Result<Inserted>>>;
+    async fn insert(&self, timers: &[TimerSpec], homing: &Homing) -> Result<Vec<Result<Inserted>>>;
 
     /// Reads a timer by id.
     async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>>;
@@ -350,4 +409,66 @@ pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn TimerStore
     Err(Error::Config(format!(
         "unsupported store URL {url:?}: expected embedded:///path or scylla://host:9042/keyspace"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timer(fire_at_ms: u64, created_ms: u64) -> Timer {
+        Timer {
+            id: TimerId::generate(0),
+            created_ms,
+            spec: TimerSpec {
+                fire_at_ms,
+                payload: Default::default(),
+                topic: "t".into(),
+                partition: 0,
+                key: None,
+                headers: Default::default(),
+                idempotency_key: None,
+            },
+        }
+    }
+
+    /// A record written before `delivered_after` existed still reads.
+    #[test]
+    fn an_older_progress_record_still_reads() {
+        #[derive(serde::Serialize)]
+        struct V1 {
+            fired_through_ms: u64,
+            loaded_through: u64,
+            unconfirmed: Vec<TimerId>,
+        }
+        let old = postcard::to_allocvec(&V1 {
+            fired_through_ms: 5,
+            loaded_through: 9,
+            unconfirmed: vec![],
+        })
+        .unwrap();
+        let p = Progress::from_bytes(&old).unwrap();
+        assert_eq!((p.fired_through_ms, p.loaded_through), (5, 9));
+        assert!(p.delivered_after.is_empty());
+        let new = Progress {
+            delivered_after: vec![TimerId::generate(0)],
+            ..p
+        };
+        assert_eq!(Progress::from_bytes(&new.to_bytes().unwrap()).unwrap(), new);
+    }
+
+    /// Past the mark, only what the record lists as delivered counts as delivered.
+    #[test]
+    fn a_record_covers_its_mark_and_what_it_lists_past_it() {
+        let (early, late, listed) = (timer(100, 50), timer(300, 50), timer(300, 50));
+        let p = Progress {
+            fired_through_ms: 200,
+            loaded_through: 1_000,
+            unconfirmed: vec![],
+            delivered_after: vec![listed.id],
+        };
+        assert!(p.covers(0, &early));
+        assert!(!p.covers(0, &late));
+        assert!(p.covers(0, &listed));
+        assert!(!p.covers(1_000, &listed), "only buckets the record read");
+    }
 }

@@ -25,6 +25,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start(scylla: &str, n: u64) -> Cluster {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("TIMERDB_TEST_LOG"))
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let store = format!("scylla://{scylla}/{}", unique("cluster"));
         let mut listeners = Vec::new();
@@ -80,7 +84,8 @@ impl Cluster {
             .collect()
     }
 
-    /// Waits until the running members' scheduler ranges cover every slot exactly once.
+    /// Waits until the running members' scheduler ranges cover every slot exactly once and
+    /// every member holds its lease.
     async fn wait_running(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -91,7 +96,12 @@ impl Cluster {
                 }
             }
             slots.sort_unstable();
-            if slots == (0..256).collect::<Vec<u32>>() {
+            let leases = self.nodes.iter().flatten().all(|n| {
+                n.cluster
+                    .as_ref()
+                    .is_some_and(|c| c.lease_until().is_some())
+            });
+            if leases && slots == (0..256).collect::<Vec<u32>>() {
                 return;
             }
             assert!(
@@ -136,31 +146,40 @@ async fn every_member_takes_every_call_and_each_timer_fires_once_on_its_owner() 
     let mut c = Cluster::start(&s.scylla, 3).await;
     c.wait_running().await;
 
-    // All set on member 1: two thirds belong to the others, and near-term ones must be
-    // handed to them (they have read those buckets already).
+    // Set through every member: near-term timers (due within seconds) and later ones.
     let mut client = Client::connect(&c.addrs[0]).await.unwrap();
-    let start = now_ms();
     let mut sent: HashMap<String, (u64, String)> = HashMap::new();
-    let timers: Vec<NewTimer> = (0..300u64)
-        .map(|i| {
-            NewTimer::new(start + 300 + (i % 30) * 100, "cluster", (i % 3) as i32)
-                .payload(format!("timer-{i}"))
-                .header("n", i.to_string())
-        })
-        .collect();
-    let expected: Vec<(u64, String)> = timers
-        .iter()
-        .map(|t| (t.fire_at_ms, String::from_utf8(t.payload.to_vec()).unwrap()))
-        .collect();
-    let ids: Vec<String> = client
-        .set_timeouts(timers)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.expect("accepted"))
-        .collect();
-    for (id, e) in ids.iter().zip(expected) {
-        sent.insert(id.clone(), e);
+    let mut ids = Vec::new();
+    for (m, addr) in c.addrs.iter().enumerate() {
+        let mut member = Client::connect(addr).await.unwrap();
+        let start = now_ms();
+        let timers: Vec<NewTimer> = (0..100u64)
+            .map(|i| {
+                let at = if i % 4 == 0 {
+                    6_000
+                } else {
+                    300 + (i % 30) * 100
+                };
+                NewTimer::new(start + at, "cluster", (i % 3) as i32)
+                    .payload(format!("timer-{m}-{i}"))
+                    .header("n", i.to_string())
+            })
+            .collect();
+        let expected: Vec<(u64, String)> = timers
+            .iter()
+            .map(|t| (t.fire_at_ms, String::from_utf8(t.payload.to_vec()).unwrap()))
+            .collect();
+        let got: Vec<String> = member
+            .set_timeouts(timers)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.expect("accepted"))
+            .collect();
+        for (id, e) in got.iter().zip(expected) {
+            sent.insert(id.clone(), e);
+        }
+        ids.extend(got);
     }
 
     // Cancels and reads on other members reach the owner.
@@ -203,9 +222,17 @@ async fn every_member_takes_every_call_and_each_timer_fires_once_on_its_owner() 
     // Let anything that would fire twice, or a cancelled timer, show itself.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let fired = c.fired();
+    let map = client.cluster_map().await.unwrap();
     let mut counts: HashMap<&str, usize> = HashMap::new();
     let mut by_member: HashMap<usize, usize> = HashMap::new();
     for (member, l) in &fired {
+        // Fired by the member that owns its slot.
+        assert_eq!(
+            map.owner_address(&l.timer_id),
+            Some(c.addrs[member - 1].as_str()),
+            "{} fired on member {member}",
+            l.timer_id
+        );
         *counts.entry(l.timer_id.as_str()).or_default() += 1;
         *by_member.entry(*member).or_default() += 1;
         assert!(
@@ -328,7 +355,7 @@ async fn admin_status_shows_the_cluster_and_a_drained_member_stops_with_nothing_
             r["owner"].as_u64().is_some() && r["epoch"].as_u64().unwrap() > 0,
             "{r}"
         );
-        assert!(r["lease_left_ms"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["lease_left_ms"].as_u64().is_some_and(|l| l > 0), "{r}");
         assert!(r["in_memory"].as_u64().is_some(), "{r}");
     }
     assert_eq!(next, 256);
@@ -395,6 +422,129 @@ async fn admin_status_shows_the_cluster_and_a_drained_member_stops_with_nothing_
     );
     assert_eq!(counts.len(), ids.len());
     for id in [1, 3] {
+        c.stop(id).await;
+    }
+}
+
+/// Ranges move while every member takes near-term timers: a range given up while writes
+/// into it are under way, a range gained that waits out the previous owner's lease, a
+/// drain. Every acknowledged timer fires, none early, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_move_under_write_load_and_every_acknowledged_timer_fires_once() {
+    let Some(s) = services() else { return };
+    let mut c = Cluster::start(&s.scylla, 3).await;
+    c.wait_running().await;
+    let addrs = c.addrs.clone();
+    let writer = tokio::spawn(async move {
+        let mut clients = Vec::new();
+        for a in &addrs {
+            clients.push(Client::connect(a).await.unwrap());
+        }
+        let mut acked: Vec<(String, u64)> = Vec::new();
+        let mut refused = 0usize;
+        let started = Instant::now();
+        let mut round = 0u64;
+        while started.elapsed() < Duration::from_secs(7) {
+            let client = &mut clients[(round % 3) as usize];
+            let now = now_ms();
+            let timers: Vec<NewTimer> = (0..20u64)
+                .map(|i| NewTimer::new(now + 200 + (i * 97 + round * 31) % 1_500, "cluster", 0))
+                .collect();
+            let due: Vec<u64> = timers.iter().map(|t| t.fire_at_ms).collect();
+            match client.set_timeouts(timers).await {
+                Ok(results) => {
+                    for (r, d) in results.into_iter().zip(due) {
+                        match r {
+                            Ok(id) => acked.push((id, d)),
+                            Err(_) => refused += 1,
+                        }
+                    }
+                }
+                Err(_) => refused += 20,
+            }
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        (acked, refused)
+    });
+    let admin = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli(&args)
+        })
+    };
+    let a0 = c.addrs[0].clone();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    admin(vec![
+        "admin".into(),
+        "--server".into(),
+        a0.clone(),
+        "move-range".into(),
+        "0..127".into(),
+        "--to".into(),
+        "3".into(),
+    ])
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    admin(vec![
+        "admin".into(),
+        "--server".into(),
+        a0.clone(),
+        "rebalance".into(),
+    ])
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    admin(vec![
+        "admin".into(),
+        "--server".into(),
+        a0.clone(),
+        "drain".into(),
+        "2".into(),
+    ])
+    .await
+    .unwrap();
+    let (acked, refused) = writer.await.unwrap();
+    let ids: Vec<String> = acked.iter().map(|(id, _)| id.clone()).collect();
+    eprintln!(
+        "{} timers acknowledged, {refused} refused while ranges moved",
+        ids.len()
+    );
+    assert!(ids.len() > 1_000, "only {} acknowledged", ids.len());
+    wait_fired(&c, &ids, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let due: HashMap<&str, u64> = acked.iter().map(|(id, d)| (id.as_str(), *d)).collect();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    let fired = c.fired();
+    for (_, l) in &fired {
+        *counts.entry(l.timer_id.as_str()).or_default() += 1;
+        if let Some(d) = due.get(l.timer_id.as_str()) {
+            assert!(l.fired_at_ms >= *d, "{} fired early", l.timer_id);
+        }
+    }
+    let twice: Vec<&str> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| *id)
+        .collect();
+    let detail: Vec<String> = fired
+        .iter()
+        .filter(|(_, l)| twice.contains(&l.timer_id.as_str()))
+        .take(8)
+        .map(|(m, l)| {
+            format!(
+                "{} on member {m} at {} (due {})",
+                l.timer_id, l.fired_at_ms, l.fire_at_ms
+            )
+        })
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "{} fired more than once: {detail:#?}",
+        twice.len()
+    );
+    for id in 1..=3 {
         c.stop(id).await;
     }
 }

@@ -145,6 +145,7 @@ async fn an_older_keyspace_is_migrated_forward() {
         fired_through_ms: 42,
         loaded_through: 1000,
         unconfirmed: vec![],
+        delivered_after: vec![],
     };
     store.set_progress(all, &p).await.unwrap();
     assert_eq!(store.progress(all).await.unwrap(), vec![(all, p)]);

@@ -32,6 +32,8 @@ const MAX_WORK_BETWEEN_FIRES: usize = 4096;
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// Most failing timers a progress record lists by id; past that it stops advancing.
 const MAX_UNCONFIRMED: usize = 1024;
+/// How far behind the progress mark fired timers are still remembered by id.
+const RECENT_FIRED_MS: u64 = 5_000;
 /// How long a deleted bucket is remembered, so a late repeat hand-off into it is dropped
 /// instead of firing a timer a second time.
 const DELETED_MEMORY_MS: u64 = 10 * 60 * 1000;
@@ -121,6 +123,8 @@ pub(super) async fn start(
     let stats = Arc::new(RangeStats::default());
     stats.low_water_ms.store(start_bucket, Ordering::Relaxed);
     let task = RangeTask {
+        cutoff: None,
+        recent_fired: Vec::new(),
         stats: stats.clone(),
         range,
         layout,
@@ -363,6 +367,11 @@ impl DueQueue {
 
 struct RangeTask {
     stats: Arc<RangeStats>,
+    /// Set when the range is given up while writes were under way (see `Scheduler::assign`).
+    cutoff: Option<u64>,
+    /// Timers fired lately, with their due time (the later of epoch and creation), until
+    /// the progress mark passes them.
+    recent_fired: Vec<(u64, TimerId)>,
     range: SlotRange,
     layout: Layout,
     store: Arc<dyn TimerStore>,
@@ -462,7 +471,10 @@ impl RangeTask {
         self.report_memory();
         // Persist how far this range got, so a restart scans as little as possible and
         // fires nothing again that was confirmed.
-        let may_act = self.config.may_act();
+        let may_act = self.config.may_act(self.range);
+        if !may_act {
+            tracing::warn!(range = %self.range, "scheduler.stop: no lease to record progress with; its recent fires may fire again under the next owner");
+        }
         let progress = self.progress_candidate().filter(|_| may_act);
         if let Some(progress) = progress.filter(|p| Some(p) != self.progress_written.as_ref())
             && let Err(e) = self.store.set_progress(self.range, &progress).await
@@ -503,17 +515,17 @@ impl RangeTask {
         match msg {
             Msg::HandOff(timers, guard, repeat) => {
                 for t in timers {
-                    if repeat {
-                        // A repeat of a timer whose bucket was deleted here (every timer
-                        // in it fired or was cancelled) or that the recorded progress
-                        // shows delivered must not fire again.
-                        if self.deleted.contains(&t.id.bucket_ms) {
-                            continue;
-                        }
-                        if self.resume.covers(self.layout, t.id.bucket_ms, &t) {
-                            self.admit_fired(t.id);
-                            continue;
-                        }
+                    // A repeat of a timer whose bucket was deleted here (every timer in it
+                    // fired or was cancelled) must not fire again.
+                    if repeat && self.deleted.contains(&t.id.bucket_ms) {
+                        continue;
+                    }
+                    // Nor one the recorded progress shows delivered: a repeat, or a fresh
+                    // timer the previous range of its slot fired after loading it while the
+                    // write was still handing it off.
+                    if self.resume.covers(self.layout, t.id.bucket_ms, &t) {
+                        self.admit_fired(t.id);
+                        continue;
                     }
                     self.admit(t);
                 }
@@ -562,9 +574,10 @@ impl RangeTask {
                     State::Cancelling { .. } | State::Cancelled => MemState::Cancelled,
                 }));
             }
-            Msg::Shutdown(reply) => {
+            Msg::Shutdown(reply, cutoff) => {
                 self.stop_loader.store(true, Ordering::SeqCst);
                 self.stopping = Some((reply, Instant::now()));
+                self.cutoff = cutoff;
             }
         }
         work.max(1)
@@ -696,7 +709,7 @@ impl RangeTask {
     fn fire_due(&mut self) {
         // A cluster member whose lease has lapsed fires nothing: another node may own
         // these slots by now.
-        if !self.config.may_act() {
+        if !self.config.may_act(self.range) {
             return;
         }
         let now = now_ms();
@@ -780,6 +793,7 @@ impl RangeTask {
                     }
                     let due = t.spec.fire_at_ms.max(t.created_ms);
                     lateness.push(Duration::from_millis(fired_at.saturating_sub(due)));
+                    self.recent_fired.push((due, t.id));
                     self.release(&t);
                 }
                 Delivery::Failed(why) => {
@@ -895,8 +909,15 @@ impl RangeTask {
 
     fn housekeeping(&mut self) {
         self.report_memory();
+        // Fired timers well behind the mark need no listing: the mark can still move back
+        // (a range given up records its mark before writes then under way, and a late
+        // hand-off can hold it back), so a few seconds of fires are kept.
+        if let Some(p) = self.progress_candidate() {
+            let keep_after = p.fired_through_ms.saturating_sub(RECENT_FIRED_MS);
+            self.recent_fired.retain(|(due, _)| *due > keep_after);
+        }
         // Deletes, progress and low-water marks belong to the owner: none without a lease.
-        if !self.config.may_act() {
+        if !self.config.may_act(self.range) {
             return;
         }
         let now = now_ms();
@@ -1013,15 +1034,30 @@ impl RangeTask {
         if let Some(f) = self.writes.floor() {
             through = through.min(f.saturating_sub(1));
         }
+        // Given up while writes were under way: they may have homed timers here that never
+        // reached this range.
+        if let Some(c) = self.cutoff {
+            through = through.min(c.saturating_sub(1));
+        }
         if self.retrying.len() > MAX_UNCONFIRMED {
             return None;
         }
         let mut unconfirmed: Vec<TimerId> = self.retrying.iter().copied().collect();
         unconfirmed.sort_unstable();
+        // Fired past the mark (only a range given up under writes has many).
+        let mut delivered_after: Vec<TimerId> = self
+            .recent_fired
+            .iter()
+            .filter(|(due, _)| *due > through)
+            .map(|(_, id)| *id)
+            .take(MAX_UNCONFIRMED)
+            .collect();
+        delivered_after.sort_unstable();
         Some(Progress {
             fired_through_ms: through,
             loaded_through: self.next_unsettled,
             unconfirmed,
+            delivered_after,
         })
     }
 
@@ -1034,6 +1070,9 @@ impl RangeTask {
         }
         if let Some(f) = self.writes.floor() {
             lwm = lwm.min(self.layout.bucket_start(f));
+        }
+        if let Some(c) = self.cutoff {
+            lwm = lwm.min(self.layout.bucket_start(c));
         }
         // A write acknowledged just now may still be on its way to us; stay behind it.
         lwm.min(self.layout.bucket_start(now_ms().saturating_sub(grace)))

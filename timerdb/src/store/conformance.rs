@@ -27,7 +27,7 @@ fn spec(fire_at_ms: u64, n: u32) -> TimerSpec {
 /// Stores `specs`; panics if the call or any item fails.
 pub async fn insert_ok(store: &dyn TimerStore, specs: &[TimerSpec]) -> Vec<Inserted> {
     store
-        .insert(specs)
+        .insert(specs, &super::Homing::any())
         .await
         .expect("insert")
         .into_iter()
@@ -324,6 +324,7 @@ pub async fn progress_is_kept_per_range(store: Arc<dyn TimerStore>) {
         fired_through_ms: 1_700_000_000_123,
         loaded_through: 1_700_000_002_000,
         unconfirmed: vec![ids[0].id],
+        delivered_after: vec![],
     };
     store.set_progress(all, &p1).await.unwrap();
     assert_eq!(store.progress(all).await.unwrap(), vec![(all, p1.clone())]);
@@ -335,6 +336,7 @@ pub async fn progress_is_kept_per_range(store: Arc<dyn TimerStore>) {
         fired_through_ms: p1.fired_through_ms + 100,
         loaded_through: p1.loaded_through,
         unconfirmed: vec![],
+        delivered_after: vec![ids[0].id],
     };
     store.set_progress(all, &p2).await.unwrap();
     assert_eq!(store.progress(all).await.unwrap(), vec![(all, p2.clone())]);

@@ -21,7 +21,9 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{CancelOutcome, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore};
+use super::{
+    CancelOutcome, Homing, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore,
+};
 use crate::metrics as m;
 use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec, now_ms};
 use crate::{Error, Result};
@@ -124,7 +126,11 @@ struct EncodedTimer {
 }
 
 enum WriteOp {
-    Insert(Vec<EncodedTimer>, oneshot::Sender<Result<Vec<Inserted>>>),
+    Insert(
+        Vec<EncodedTimer>,
+        Homing,
+        oneshot::Sender<Result<Vec<Inserted>>>,
+    ),
     Cancel(TimerId, oneshot::Sender<Result<CancelOutcome>>),
     DeleteBucket(SlotRange, u64, oneshot::Sender<Result<()>>),
     SetLowWater(SlotRange, u64, oneshot::Sender<Result<()>>),
@@ -452,7 +458,7 @@ impl Writer {
             let mut progress = txn.open_table(PROGRESS)?;
             for op in ops.drain(..) {
                 match op {
-                    WriteOp::Insert(items, reply) => {
+                    WriteOp::Insert(items, homing, reply) => {
                         let mut out = Vec::with_capacity(items.len());
                         for item in items {
                             if let Some(k) = &item.idempotency_key {
@@ -475,7 +481,7 @@ impl Writer {
                                 }
                             }
                             let bucket = self.layout.bucket_start(item.fire_at_ms).max(min_bucket);
-                            let id = TimerId::generate(bucket);
+                            let id = homing.new_id(self.layout, bucket);
                             new_rows.push((row_key(id), item.value));
                             if let Some(k) = &item.idempotency_key {
                                 let mut v = [0u8; 24];
@@ -589,7 +595,7 @@ impl TimerStore for EmbeddedStore {
         self.layout
     }
 
-    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Result<Inserted>>> {
+    async fn insert(&self, timers: &[TimerSpec], homing: &Homing) -> Result<Vec<Result<Inserted>>> {
         if timers.is_empty() {
             return Ok(Vec::new());
         }
@@ -606,7 +612,9 @@ impl TimerStore for EmbeddedStore {
             .collect::<Result<Vec<_>>>()?;
         let started = Instant::now();
         let (tx, rx) = oneshot::channel();
-        let out = self.write(WriteOp::Insert(items, tx), rx).await;
+        let out = self
+            .write(WriteOp::Insert(items, homing.clone(), tx), rx)
+            .await;
         m::store_op("insert", started.elapsed());
         // One transaction: every item is stored, or none.
         Ok(out?.into_iter().map(Ok).collect())

@@ -24,7 +24,9 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, Row};
 
-use super::{CancelOutcome, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore};
+use super::{
+    CancelOutcome, Homing, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore,
+};
 use crate::metrics as m;
 use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec, now_ms};
 use crate::{Error, Result};
@@ -927,7 +929,7 @@ impl TimerStore for ScyllaStore {
         self.layout
     }
 
-    async fn insert(&self, timers: &[TimerSpec]) -> Result<Vec<Result<Inserted>>> {
+    async fn insert(&self, timers: &[TimerSpec], homing: &Homing) -> Result<Vec<Result<Inserted>>> {
         if timers.is_empty() {
             return Ok(Vec::new());
         }
@@ -936,7 +938,12 @@ impl TimerStore for ScyllaStore {
         let min_bucket = self.layout.bucket_start(now) + self.layout.bucket_ms;
         let ids: Vec<TimerId> = timers
             .iter()
-            .map(|t| TimerId::generate(self.layout.bucket_start(t.fire_at_ms).max(min_bucket)))
+            .map(|t| {
+                homing.new_id(
+                    self.layout,
+                    self.layout.bucket_start(t.fire_at_ms).max(min_bucket),
+                )
+            })
             .collect();
         let encoded: Vec<Vec<u8>> = timers.iter().map(|t| t.to_bytes()).collect::<Result<_>>()?;
         let layout = self.layout;
