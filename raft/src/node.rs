@@ -513,9 +513,10 @@ impl ClusterNode {
     }
 
     /// Whether this member may fire and write ownership records for slots
-    /// `first..=last` now: its lease holds for more than `margin`, and each slot is its own
-    /// in its map, or was lost so recently that the lease held at the loss has not ended.
-    pub fn may_act(&self, first: u32, last: u32, margin: Duration) -> bool {
+    /// `first..=last`, run under `epoch`, now: its lease holds for more than `margin`, and
+    /// each slot is its own under that epoch in its map, or was lost so recently that the
+    /// lease held at the loss has not ended.
+    pub fn may_act(&self, first: u32, last: u32, epoch: u64, margin: Duration) -> bool {
         let now = Instant::now();
         let Some(until) = self.lease_until() else {
             return false;
@@ -536,7 +537,10 @@ impl ClusterNode {
         let map = self.inner.map.borrow();
         let lost = self.inner.lost.lock().unwrap();
         (first..=last).all(|s| {
-            map.map.owner_of(s) == me
+            // Its own under the same epoch: a slot that went away and came back under a
+            // new epoch belongs to a new range (someone else owned it in between).
+            let o = map.map.owners.get(s as usize);
+            o.is_some_and(|o| o.owner == me && o.epoch == epoch)
                 || lost
                     .get(&s)
                     .is_some_and(|t| t.saturating_duration_since(now) > margin)

@@ -158,6 +158,20 @@ async fn store_and_hand_off(
     let mut repeated = Vec::new();
     for ((n, i), spec) in at.into_iter().zip(inserted).zip(to_store) {
         match i {
+            Ok(i)
+                if i.created
+                    && member
+                        .as_ref()
+                        .is_some_and(|m| !m.still_acting(i.id, &homing)) =>
+            {
+                results[n] = Some(Err(Error::Unavailable(format!(
+                    "timer {} was stored while its slot range moved away from this node; it \
+                     may still fire: retry with the same idempotency key to be sure of one \
+                     timer",
+                    i.id
+                ))));
+                continue;
+            }
             Ok(i) if i.created => fresh.push(Timer {
                 id: i.id,
                 created_ms,

@@ -94,12 +94,36 @@ impl Member {
         }
     }
 
-    /// Where this member may put new ids now: near-term timers in the slots it runs.
+    /// Where this member may put new ids now: near-term timers in the ranges it runs and
+    /// may act on (its lease holds and the map still gives it the range).
     pub fn homing(&self) -> Homing {
         Homing {
             near_until_ms: now_ms() + self.near_ms,
-            slots: self.scheduler.owned(),
+            slots: self
+                .scheduler
+                .owned_tagged()
+                .into_iter()
+                .filter(|(r, epoch)| self.may_act(*r, *epoch))
+                .map(|(r, _)| r)
+                .collect(),
         }
+    }
+
+    /// After the store call: whether each new near-term timer's range may still be acted
+    /// on. One that may not (the range moved, or the lease lapsed, while the row was being
+    /// written) must not be acknowledged: its row may have landed after the next owner
+    /// read that bucket, and the range here no longer fires it. Its next owner fires it if
+    /// it reads the row; the caller is told the outcome is unknown.
+    pub fn still_acting(&self, id: TimerId, homing: &Homing) -> bool {
+        if id.bucket_ms > homing.near_until_ms {
+            return true;
+        }
+        let slot = self.layout.slot_of(id.rand);
+        self.scheduler
+            .owned_tagged()
+            .into_iter()
+            .find(|(r, _)| r.contains(slot))
+            .is_some_and(|(r, epoch)| self.may_act(r, epoch))
     }
 
     /// The refusal for a near-term timer this member cannot home (it runs no range right
@@ -125,27 +149,31 @@ impl Member {
     /// the map has them, so a change elsewhere does not restart them. A lapsed lease does
     /// not stop them: it pauses their fires and ownership writes (see
     /// [`Member::authority`]).
-    pub fn usable_ranges(&self) -> Vec<SlotRange> {
+    pub fn usable_ranges(&self) -> Vec<(SlotRange, u64)> {
         let now = Instant::now();
-        let mut out: Vec<SlotRange> = self
+        let mut out: Vec<(SlotRange, u64)> = self
             .node
             .owned()
             .into_iter()
             .filter(|o| o.usable_at <= now)
-            .map(|o| SlotRange {
-                first: o.range.start,
-                last: o.range.end,
+            .map(|o| {
+                let range = SlotRange {
+                    first: o.range.start,
+                    last: o.range.end,
+                };
+                (range, o.range.epoch)
             })
             .collect();
-        out.sort_unstable_by_key(|r| r.first);
+        out.sort_unstable_by_key(|(r, _)| r.first);
         out
     }
 
     /// Whether this member may fire, and write ownership records, for `range` now (see
     /// [`ClusterNode::may_act`]: its lease holds, and the range is its own or was lost so
     /// recently that the lease it held then has not ended).
-    pub fn may_act(&self, range: SlotRange) -> bool {
-        self.node.may_act(range.first, range.last, LEASE_MARGIN)
+    pub fn may_act(&self, range: SlotRange, epoch: u64) -> bool {
+        self.node
+            .may_act(range.first, range.last, epoch, LEASE_MARGIN)
     }
 
     /// Keeps the scheduler's ranges equal to [`Member::usable_ranges`] as the map and the
@@ -154,11 +182,11 @@ impl Member {
         let mut map = self.node.map();
         loop {
             let want = self.usable_ranges();
-            let mut have = self.scheduler.owned();
-            have.sort_unstable_by_key(|r| r.first);
+            let mut have = self.scheduler.owned_tagged();
+            have.sort_unstable_by_key(|(r, _)| r.first);
             if want != have {
                 tracing::info!(node = self.node.id(), ranges = ?want, "cluster.ownership: ranges change");
-                if let Err(e) = self.scheduler.assign(want).await {
+                if let Err(e) = self.scheduler.assign_tagged(want).await {
                     tracing::warn!(error = %e, "cluster.ownership: assigning ranges failed; will retry");
                 }
             }

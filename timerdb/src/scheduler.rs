@@ -62,9 +62,10 @@ pub struct SchedulerConfig {
     pub authority: Option<Authority>,
 }
 
-/// Answers whether the node may act on a range now (see [`SchedulerConfig::authority`]).
+/// Answers whether the node may act on a range (with its tag) now (see
+/// [`SchedulerConfig::authority`]).
 #[derive(Clone)]
-pub struct Authority(pub Arc<dyn Fn(SlotRange) -> bool + Send + Sync>);
+pub struct Authority(pub Arc<dyn Fn(SlotRange, u64) -> bool + Send + Sync>);
 
 impl std::fmt::Debug for Authority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,9 +74,9 @@ impl std::fmt::Debug for Authority {
 }
 
 impl SchedulerConfig {
-    /// Whether `range` may fire and write ownership records now.
-    pub fn may_act(&self, range: SlotRange) -> bool {
-        self.authority.as_ref().is_none_or(|a| (a.0)(range))
+    /// Whether `range` (run under `tag`) may fire and write ownership records now.
+    pub fn may_act(&self, range: SlotRange, tag: u64) -> bool {
+        self.authority.as_ref().is_none_or(|a| (a.0)(range, tag))
     }
 }
 
@@ -186,6 +187,8 @@ enum Msg {
 
 struct RangeHandle {
     range: SlotRange,
+    /// See [`Scheduler::assign_tagged`].
+    tag: u64,
     stats: Arc<RangeStats>,
     started: std::time::Instant,
     tx: mpsc::UnboundedSender<Msg>,
@@ -323,6 +326,14 @@ impl Scheduler {
     /// Makes `ranges` the owned set: ranges no longer owned stop (after finishing their
     /// in-flight deliveries), new ones start by scanning from their low-water mark.
     pub async fn assign(&self, ranges: Vec<SlotRange>) -> Result<()> {
+        self.assign_tagged(ranges.into_iter().map(|r| (r, 0)).collect())
+            .await
+    }
+
+    /// [`Scheduler::assign`] with a tag per range (a cluster member's epoch of the range):
+    /// a range whose tag changed restarts, even on the same slots (the slots were someone
+    /// else's in between, and what this range held in memory is stale).
+    pub async fn assign_tagged(&self, ranges: Vec<(SlotRange, u64)>) -> Result<()> {
         let _one_at_a_time = self.assigning.lock().await;
         // Ranges given up leave the routing table first: from here on no write homes a
         // timer in them and no hand-off reaches them. What they record at their stop stays
@@ -332,7 +343,7 @@ impl Scheduler {
             let mut current = self.ranges.write().expect("ranges lock");
             let (keep, stopped) = std::mem::take(&mut *current)
                 .into_iter()
-                .partition(|h| ranges.contains(&h.range));
+                .partition(|h| ranges.contains(&(h.range, h.tag)));
             *current = keep;
             stopped
         };
@@ -354,18 +365,19 @@ impl Scheduler {
         for h in stopped {
             let _ = h.task.await;
         }
-        for range in ranges {
+        for (range, tag) in ranges {
             let owned = self
                 .ranges
                 .read()
                 .expect("ranges lock")
                 .iter()
-                .any(|h| h.range == range);
+                .any(|h| h.range == range && h.tag == tag);
             if owned {
                 continue;
             }
             let handle = range::start(
                 range,
+                tag,
                 self.store.clone(),
                 self.sink.clone(),
                 self.config.clone(),
@@ -390,6 +402,16 @@ impl Scheduler {
             .expect("ranges lock")
             .iter()
             .map(|h| h.range)
+            .collect()
+    }
+
+    /// The slot ranges currently owned, with their tags.
+    pub fn owned_tagged(&self) -> Vec<(SlotRange, u64)> {
+        self.ranges
+            .read()
+            .expect("ranges lock")
+            .iter()
+            .map(|h| (h.range, h.tag))
             .collect()
     }
 

@@ -101,11 +101,13 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
     let member_cell: Arc<std::sync::OnceLock<std::sync::Weak<Member>>> = Arc::default();
     if cluster.is_some() {
         let cell = member_cell.clone();
-        scheduler_config.authority = Some(crate::scheduler::Authority(Arc::new(move |range| {
-            cell.get()
-                .and_then(std::sync::Weak::upgrade)
-                .is_some_and(|m| m.may_act(range))
-        })));
+        scheduler_config.authority = Some(crate::scheduler::Authority(Arc::new(
+            move |range, epoch| {
+                cell.get()
+                    .and_then(std::sync::Weak::upgrade)
+                    .is_some_and(|m| m.may_act(range, epoch))
+            },
+        )));
     }
     let scheduler = Scheduler::new(store.clone(), sink.clone(), scheduler_config);
     let member = cluster

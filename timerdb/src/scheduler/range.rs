@@ -78,6 +78,7 @@ struct Bucket {
 /// Starts the scheduler of `range`: reads its low-water mark, then runs its task and loader.
 pub(super) async fn start(
     range: SlotRange,
+    tag: u64,
     store: Arc<dyn TimerStore>,
     sink: Arc<dyn Sink>,
     config: SchedulerConfig,
@@ -123,6 +124,7 @@ pub(super) async fn start(
     let stats = Arc::new(RangeStats::default());
     stats.low_water_ms.store(start_bucket, Ordering::Relaxed);
     let task = RangeTask {
+        tag,
         cutoff: None,
         recent_fired: Vec::new(),
         stats: stats.clone(),
@@ -158,6 +160,7 @@ pub(super) async fn start(
     };
     let task = tokio::spawn(task.run(rx));
     Ok(RangeHandle {
+        tag,
         stats,
         started: std::time::Instant::now(),
         range,
@@ -369,6 +372,8 @@ struct RangeTask {
     stats: Arc<RangeStats>,
     /// Set when the range is given up while writes were under way (see `Scheduler::assign`).
     cutoff: Option<u64>,
+    /// The epoch it runs under (0 on a single node).
+    tag: u64,
     /// Timers fired lately, with their due time (the later of epoch and creation), until
     /// the progress mark passes them.
     recent_fired: Vec<(u64, TimerId)>,
@@ -471,7 +476,7 @@ impl RangeTask {
         self.report_memory();
         // Persist how far this range got, so a restart scans as little as possible and
         // fires nothing again that was confirmed.
-        let may_act = self.config.may_act(self.range);
+        let may_act = self.config.may_act(self.range, self.tag);
         if !may_act {
             tracing::warn!(range = %self.range, "scheduler.stop: no lease to record progress with; its recent fires may fire again under the next owner");
         }
@@ -709,7 +714,7 @@ impl RangeTask {
     fn fire_due(&mut self) {
         // A cluster member whose lease has lapsed fires nothing: another node may own
         // these slots by now.
-        if !self.config.may_act(self.range) {
+        if !self.config.may_act(self.range, self.tag) {
             return;
         }
         let now = now_ms();
@@ -917,7 +922,7 @@ impl RangeTask {
             self.recent_fired.retain(|(due, _)| *due > keep_after);
         }
         // Deletes, progress and low-water marks belong to the owner: none without a lease.
-        if !self.config.may_act(self.range) {
+        if !self.config.may_act(self.range, self.tag) {
             return;
         }
         let now = now_ms();

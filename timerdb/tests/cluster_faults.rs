@@ -1,0 +1,426 @@
+//! A real three-process cluster (`deploy/local/cluster`) on the real Kafka and Cassandra,
+//! attacked while it fires: kill -9 of a member, kill -9 of the leader, a member paused
+//! longer than its lease, the whole cluster stopped and started, a fourth member joining.
+//! Each asserts what a user would notice: every acknowledged timer arrives on Kafka, none
+//! before its epoch, and duplicates stay within the bound the fault allows.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::kafka::{Received, collect, consumer, create_topic};
+use common::{now_ms, services, unique};
+use timerdb_client::{Client, NewTimer};
+use tokio::time::Instant;
+
+/// Cluster tests share the machine's two cores: one cluster at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct LocalCluster {
+    dir: tempfile::TempDir,
+    base: u16,
+    nodes: Vec<String>,
+}
+
+impl LocalCluster {
+    fn script() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/cluster")
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("bash")
+            .arg(Self::script())
+            .args(args)
+            .env("TIMERDB_CLUSTER_DIR", self.dir.path())
+            .env("TIMERDB_CLUSTER_PORT_BASE", self.base.to_string())
+            .env("TIMERDB_BIN", env!("CARGO_BIN_EXE_timerdb"))
+            .output()
+            .expect("run deploy/local/cluster");
+        assert!(
+            out.status.success(),
+            "deploy/local/cluster {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn up(n: u32) -> LocalCluster {
+        let mut c = LocalCluster {
+            dir: tempfile::tempdir().unwrap(),
+            base: 20_000 + (rand::random::<u16>() % 2_000) * 10,
+            nodes: Vec::new(),
+        };
+        let out = c.run(&["up", &n.to_string()]);
+        for line in out.lines() {
+            if let Some(v) = line.strip_prefix("export TIMERDB_NODES=") {
+                c.nodes = v.split(',').map(str::to_owned).collect();
+            }
+        }
+        assert_eq!(c.nodes.len(), n as usize, "exports: {out}");
+        c
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for i in 1..=4 {
+            let p = self.dir.path().join(format!("node-{i}.log"));
+            if let Ok(text) = std::fs::read_to_string(&p) {
+                let lines: Vec<&str> = text.lines().collect();
+                out += &format!(
+                    "--- node {i} ---\n{}\n",
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                );
+            }
+        }
+        out
+    }
+
+    fn status(&self, via: usize) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_timerdb"))
+            .args(["admin", "--server", &self.nodes[via], "status", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn leader(&self, via: usize) -> u64 {
+        self.status(via)["leader"].as_u64().expect("a leader")
+    }
+
+    /// Waits until every slot has an owner that runs it, with `members` active members.
+    async fn wait_settled(&self, via: usize, members: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.status(via);
+            let active = s["members"]
+                .as_array()
+                .map(|m| m.iter().filter(|m| m["state"] == "active").count())
+                .unwrap_or(0);
+            let running: u64 = s["ranges"]
+                .as_array()
+                .map(|r| {
+                    r.iter()
+                        .filter(|r| !r["in_memory"].is_null())
+                        .map(|r| r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap() + 1)
+                        .sum()
+                })
+                .unwrap_or(0);
+            if active == members && running == 256 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never settled with {members} members: {s}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl LocalCluster {
+    /// Fails the test if any acknowledged timer never arrived, with what the nodes logged.
+    fn assert_none_lost(&self, v: &Verdict, acked: usize) {
+        if v.lost.is_empty() {
+            return;
+        }
+        let mut warnings = String::new();
+        for i in 1..=4 {
+            let p = self.dir.path().join(format!("node-{i}.log"));
+            if let Ok(text) = std::fs::read_to_string(&p) {
+                for l in text.lines().filter(|l| {
+                    l.contains("WARN") || l.contains("ranges change") || l.contains("scheduler.st")
+                }) {
+                    warnings += &format!("node {i}: {l}\n");
+                }
+            }
+        }
+        panic!(
+            "{} of {acked} acknowledged timers never arrived, e.g. {:?}\n{warnings}",
+            v.lost.len(),
+            &v.lost[..v.lost.len().min(5)]
+        );
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(Self::script())
+            .arg("down")
+            .env("TIMERDB_CLUSTER_DIR", self.dir.path())
+            .env("TIMERDB_CLUSTER_PORT_BASE", self.base.to_string())
+            .output();
+    }
+}
+
+/// Sends near-term timers (due 0.5–3 s ahead) to every member in turn that is not in
+/// `skip`, for `for_how_long`; returns every acknowledged id with its epoch.
+async fn write_load(
+    nodes: Vec<String>,
+    topic: String,
+    for_how_long: Duration,
+    skip: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+) -> HashMap<String, u64> {
+    let mut acked = HashMap::new();
+    let started = Instant::now();
+    let mut round = 0u64;
+    let mut clients: Vec<Option<Client>> = nodes.iter().map(|_| None).collect();
+    while started.elapsed() < for_how_long {
+        let i = (round as usize) % nodes.len();
+        round += 1;
+        if skip.lock().unwrap().contains(&i) {
+            clients[i] = None;
+            continue;
+        }
+        if clients[i].is_none() {
+            clients[i] = Client::connect(&nodes[i]).await.ok();
+        }
+        let Some(client) = clients[i].as_mut() else {
+            continue;
+        };
+        let now = now_ms();
+        let timers: Vec<NewTimer> = (0..25u64)
+            .map(|k| {
+                NewTimer::new(
+                    now + 500 + (k * 101 + round * 37) % 2_500,
+                    &topic,
+                    (k % 3) as i32,
+                )
+                .payload(format!("{round}-{k}"))
+            })
+            .collect();
+        let due: Vec<u64> = timers.iter().map(|t| t.fire_at_ms).collect();
+        let call = tokio::time::timeout(Duration::from_secs(3), client.set_timeouts(timers));
+        if let Ok(Ok(results)) = call.await {
+            for (r, d) in results.into_iter().zip(due) {
+                if let Ok(id) = r {
+                    acked.insert(id, d);
+                }
+            }
+        } else {
+            clients[i] = None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    acked
+}
+
+struct Verdict {
+    duplicates: usize,
+    max_late_ms: u64,
+    lost: Vec<String>,
+}
+
+/// Every acknowledged timer arrived, on time or late but never early, each at most a
+/// few times.
+fn check(acked: &HashMap<String, u64>, got: &[Received]) -> Verdict {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut max_late_ms = 0;
+    for m in got {
+        let id = m.timer_id();
+        let Some(due) = acked.get(&id) else { continue };
+        let fired_at = m.header_ms("timerdb-fired-at");
+        assert!(fired_at >= *due, "{id} fired {} ms early", due - fired_at);
+        assert_eq!(m.header_ms("timerdb-fire-at"), *due);
+        max_late_ms = max_late_ms.max(fired_at - due);
+        *counts.entry(id).or_default() += 1;
+    }
+    let lost: Vec<String> = acked
+        .keys()
+        .filter(|id| !counts.contains_key(*id))
+        .cloned()
+        .collect();
+    Verdict {
+        duplicates: counts.values().map(|n| n - 1).sum(),
+        max_late_ms,
+        lost,
+    }
+}
+
+async fn arrived_all(kafka: &str, topic: &str, acked: &HashMap<String, u64>) -> Vec<Received> {
+    let c = consumer(kafka, &[topic]);
+    collect(&c, Duration::from_secs(60), |got| {
+        let seen: std::collections::HashSet<String> = got.iter().map(|m| m.timer_id()).collect();
+        acked.keys().all(|id| seen.contains(id))
+    })
+    .await
+}
+
+/// Kills member `victim` (or the leader) with SIGKILL after 3 s of load and starts it again
+/// 4 s later; returns the verdict.
+async fn kill_under_load(kill_leader: bool) -> (Verdict, usize) {
+    let s = services().expect("services");
+    let c = LocalCluster::up(3);
+    let topic = unique("cluster_kill");
+    create_topic(&s.kafka, &topic, 3).await;
+    let skip = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = tokio::spawn(write_load(
+        c.nodes.clone(),
+        topic.clone(),
+        Duration::from_secs(10),
+        skip.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader = c.leader(0) as usize;
+    let victim = if kill_leader { leader } else { leader % 3 + 1 };
+    skip.lock().unwrap().push(victim - 1);
+    c.run(&["kill", &victim.to_string()]);
+    let survivor = victim % 3;
+    c.wait_settled(survivor, 2).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    c.run(&["start", &victim.to_string()]);
+    skip.lock().unwrap().clear();
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 1_000, "only {} acknowledged", acked.len());
+    let got = arrived_all(&s.kafka, &topic, &acked).await;
+    let verdict = check(&acked, &got);
+    c.assert_none_lost(&verdict, acked.len());
+    c.wait_settled(survivor, 3).await;
+    (verdict, acked.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_member_under_load_loses_nothing() {
+    if services().is_none() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (v, n) = kill_under_load(false).await;
+    eprintln!(
+        "kill -9 of a member: {n} acknowledged, 0 lost, {} duplicates, latest {} ms late",
+        v.duplicates, v.max_late_ms
+    );
+    // What the dead member fired in the last ~100 ms before its progress record, and what
+    // it had handed to Kafka but not seen confirmed, fires again: a small share.
+    assert!(v.duplicates * 20 <= n, "{} duplicates of {n}", v.duplicates);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_under_load_loses_nothing() {
+    if services().is_none() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (v, n) = kill_under_load(true).await;
+    eprintln!(
+        "kill -9 of the leader: {n} acknowledged, 0 lost, {} duplicates, latest {} ms late",
+        v.duplicates, v.max_late_ms
+    );
+    assert!(v.duplicates * 20 <= n, "{} duplicates of {n}", v.duplicates);
+}
+
+/// A member stopped (SIGSTOP) for longer than its lease stops firing at lease end; the
+/// others take its ranges; when it resumes it fires nothing it no longer owns beyond what
+/// its Kafka client had queued before the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_paused_past_its_lease_loses_nothing() {
+    let Some(s) = services() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = LocalCluster::up(3);
+    let topic = unique("cluster_pause");
+    create_topic(&s.kafka, &topic, 3).await;
+    let skip = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = tokio::spawn(write_load(
+        c.nodes.clone(),
+        topic.clone(),
+        Duration::from_secs(9),
+        skip.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let victim = c.leader(0) as usize % 3 + 1;
+    skip.lock().unwrap().push(victim - 1);
+    c.run(&["pause", &victim.to_string()]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    c.run(&["resume", &victim.to_string()]);
+    skip.lock().unwrap().clear();
+    let acked = writer.await.unwrap();
+    let got = arrived_all(&s.kafka, &topic, &acked).await;
+    let v = check(&acked, &got);
+    c.assert_none_lost(&v, acked.len());
+    eprintln!(
+        "member paused 4 s: {} acknowledged, 0 lost, {} duplicates, latest {} ms late",
+        acked.len(),
+        v.duplicates,
+        v.max_late_ms
+    );
+    assert!(
+        v.duplicates * 20 <= acked.len(),
+        "{} duplicates",
+        v.duplicates
+    );
+    c.wait_settled(0, 3).await;
+}
+
+/// The whole cluster stops (SIGTERM) and starts again; timers due meanwhile fire after
+/// the restart, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_cluster_stops_and_starts_with_nothing_lost() {
+    let Some(s) = services() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = LocalCluster::up(3);
+    let topic = unique("cluster_restart");
+    create_topic(&s.kafka, &topic, 3).await;
+    let mut acked = HashMap::new();
+    for node in &c.nodes {
+        let mut client = Client::connect(node).await.unwrap();
+        let now = now_ms();
+        let timers: Vec<NewTimer> = (0..100u64)
+            .map(|k| NewTimer::new(now + 1_000 + k * 60, &topic, (k % 3) as i32))
+            .collect();
+        let due: Vec<u64> = timers.iter().map(|t| t.fire_at_ms).collect();
+        for (r, d) in client
+            .set_timeouts(timers)
+            .await
+            .unwrap()
+            .into_iter()
+            .zip(due)
+        {
+            acked.insert(r.unwrap(), d);
+        }
+    }
+    for id in 1..=3 {
+        c.run(&["stop", &id.to_string()]);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in 1..=3 {
+        c.run(&["start", &id.to_string()]);
+    }
+    let got = arrived_all(&s.kafka, &topic, &acked).await;
+    let v = check(&acked, &got);
+    c.assert_none_lost(&v, acked.len());
+    eprintln!(
+        "whole cluster restarted: {} timers, 0 lost, {} duplicates",
+        acked.len(),
+        v.duplicates
+    );
+    assert!(
+        v.duplicates * 20 <= acked.len(),
+        "{} duplicates",
+        v.duplicates
+    );
+}
+
+/// A fourth member joins (`--join`): the slots spread over four.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_member_joins_and_the_slots_spread_over_four() {
+    if services().is_none() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = LocalCluster::up(3);
+    c.run(&["start", "4"]);
+    c.wait_settled(0, 4).await;
+    let s = c.status(1);
+    let mut per_owner: HashMap<u64, u64> = HashMap::new();
+    for r in s["ranges"].as_array().unwrap() {
+        *per_owner.entry(r["owner"].as_u64().unwrap()).or_default() +=
+            r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap() + 1;
+    }
+    assert_eq!(per_owner.len(), 4, "{s}");
+    assert!(per_owner.values().all(|n| *n == 64), "{per_owner:?}");
+}
