@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::{Error, Result};
@@ -24,6 +26,14 @@ const BUCKETS_DELETED: &str = "timerdb_scheduler_buckets_deleted_total";
 const SKIPPED_AS_FIRED: &str = "timerdb_scheduler_timers_skipped_as_fired_total";
 const KEY_LOSERS: &str = "timerdb_store_idempotency_losers_dropped_total";
 const UNREADABLE: &str = "timerdb_store_unreadable_rows_total";
+const STORE_ERRORS: &str = "timerdb_store_errors_total";
+const LOW_WATER_LAG: &str = "timerdb_scheduler_low_water_lag_seconds";
+const RANGES_RUNNING: &str = "timerdb_scheduler_slots_running";
+const LEASE_LEFT: &str = "timerdb_cluster_lease_left_seconds";
+const SLOTS_OWNED: &str = "timerdb_cluster_slots_owned";
+const SLOTS_UNOWNED: &str = "timerdb_cluster_slots_unowned";
+const IS_LEADER: &str = "timerdb_cluster_is_leader";
+const MEMBERS: &str = "timerdb_cluster_members";
 
 /// Starts the Prometheus endpoint on `addr` (`GET /metrics`) and describes every metric.
 pub fn install(addr: SocketAddr) -> Result<()> {
@@ -50,6 +60,42 @@ pub fn install(addr: SocketAddr) -> Result<()> {
 }
 
 fn describe() {
+    describe_counter!(
+        STORE_ERRORS,
+        "Store calls that failed (unreachable, timed out), by what was being done"
+    );
+    describe_gauge!(
+        LOW_WATER_LAG,
+        Unit::Seconds,
+        "How far the oldest recorded low-water mark of the running ranges is behind now"
+    );
+    describe_gauge!(RANGES_RUNNING, "Slots this node's running ranges cover");
+    describe_gauge!(
+        LEASE_LEFT,
+        Unit::Seconds,
+        "Cluster member: how long its lease still holds (0: none; it fires nothing)"
+    );
+    describe_gauge!(SLOTS_OWNED, "Cluster member: slots its map gives it");
+    describe_gauge!(SLOTS_UNOWNED, "Cluster member: slots its map gives nobody");
+    describe_gauge!(IS_LEADER, "Cluster member: 1 while it is the Raft leader");
+    describe_gauge!(MEMBERS, "Cluster member: members in its map, by state");
+    // Every counter exists from the start (at 0), so dashboards and alert rules find it
+    // before the first event.
+    for name in [
+        SCHEDULED,
+        FIRED,
+        CANCELLED,
+        SINK_FAILED,
+        DEAD_LETTERED,
+        LOADED,
+        BUCKETS_DELETED,
+        SKIPPED_AS_FIRED,
+        KEY_LOSERS,
+        UNREADABLE,
+        STORE_ERRORS,
+    ] {
+        counter!(name).increment(0);
+    }
     describe_counter!(SCHEDULED, "Timers accepted and durably stored");
     describe_counter!(REQUESTS, "gRPC calls by method and status code");
     describe_counter!(FIRED, "Timers produced to their sink");
@@ -167,4 +213,32 @@ pub fn key_loser_dropped() {
 /// A stored row could not be decoded and was skipped.
 pub fn unreadable_row() {
     counter!(UNREADABLE).increment(1);
+}
+
+/// A store call failed (unreachable or timed out).
+pub fn store_error(what: &str) {
+    counter!(STORE_ERRORS, "op" => what.to_owned()).increment(1);
+}
+
+/// The running ranges: slots covered and the oldest low-water mark's lag.
+pub fn ranges(slots_running: usize, low_water_lag: Duration) {
+    gauge!(RANGES_RUNNING).set(slots_running as f64);
+    gauge!(LOW_WATER_LAG).set(low_water_lag.as_secs_f64());
+}
+
+/// What a cluster member knows of itself and the map.
+pub fn cluster(
+    lease_left: Duration,
+    slots_owned: usize,
+    slots_unowned: usize,
+    leader: bool,
+    members: &[(&'static str, usize)],
+) {
+    gauge!(LEASE_LEFT).set(lease_left.as_secs_f64());
+    gauge!(SLOTS_OWNED).set(slots_owned as f64);
+    gauge!(SLOTS_UNOWNED).set(slots_unowned as f64);
+    gauge!(IS_LEADER).set(if leader { 1.0 } else { 0.0 });
+    for (state, n) in members {
+        gauge!(MEMBERS, "state" => *state).set(*n as f64);
+    }
 }

@@ -116,6 +116,7 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
     if let Some(m) = &member {
         let _ = member_cell.set(Arc::downgrade(m));
     }
+    let reporter = tokio::spawn(report_metrics(scheduler.clone(), cluster.clone()));
     let follower = match &member {
         // A cluster member runs the ranges the cluster map gives it, while its lease holds.
         Some(member) => Some(tokio::spawn(member.clone().follow_ownership())),
@@ -206,6 +207,7 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
         if let Some(f) = follower {
             f.abort();
         }
+        reporter.abort();
         node_scheduler.shutdown().await;
         // The lease is renewed until the ranges have stopped and recorded their progress.
         if let Some(node) = &node_cluster {
@@ -235,6 +237,63 @@ async fn start_member(
     timerdb_raft::ClusterNode::start(config)
         .await
         .map_err(|e| Error::Config(format!("cluster member {}: {e}", c.node_id)))
+}
+
+/// Once a second: the running ranges' figures, and a member's view of itself and the map.
+async fn report_metrics(scheduler: Arc<Scheduler>, cluster: Option<timerdb_raft::ClusterNode>) {
+    use timerdb_raft::map::MemberState;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let now = crate::timer::now_ms();
+        let report = scheduler.report();
+        let slots: usize = report
+            .iter()
+            .map(|r| (r.range.last - r.range.first + 1) as usize)
+            .sum();
+        let oldest = report.iter().map(|r| r.low_water_ms).min().unwrap_or(now);
+        crate::metrics::ranges(
+            slots,
+            std::time::Duration::from_millis(now.saturating_sub(oldest)),
+        );
+        if let Some(node) = &cluster {
+            let applied = node.map().borrow().clone();
+            let lease_left = node
+                .lease_until()
+                .map(|t| t.saturating_duration_since(tokio::time::Instant::now()))
+                .unwrap_or_default();
+            let states = [
+                MemberState::Joining,
+                MemberState::Active,
+                MemberState::Draining,
+                MemberState::Gone,
+            ];
+            let members: Vec<(&'static str, usize)> = states
+                .iter()
+                .map(|s| {
+                    let n = applied
+                        .map
+                        .members
+                        .values()
+                        .filter(|m| m.state == *s)
+                        .count();
+                    (s.as_str(), n)
+                })
+                .collect();
+            let unowned = applied
+                .map
+                .owners
+                .iter()
+                .filter(|o| o.owner.is_none())
+                .count();
+            crate::metrics::cluster(
+                lease_left,
+                applied.map.slots_of(node.id()).len(),
+                unowned,
+                node.is_leader(),
+                &members,
+            );
+        }
+    }
 }
 
 /// `--join ADDR`: asks the member at ADDR to add this node, until it has (a restarted

@@ -7,120 +7,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::kafka::{Received, collect, consumer, create_topic};
+use common::local_cluster::{LocalCluster, ONE_AT_A_TIME};
 use common::{now_ms, services, unique};
 use timerdb_client::{Client, NewTimer};
 use tokio::time::Instant;
-
-/// Cluster tests share the machine's two cores: one cluster at a time.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-struct LocalCluster {
-    dir: tempfile::TempDir,
-    base: u16,
-    nodes: Vec<String>,
-}
-
-impl LocalCluster {
-    fn script() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/cluster")
-    }
-
-    fn run(&self, args: &[&str]) -> String {
-        let out = Command::new("bash")
-            .arg(Self::script())
-            .args(args)
-            .env("TIMERDB_CLUSTER_DIR", self.dir.path())
-            .env("TIMERDB_CLUSTER_PORT_BASE", self.base.to_string())
-            .env("TIMERDB_BIN", env!("CARGO_BIN_EXE_timerdb"))
-            .output()
-            .expect("run deploy/local/cluster");
-        assert!(
-            out.status.success(),
-            "deploy/local/cluster {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn up(n: u32) -> LocalCluster {
-        let mut c = LocalCluster {
-            dir: tempfile::tempdir().unwrap(),
-            base: 20_000 + (rand::random::<u16>() % 2_000) * 10,
-            nodes: Vec::new(),
-        };
-        let out = c.run(&["up", &n.to_string()]);
-        for line in out.lines() {
-            if let Some(v) = line.strip_prefix("export TIMERDB_NODES=") {
-                c.nodes = v.split(',').map(str::to_owned).collect();
-            }
-        }
-        assert_eq!(c.nodes.len(), n as usize, "exports: {out}");
-        c
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for i in 1..=4 {
-            let p = self.dir.path().join(format!("node-{i}.log"));
-            if let Ok(text) = std::fs::read_to_string(&p) {
-                let lines: Vec<&str> = text.lines().collect();
-                out += &format!(
-                    "--- node {i} ---\n{}\n",
-                    lines[lines.len().saturating_sub(15)..].join("\n")
-                );
-            }
-        }
-        out
-    }
-
-    fn status(&self, via: usize) -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_timerdb"))
-            .args(["admin", "--server", &self.nodes[via], "status", "--json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    }
-
-    fn leader(&self, via: usize) -> u64 {
-        self.status(via)["leader"].as_u64().expect("a leader")
-    }
-
-    /// Waits until every slot has an owner that runs it, with `members` active members.
-    async fn wait_settled(&self, via: usize, members: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let s = self.status(via);
-            let active = s["members"]
-                .as_array()
-                .map(|m| m.iter().filter(|m| m["state"] == "active").count())
-                .unwrap_or(0);
-            let running: u64 = s["ranges"]
-                .as_array()
-                .map(|r| {
-                    r.iter()
-                        .filter(|r| !r["in_memory"].is_null())
-                        .map(|r| r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap() + 1)
-                        .sum()
-                })
-                .unwrap_or(0);
-            if active == members && running == 256 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "never settled with {members} members: {s}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
 
 impl LocalCluster {
     /// Fails the test if any acknowledged timer never arrived, with what the nodes logged.
@@ -144,17 +37,6 @@ impl LocalCluster {
             v.lost.len(),
             &v.lost[..v.lost.len().min(5)]
         );
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(Self::script())
-            .arg("down")
-            .env("TIMERDB_CLUSTER_DIR", self.dir.path())
-            .env("TIMERDB_CLUSTER_PORT_BASE", self.base.to_string())
-            .output();
     }
 }
 

@@ -191,6 +191,7 @@ impl ScyllaUrl {
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    m::store_error(what);
     Error::Unavailable(format!("scylla {what}: {e}"))
 }
 

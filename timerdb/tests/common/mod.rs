@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod local_cluster;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
