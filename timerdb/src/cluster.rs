@@ -148,7 +148,7 @@ impl Member {
     /// started (a range taken from a live member waits out that member's lease). Kept as
     /// the map has them, so a change elsewhere does not restart them. A lapsed lease does
     /// not stop them: it pauses their fires and ownership writes (see
-    /// [`Member::authority`]).
+    /// [`Member::may_act`]).
     pub fn usable_ranges(&self) -> Vec<(SlotRange, u64)> {
         let now = Instant::now();
         let mut out: Vec<(SlotRange, u64)> = self
