@@ -675,6 +675,46 @@ mod tests {
         assert_eq!(c.limits.max_delay, Duration::from_secs(3660 * 86_400));
     }
 
+    /// The README's cluster example loads as a member of three; the same table on the
+    /// embedded store is refused by name.
+    #[test]
+    fn the_readme_cluster_example_is_valid_and_an_embedded_member_is_refused() {
+        let readme = include_str!("../../README.md");
+        let at = readme
+            .find("```toml\nstore = \"scylla://")
+            .expect("cluster example")
+            + 8;
+        let text = &readme[at..at + readme[at..].find("```").unwrap()];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("member.toml");
+        std::fs::write(&path, text).unwrap();
+        let load = |store: Option<&str>| {
+            Config::load(Overrides {
+                config_file: Some(path.clone()),
+                store: store.map(str::to_owned),
+                ..Default::default()
+            })
+        };
+        let c = load(None).unwrap();
+        let cluster = c.cluster.expect("a member");
+        assert_eq!(
+            (cluster.node_id, cluster.advertise.as_str()),
+            (1, "10.0.0.1:7420")
+        );
+        assert_eq!(cluster.initial_members.len(), 3);
+        assert_eq!(cluster.lease.failure_ms, 1_300);
+        let err = load(Some("embedded:///tmp/x")).unwrap_err().to_string();
+        assert!(err.contains("needs the shared Scylla store"), "{err}");
+        let err = Config::load(Overrides {
+            config_file: Some(path.clone()),
+            initial_members: Some("1=a:1,1=b:2".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("node 1 is listed twice"), "{err}");
+    }
+
     #[test]
     fn bad_values_name_the_setting() {
         let err = Config::load(Overrides {
