@@ -21,15 +21,19 @@ impl LocalCluster {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/cluster")
     }
 
-    pub fn run(&self, args: &[&str]) -> String {
-        let out = Command::new("bash")
+    fn try_run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("bash")
             .arg(Self::script())
             .args(args)
             .env("TIMERDB_CLUSTER_DIR", self.dir.path())
             .env("TIMERDB_CLUSTER_PORT_BASE", self.base.to_string())
             .env("TIMERDB_BIN", env!("CARGO_BIN_EXE_timerdb"))
             .output()
-            .expect("run deploy/local/cluster");
+            .expect("run deploy/local/cluster")
+    }
+
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self.try_run(args);
         assert!(
             out.status.success(),
             "deploy/local/cluster {args:?} failed:\n{}\n{}",
@@ -39,13 +43,36 @@ impl LocalCluster {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Starts `n` nodes on ports of their own: below the kernel's ephemeral range (where
+    /// outgoing connections take theirs), free when checked, and tried again elsewhere if
+    /// one was taken meanwhile.
     pub fn up(n: u32) -> LocalCluster {
-        let mut c = LocalCluster {
-            dir: tempfile::tempdir().unwrap(),
-            base: 20_000 + (rand::random::<u16>() % 2_000) * 10,
-            nodes: Vec::new(),
+        let mut attempt = 0;
+        let (c, out) = loop {
+            attempt += 1;
+            let base = 21_000 + (rand::random::<u16>() % 1_000) * 10;
+            let free =
+                (0..10).all(|p| std::net::TcpListener::bind(("127.0.0.1", base + p)).is_ok());
+            if !free {
+                continue;
+            }
+            let c = LocalCluster {
+                dir: tempfile::tempdir().unwrap(),
+                base,
+                nodes: Vec::new(),
+            };
+            let out = c.try_run(&["up", &n.to_string()]);
+            if out.status.success() {
+                break (c, String::from_utf8(out.stdout).unwrap());
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                attempt < 5 && err.contains("Address already in use"),
+                "deploy/local/cluster up {n} failed:\n{err}\n{}",
+                c.logs()
+            );
         };
-        let out = c.run(&["up", &n.to_string()]);
+        let mut c = c;
         for line in out.lines() {
             if let Some(v) = line.strip_prefix("export TIMERDB_NODES=") {
                 c.nodes = v.split(',').map(str::to_owned).collect();
