@@ -222,12 +222,20 @@ async fn every_member_takes_every_call_and_each_timer_fires_once_on_its_owner() 
         .map(|r| r.unwrap())
         .collect();
     let mut other = Client::connect(&c.addrs[1]).await.unwrap();
+    // On a slow machine a near timer may fire before its cancel arrives: the cancel then
+    // says so, and that timer may fire; every cancel that succeeded must hold.
+    let mut cancelled = Vec::new();
     for id in &cancel_ids {
-        assert!(
-            other.cancel(id).await.unwrap(),
-            "cancel {id} through member 2"
-        );
+        match other.cancel(id).await {
+            Ok(true) => cancelled.push(id.clone()),
+            Err(timerdb_client::Error::Status(s))
+                if s.code() == tonic::Code::FailedPrecondition
+                    && s.message().contains("already fired") => {}
+            other => panic!("cancel {id} through member 2: {other:?}"),
+        }
     }
+    let cancel_ids = cancelled;
+    assert!(cancel_ids.len() >= 15, "the far half at least is cancelled");
     let mut third = Client::connect(&c.addrs[2]).await.unwrap();
     for id in cancel_ids.iter().take(5) {
         assert_eq!(third.get(id).await.unwrap().state, TimerState::Cancelled);
