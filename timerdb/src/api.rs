@@ -156,13 +156,14 @@ async fn store_and_hand_off(
     crate::failpoint::hit_async("api.after_store").await?;
     let mut fresh = Vec::with_capacity(inserted.len());
     let mut repeated = Vec::new();
+    // Read once for the whole batch, after the write.
+    let acting = member.as_ref().map(|m| m.acting_ranges());
     for ((n, i), spec) in at.into_iter().zip(inserted).zip(to_store) {
         match i {
             Ok(i)
                 if i.created
-                    && member
-                        .as_ref()
-                        .is_some_and(|m| !m.still_acting(i.id, &homing)) =>
+                    && let (Some(m), Some(acting)) = (&member, &acting)
+                    && !m.still_acting(i.id, &homing, acting) =>
             {
                 results[n] = Some(Err(Error::Unavailable(format!(
                     "timer {} was stored while its slot range moved away from this node; it \
@@ -364,6 +365,9 @@ impl TimerService for TimerApi {
             let id = parse_id(&req.timer_id)?;
             if let Some((owner, addr)) = owner? {
                 return forward(
+                    self.member
+                        .as_deref()
+                        .expect("only a member has an owner to forward to"),
                     owner,
                     &addr,
                     v1::GetTimerRequest {
@@ -461,6 +465,9 @@ impl TimerService for TimerApi {
             // changes nothing when the owner cannot be reached.
             if let Some((owner, addr)) = owner? {
                 return forward(
+                    self.member
+                        .as_deref()
+                        .expect("only a member has an owner to forward to"),
                     owner,
                     &addr,
                     v1::CancelTimeoutRequest {
@@ -486,7 +493,13 @@ impl TimerService for TimerApi {
 
 /// Sends a call to the member that owns its timer, marked as forwarded; the owner's answer
 /// (or error) is this call's.
-async fn forward<Req, Resp, F, Fut>(owner: u64, addr: &str, request: Req, call: F) -> Result<Resp>
+async fn forward<Req, Resp, F, Fut>(
+    member: &Member,
+    owner: u64,
+    addr: &str,
+    request: Req,
+    call: F,
+) -> Result<Resp>
 where
     F: FnOnce(
         v1::timer_service_client::TimerServiceClient<tonic::transport::Channel>,
@@ -494,9 +507,7 @@ where
     ) -> Fut,
     Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
 {
-    let client = timerdb_client::Client::connect_lazy(addr)
-        .map_err(|e| Error::Unavailable(format!("node {owner}: {e}")))?
-        .raw();
+    let client = member.client_of(addr)?.raw();
     let mut request = Request::new(request);
     request.set_timeout(std::time::Duration::from_secs(5));
     request
@@ -510,9 +521,10 @@ where
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
             ) =>
         {
+            // Nothing changed here; whether the owner applied a call whose answer was lost
+            // is unknown (a cancel or read repeated is harmless).
             Err(Error::Unavailable(format!(
-                "the timer's owner, node {owner} at {addr}, cannot be reached ({}); nothing was \
-                 changed, retry",
+                "the timer's owner, node {owner} at {addr}, did not answer ({}); retry",
                 s.message()
             )))
         }

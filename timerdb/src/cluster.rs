@@ -8,7 +8,8 @@
 //! on a single node. No timer has to travel between members. Later timers take any slot;
 //! their owner reads them from the store in time. See docs/design.md, "Cluster".
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use timerdb_raft::{ClusterNode, NodeId};
@@ -36,6 +37,8 @@ pub struct Member {
     /// their bucket already (its lookahead, two buckets, and at least a second of clock
     /// difference between members).
     near_ms: u64,
+    /// Clients of the members calls were forwarded to, by address (one connection each).
+    owners: Mutex<HashMap<String, timerdb_client::Client>>,
 }
 
 impl std::fmt::Debug for Member {
@@ -56,7 +59,20 @@ impl Member {
             layout,
             node,
             scheduler,
+            owners: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A client of the member at `addr` (kept, so forwarded calls share one connection).
+    pub fn client_of(&self, addr: &str) -> Result<timerdb_client::Client> {
+        let mut owners = self.owners.lock().expect("owners lock");
+        if let Some(c) = owners.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = timerdb_client::Client::connect_lazy(addr)
+            .map_err(|e| Error::Unavailable(format!("member at {addr}: {e}")))?;
+        owners.insert(addr.to_owned(), c.clone());
+        Ok(c)
     }
 
     /// The cluster member.
@@ -94,36 +110,37 @@ impl Member {
         }
     }
 
-    /// Where this member may put new ids now: near-term timers in the ranges it runs and
-    /// may act on (its lease holds and the map still gives it the range).
+    /// The ranges this member runs and may act on now (its lease holds and the map still
+    /// gives it each of them).
+    pub fn acting_ranges(&self) -> Vec<SlotRange> {
+        self.scheduler
+            .owned_tagged()
+            .into_iter()
+            .filter(|(r, epoch)| self.may_act(*r, *epoch))
+            .map(|(r, _)| r)
+            .collect()
+    }
+
+    /// Where this member may put new ids now: near-term timers in its acting ranges.
     pub fn homing(&self) -> Homing {
         Homing {
             near_until_ms: now_ms() + self.near_ms,
-            slots: self
-                .scheduler
-                .owned_tagged()
-                .into_iter()
-                .filter(|(r, epoch)| self.may_act(*r, *epoch))
-                .map(|(r, _)| r)
-                .collect(),
+            slots: self.acting_ranges(),
         }
     }
 
-    /// After the store call: whether each new near-term timer's range may still be acted
-    /// on. One that may not (the range moved, or the lease lapsed, while the row was being
-    /// written) must not be acknowledged: its row may have landed after the next owner
-    /// read that bucket, and the range here no longer fires it. Its next owner fires it if
-    /// it reads the row; the caller is told the outcome is unknown.
-    pub fn still_acting(&self, id: TimerId, homing: &Homing) -> bool {
+    /// After the store call, with `acting` the [`Member::acting_ranges`] read once then:
+    /// whether a new timer may be acknowledged. A near-term one whose range is no longer
+    /// acting (it moved, or the lease lapsed, while the row was being written) may not:
+    /// its row may have landed after the next owner read that bucket, and the range here
+    /// no longer fires it. Its next owner fires it if it reads the row; the caller is told
+    /// the outcome is unknown.
+    pub fn still_acting(&self, id: TimerId, homing: &Homing, acting: &[SlotRange]) -> bool {
         if id.bucket_ms > homing.near_until_ms {
             return true;
         }
         let slot = self.layout.slot_of(id.rand);
-        self.scheduler
-            .owned_tagged()
-            .into_iter()
-            .find(|(r, _)| r.contains(slot))
-            .is_some_and(|(r, epoch)| self.may_act(r, epoch))
+        acting.iter().any(|r| r.contains(slot))
     }
 
     /// The refusal for a near-term timer this member cannot home (it runs no range right
@@ -176,8 +193,7 @@ impl Member {
             .may_act(range.first, range.last, epoch, LEASE_MARGIN)
     }
 
-    /// Keeps the scheduler's ranges equal to [`Member::usable_ranges`] as the map and the
-    /// lease change, and releases held hand-offs after each change.
+    /// Keeps the scheduler's ranges equal to [`Member::usable_ranges`] as the map changes.
     pub async fn follow_ownership(self: Arc<Self>) {
         let mut map = self.node.map();
         loop {
