@@ -549,3 +549,57 @@ async fn a_slow_hand_off_then_a_retry_then_a_crash_loses_nothing() {
     node.wait_fired(std::slice::from_ref(&id), Duration::from_secs(20))
         .await;
 }
+
+/// Cluster members (three real processes, `deploy/local/cluster`).
+mod cluster {
+    use std::time::Duration;
+
+    use timerdb_client::{Client, NewTimer};
+
+    use super::common::kafka::create_topic;
+    use super::common::local_cluster::{LocalCluster, ONE_AT_A_TIME};
+    use super::common::{now_ms, services, unique};
+
+    /// A member stores a near-term timer in a slot of its own, then its range moves away
+    /// (a drain) while the write is still under way: the timer is not acknowledged, since
+    /// its row may land after the next owner read that bucket and nothing here fires it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_range_moved_away_during_the_write_acknowledges_nothing() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_cluster");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = LocalCluster::up(3);
+        c.wait_settled(1, 3).await;
+        // Node 1 again, now slow between its store write and its hand-off.
+        c.run(&["stop", "1"]);
+        c.run_env(
+            &["start", "1"],
+            &[("FAILPOINTS", "api.after_store=1*return(delay:3000)")],
+        );
+        c.wait_settled(1, 3).await;
+        let addr = c.nodes[0].clone();
+        let call = tokio::spawn(async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client
+                .set_timeouts(vec![NewTimer::new(now_ms() + 2_000, &topic, 0)])
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+            .args(["admin", "--server", &c.nodes[1], "drain", "1", "--no-wait"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let results = call.await.unwrap().expect("the call itself answers");
+        let e = results[0]
+            .as_ref()
+            .expect_err("acknowledged a timer whose range moved away");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("moved away"), "{e:?}");
+    }
+}

@@ -22,9 +22,14 @@ impl LocalCluster {
     }
 
     fn try_run(&self, args: &[&str]) -> std::process::Output {
+        self.try_run_env(args, &[])
+    }
+
+    fn try_run_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         Command::new("bash")
             .arg(Self::script())
             .args(args)
+            .envs(env.iter().copied())
             .env("TIMERDB_CLUSTER_DIR", self.dir.path())
             .env("TIMERDB_CLUSTER_PORT_BASE", self.base.to_string())
             .env("TIMERDB_BIN", env!("CARGO_BIN_EXE_timerdb"))
@@ -33,7 +38,12 @@ impl LocalCluster {
     }
 
     pub fn run(&self, args: &[&str]) -> String {
-        let out = self.try_run(args);
+        self.run_env(args, &[])
+    }
+
+    /// [`LocalCluster::run`] with extra environment for the nodes it starts (`FAILPOINTS`).
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self.try_run_env(args, env);
         assert!(
             out.status.success(),
             "deploy/local/cluster {args:?} failed:\n{}\n{}",
