@@ -163,14 +163,9 @@ async fn store_and_hand_off(
             Ok(i)
                 if i.created
                     && let (Some(m), Some(acting)) = (&member, &acting)
-                    && !m.still_acting(i.id, &homing, acting) =>
+                    && !m.still_acting(i.id, acting) =>
             {
-                results[n] = Some(Err(Error::Unavailable(format!(
-                    "timer {} was stored while its slot range moved away from this node; it \
-                     may still fire: retry with the same idempotency key to be sure of one \
-                     timer",
-                    i.id
-                ))));
+                results[n] = Some(Err(withdraw(&store, i.id, &spec).await));
                 continue;
             }
             Ok(i) if i.created => fresh.push(Timer {
@@ -201,6 +196,29 @@ async fn store_and_hand_off(
         .into_iter()
         .map(|r| r.expect("every item has its result"))
         .collect())
+}
+
+/// The answer for a new timer whose slot range stopped being this member's to fire while
+/// its row was written: withdrawn (so a retry, even with the same idempotency key, stores it
+/// anew where a running range sees it), and the outcome is unknown to the caller.
+async fn withdraw(store: &Arc<dyn TimerStore>, id: TimerId, spec: &TimerSpec) -> Error {
+    let why = format!(
+        "timer {id} was stored while its slot range moved away from this node (or came due \
+         during a slow write), so its owner may not have read it"
+    );
+    match store.abandon(id, spec.idempotency_key.as_deref()).await {
+        Ok(()) => Error::Unavailable(format!(
+            "{why}; it was withdrawn (cancelled, its idempotency key released): retry the call \
+             to store it anew (it fires twice only if the owner had read it in time)"
+        )),
+        Err(e) => {
+            tracing::warn!(timer_id = %id, error = %e, "api: could not withdraw a timer whose range moved away");
+            Error::Unavailable(format!(
+                "{why}, and withdrawing it failed ({e}): it may or may not fire; retry the call \
+                 with a new idempotency key to be sure it fires"
+            ))
+        }
+    }
 }
 
 /// Both phases of a cancel, in a task of their own so that a caller going away between

@@ -130,13 +130,14 @@ impl Member {
     }
 
     /// After the store call, with `acting` the [`Member::acting_ranges`] read once then:
-    /// whether a new timer may be acknowledged. A near-term one whose range is no longer
-    /// acting (it moved, or the lease lapsed, while the row was being written) may not:
-    /// its row may have landed after the next owner read that bucket, and the range here
-    /// no longer fires it. Its next owner fires it if it reads the row; the caller is told
-    /// the outcome is unknown.
-    pub fn still_acting(&self, id: TimerId, homing: &Homing, acting: &[SlotRange]) -> bool {
-        if id.bucket_ms > homing.near_until_ms {
+    /// whether a new timer may be acknowledged. One that is near-term *now* may not unless
+    /// its range is still acting here: its row may have landed after the owner read that
+    /// bucket (the range moved or the lease lapsed while the row was being written, or a
+    /// timer homed anywhere as a later one came due during a slow write), and no range
+    /// here would hand it over. Its owner fires it only if it read the row; the caller is
+    /// told the outcome is unknown.
+    pub fn still_acting(&self, id: TimerId, acting: &[SlotRange]) -> bool {
+        if id.bucket_ms > now_ms() + self.near_ms {
             return true;
         }
         let slot = self.layout.slot_of(id.rand);

@@ -267,6 +267,13 @@ pub trait TimerStore: Send + Sync + 'static {
     /// Reads a timer by id.
     async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>>;
 
+    /// Withdraws a timer just created whose caller is told the outcome is unknown (a
+    /// cluster member whose slot range moved away while the row was written): marks the
+    /// row cancelled, so no later load fires it, and releases `key` if it still names `id`,
+    /// so a retry with that key stores the timer anew instead of being answered with a row
+    /// that no range may ever read.
+    async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<()>;
+
     /// Marks a pending timer cancelled, durably.
     async fn cancel(&self, id: TimerId) -> Result<CancelOutcome>;
 

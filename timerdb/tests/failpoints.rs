@@ -556,7 +556,7 @@ mod cluster {
 
     use timerdb_client::{Client, NewTimer};
 
-    use super::common::kafka::create_topic;
+    use super::common::kafka::{collect, consumer, create_topic};
     use super::common::local_cluster::{LocalCluster, ONE_AT_A_TIME};
     use super::common::{now_ms, services, unique};
 
@@ -601,5 +601,112 @@ mod cluster {
             .expect_err("acknowledged a timer whose range moved away");
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
         assert!(e.message().contains("moved away"), "{e:?}");
+    }
+
+    /// The same, slower: the row lands (3 s after the call) after the slot's new owner read
+    /// its bucket, so no range will ever fire it. The caller is told UNAVAILABLE and
+    /// retries with the same idempotency key on another member: the retry must store the
+    /// timer anew (the first row was withdrawn), not answer with the row nobody reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_after_the_range_moved_during_a_slow_write_fires() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_retry");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = LocalCluster::up(3);
+        c.wait_settled(1, 3).await;
+        c.run(&["stop", "1"]);
+        c.run_env(
+            &["start", "1"],
+            &[("FAILPOINTS", "api.before_store=1*return(delay:3000)")],
+        );
+        c.wait_settled(1, 3).await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        let fire_at = now_ms() + 2_500;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("retried")
+            .idempotency_key("retry-1");
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let call = tokio::spawn(async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+            .args(["admin", "--server", &c.nodes[1], "drain", "1", "--no-wait"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let results = call.await.unwrap().expect("the call itself answers");
+        let e = results[0].as_ref().expect_err(&format!(
+            "acknowledged a timer whose range moved away\n{}",
+            c.logs()
+        ));
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("withdrawn"), "{e:?}");
+        // The retry goes to the member that does not own the first row's slot (the owner
+        // would find the row and hand it to its range again, hiding the loss).
+        let first_id = e
+            .message()
+            .split_whitespace()
+            .find(|w| w.len() == 32 && w.chars().all(|c| c.is_ascii_hexdigit()))
+            .unwrap_or_else(|| panic!("the message names the timer: {e:?}"))
+            .to_string();
+        let map = Client::connect(&c.nodes[1])
+            .await
+            .unwrap()
+            .cluster_map()
+            .await
+            .unwrap();
+        let owner = map
+            .owner_address(&first_id)
+            .unwrap_or_else(|| panic!("timer {first_id} has an owner in {map:?}"))
+            .to_string();
+        let other = c.nodes[1..]
+            .iter()
+            .find(|a| **a != owner)
+            .expect("a member that does not own the slot");
+        let mut client = Client::connect(other).await.unwrap();
+        // A member whose ranges are still starting refuses near-term timers for a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let id = loop {
+            match client
+                .set_timeouts(vec![timer.clone()])
+                .await
+                .unwrap()
+                .remove(0)
+            {
+                Ok(id) => break id,
+                Err(e)
+                    if e.code() == tonic::Code::Unavailable
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("the retry is acknowledged: {e:?}"),
+            }
+        };
+        let got = collect(&consumer, Duration::from_secs(30), |m| {
+            m.iter().any(|r| r.timer_id() == id)
+        })
+        .await;
+        let fired: Vec<_> = got.iter().filter(|r| r.payload == b"retried").collect();
+        assert!(
+            fired.iter().any(|r| r.timer_id() == id),
+            "the acknowledged retry {id} never fired; fired: {:?}",
+            fired.iter().map(|r| r.timer_id()).collect::<Vec<_>>()
+        );
+        for r in &fired {
+            assert!(r.header_ms("timerdb-fired-at") >= fire_at, "fired early");
+        }
+        println!(
+            "fired {} time(s) (1 expected: the first row was withdrawn)",
+            fired.len()
+        );
     }
 }

@@ -194,12 +194,25 @@ async fn a_target_deleted_before_firing_goes_to_the_dead_letter_topic() {
     assert_eq!(m.headers["timerdb-original-partition"], b"0");
     assert_eq!(m.headers["trace"], b"t-1");
     assert!(m.header_ms("timerdb-fired-at") >= fire);
-    let metrics = node.metrics_text().await;
-    let line = metrics
-        .lines()
-        .find(|l| l.starts_with("timerdb_sink_dead_lettered_total"))
-        .unwrap_or_else(|| panic!("metric missing:\n{metrics}"));
-    assert!(line.ends_with(" 1"), "{line}");
+    // The consumer may see the message before the producer's delivery report reaches
+    // the node (which is when the counter moves), so the counter is given a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = node.metrics_text().await;
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("timerdb_sink_dead_lettered_total"))
+            .unwrap_or_else(|| panic!("metric missing:\n{metrics}"))
+            .to_string();
+        if line.ends_with(" 1") {
+            break;
+        }
+        assert!(
+            line.ends_with(" 0") && std::time::Instant::now() < deadline,
+            "{line}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A timer whose message Kafka could never take is refused when it is set, naming the

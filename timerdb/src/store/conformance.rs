@@ -53,6 +53,7 @@ macro_rules! timer_store_conformance {
             cancel_is_durable_and_idempotent: 86_400,
             idempotency_key_returns_the_first_id: 86_400,
             idempotency_key_expires_after_retention: 1,
+            an_abandoned_timer_never_fires_and_frees_its_key: 86_400,
             low_water_mark_is_the_minimum_over_slots: 86_400,
             progress_is_kept_per_range: 86_400,
         );
@@ -274,6 +275,39 @@ pub async fn idempotency_key_returns_the_first_id(store: Arc<dyn TimerStore>) {
         .await
         .unwrap();
     assert!(bucket.timers.iter().all(|t| t.spec.topic != "topic-2"));
+}
+
+/// A withdrawn timer is cancelled and its key stores the timer anew; withdrawing an id its
+/// key does not name leaves the key with its holder.
+pub async fn an_abandoned_timer_never_fires_and_frees_its_key(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let fire = now_ms() + 60_000;
+    let mut a = spec(fire, 1);
+    a.idempotency_key = Some("journey-7".into());
+    let first = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
+    store.abandon(first.id, Some("journey-7")).await.unwrap();
+    let got = store.get(first.id).await.unwrap().expect("row kept");
+    assert_eq!(got.state, StoredState::Cancelled);
+    let again = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
+    assert!(again.created, "the key was released");
+    assert_ne!(again.id, first.id);
+    // The first id no longer holds the key: withdrawing it again changes nothing.
+    store.abandon(first.id, Some("journey-7")).await.unwrap();
+    let third = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
+    assert_eq!((third.id, third.created), (again.id, false));
+    let bucket = store
+        .load_bucket(l.all_slots(), l.bucket_start(fire))
+        .await
+        .unwrap();
+    let ids: Vec<_> = bucket.timers.iter().map(|t| t.id).collect();
+    assert_eq!(ids, vec![again.id], "only the new timer fires");
+    // Without a key, only the row is withdrawn.
+    let b = insert_ok(&*store, &[spec(fire, 2)]).await[0];
+    store.abandon(b.id, None).await.unwrap();
+    assert_eq!(
+        store.get(b.id).await.unwrap().map(|t| t.state),
+        Some(StoredState::Cancelled)
+    );
 }
 
 /// After the retention window (1 s here; CQL TTLs count whole seconds) a key may be used

@@ -132,6 +132,7 @@ enum WriteOp {
         oneshot::Sender<Result<Vec<Inserted>>>,
     ),
     Cancel(TimerId, oneshot::Sender<Result<CancelOutcome>>),
+    Abandon(TimerId, Option<String>, oneshot::Sender<Result<()>>),
     DeleteBucket(SlotRange, u64, oneshot::Sender<Result<()>>),
     SetLowWater(SlotRange, u64, oneshot::Sender<Result<()>>),
     SetProgress(SlotRange, Vec<u8>, oneshot::Sender<Result<()>>),
@@ -515,6 +516,26 @@ impl Writer {
                         };
                         replies.push(Reply::Cancel(reply, outcome));
                     }
+                    WriteOp::Abandon(id, key, reply) => {
+                        let row = row_key(id);
+                        let current = timers.get(row.as_slice())?.map(|v| v.value().to_vec());
+                        if let Some(mut v) = current
+                            && v.len() >= 2
+                            && v[1] == state_byte(StoredState::Pending)
+                        {
+                            v[1] = state_byte(StoredState::Cancelled);
+                            timers.insert(row.as_slice(), v.as_slice())?;
+                        }
+                        if let Some(k) = key {
+                            let names_id = idem
+                                .get(k.as_str())?
+                                .is_some_and(|v| v.value()[..16] == id.to_bytes());
+                            if names_id {
+                                idem.remove(k.as_str())?;
+                            }
+                        }
+                        replies.push(Reply::Unit(reply));
+                    }
                     WriteOp::DeleteBucket(slots, bucket, reply) => {
                         let (lo, hi) = bucket_keys(bucket);
                         let layout = self.layout;
@@ -634,6 +655,12 @@ impl TimerStore for EmbeddedStore {
     async fn cancel(&self, id: TimerId) -> Result<CancelOutcome> {
         let (tx, rx) = oneshot::channel();
         self.write(WriteOp::Cancel(id, tx), rx).await
+    }
+
+    async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::Abandon(id, key.map(str::to_string), tx), rx)
+            .await
     }
 
     async fn load_page(

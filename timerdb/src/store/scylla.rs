@@ -201,6 +201,7 @@ struct Statements {
     insert_bucket_hour: PreparedStatement,
     claim_idempotency: PreparedStatement,
     read_idempotency: PreparedStatement,
+    release_idempotency: PreparedStatement,
     delete_timer: PreparedStatement,
     get_timer: PreparedStatement,
     cancel_timer: PreparedStatement,
@@ -380,6 +381,10 @@ impl ScyllaStore {
             .await?,
             read_idempotency: prep(format!(
                 "SELECT timer_id, created_ms FROM {ks}.idempotency WHERE key = ?"
+            ))
+            .await?,
+            release_idempotency: prep(format!(
+                "DELETE FROM {ks}.idempotency WHERE key = ? IF timer_id = ?"
             ))
             .await?,
             delete_timer: prep(format!(
@@ -1053,6 +1058,22 @@ impl TimerStore for ScyllaStore {
         } else {
             CancelOutcome::NotFound
         })
+    }
+
+    async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<()> {
+        // The row first: once the key is released a retry may store the timer anew, and
+        // this row must not fire as well if a range loads it later.
+        self.session
+            .execute_unpaged(&self.st.cancel_timer, self.row_key(id))
+            .await
+            .map_err(|e| unavailable("withdrawing timer", e))?;
+        if let Some(key) = key {
+            self.session
+                .execute_unpaged(&self.st.release_idempotency, (key, id.to_bytes().to_vec()))
+                .await
+                .map_err(|e| unavailable("releasing idempotency key", e))?;
+        }
+        Ok(())
     }
 
     async fn load_page(
