@@ -32,6 +32,10 @@ pub enum Error {
     /// it came.
     #[error("{}", .0.message())]
     Forwarded(tonic::Status),
+    /// A write that belongs to a slot's owner, refused by the store because a newer owner
+    /// (a higher epoch) claimed the slot.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 /// Result alias used across the crate.
@@ -48,6 +52,7 @@ impl Error {
             Error::Corrupt(_) => tonic::Code::DataLoss,
             Error::Internal(_) => tonic::Code::Internal,
             Error::Forwarded(s) => s.code(),
+            Error::Fenced(_) => tonic::Code::Aborted,
         }
     }
 }

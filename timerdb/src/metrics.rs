@@ -27,6 +27,7 @@ const SKIPPED_AS_FIRED: &str = "timerdb_scheduler_timers_skipped_as_fired_total"
 const KEY_LOSERS: &str = "timerdb_store_idempotency_losers_dropped_total";
 const UNREADABLE: &str = "timerdb_store_unreadable_rows_total";
 const STORE_ERRORS: &str = "timerdb_store_errors_total";
+const FENCED: &str = "timerdb_store_fenced_writes_total";
 const LOW_WATER_LAG: &str = "timerdb_scheduler_low_water_lag_seconds";
 const RANGES_RUNNING: &str = "timerdb_scheduler_slots_running";
 const LEASE_LEFT: &str = "timerdb_cluster_lease_left_seconds";
@@ -64,6 +65,11 @@ fn describe() {
         STORE_ERRORS,
         "Store calls that failed (unreachable, timed out), by what was being done"
     );
+    describe_counter!(
+        FENCED,
+        "Cluster member: ownership writes the store refused because a newer owner claimed \
+         the slot (a member that lost a range while a write was under way)"
+    );
     describe_gauge!(
         LOW_WATER_LAG,
         Unit::Seconds,
@@ -93,6 +99,7 @@ fn describe() {
         KEY_LOSERS,
         UNREADABLE,
         STORE_ERRORS,
+        FENCED,
     ] {
         counter!(name).increment(0);
     }
@@ -218,6 +225,11 @@ pub fn unreadable_row() {
 /// A store call failed (unreachable or timed out).
 pub fn store_error(what: &str) {
     counter!(STORE_ERRORS, "op" => what.to_owned()).increment(1);
+}
+
+/// The store refused an ownership write: a newer owner claimed the slot.
+pub fn fenced(what: &'static str) {
+    counter!(FENCED, "op" => what).increment(1);
 }
 
 /// The running ranges: slots covered and the oldest low-water mark's lag.

@@ -78,6 +78,12 @@ impl SchedulerConfig {
     pub fn may_act(&self, range: SlotRange, tag: u64) -> bool {
         self.authority.as_ref().is_none_or(|a| (a.0)(range, tag))
     }
+
+    /// The epoch a range run under `tag` writes its marks with, fenced in the store: the
+    /// tag itself for a cluster member, none for a single node (nobody else writes).
+    pub fn fence(&self, tag: u64) -> Option<u64> {
+        self.authority.as_ref().map(|_| tag)
+    }
 }
 
 impl Default for SchedulerConfig {

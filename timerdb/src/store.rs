@@ -325,6 +325,22 @@ pub trait TimerStore: Send + Sync + 'static {
     /// Records that no bucket of `slots` before `bucket_ms` holds unfired timers.
     async fn set_low_water_mark(&self, slots: SlotRange, bucket_ms: u64) -> Result<()>;
 
+    /// Claims every slot of `slots` for the owner holding `epoch` (the cluster map's
+    /// fencing token), durably: from then on a fenced write under a lower epoch is refused.
+    /// Claiming again under the same epoch is a no-op. `Err(Fenced)` (nothing claimed
+    /// past the slots already done) when a slot holds a higher epoch.
+    async fn claim_slots(&self, slots: SlotRange, epoch: u64) -> Result<()>;
+
+    /// [`Self::set_low_water_mark`] for an owner holding `epoch`: each slot's mark moves only
+    /// while the slot is still claimed under `epoch`. `Err(Fenced)` names the slots whose
+    /// mark did not move (a newer owner claimed them); the others moved.
+    async fn set_low_water_mark_fenced(
+        &self,
+        slots: SlotRange,
+        bucket_ms: u64,
+        epoch: u64,
+    ) -> Result<()>;
+
     /// Every progress record written for a slot range that overlaps `slots`, with its
     /// range (a range that changed bounds, as cluster ranges do when they split, merge or
     /// move, still finds what the earlier owners of its slots recorded).

@@ -709,4 +709,62 @@ mod cluster {
             fired.len()
         );
     }
+
+    /// A member checks its lease, then its low-water-mark write is held up (20 s) while
+    /// its range is drained to the others, which claim the slots under newer epochs. The
+    /// late write reaches Cassandra and is refused there: the store, not the member's own
+    /// check, keeps a stale owner from moving the marks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_owners_late_mark_is_refused_by_the_store() {
+        let Some(_s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let c = LocalCluster::up(3);
+        c.wait_settled(1, 3).await;
+        c.run(&["stop", "1"]);
+        c.run_env(
+            &["start", "1"],
+            &[(
+                "FAILPOINTS",
+                "scheduler.before_low_water=1*return(delay:20000)",
+            )],
+        );
+        c.wait_settled(1, 3).await;
+        let fenced = |text: &str| -> u64 {
+            text.lines()
+                .filter(|l| l.starts_with("timerdb_store_fenced_writes_total{"))
+                .filter(|l| l.contains("low_water_mark"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        };
+        // A range writes its first mark about a second after it starts (then at most once
+        // a second): by now that write is held up in the failpoint.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(fenced(&c.metrics_text(1).await), 0, "nothing refused yet");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+            .args(["admin", "--server", &c.nodes[1], "drain", "1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(40);
+        loop {
+            let text = c.metrics_text(1).await;
+            if fenced(&text) >= 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the late mark was not refused\n{}",
+                c.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(
+            c.logs().contains("refused by the store"),
+            "the member says why its mark did not move"
+        );
+    }
 }

@@ -89,19 +89,7 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_exported() {
 
     let mut exported = String::new();
     for node in 1..=3u16 {
-        let addr = c.metrics_addr(node);
-        let body = tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(&addr).unwrap();
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            out
-        })
-        .await
-        .unwrap();
-        exported += &body;
+        exported += &c.metrics_text(node).await;
     }
     let missing: Vec<&String> = wanted
         .iter()

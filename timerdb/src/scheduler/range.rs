@@ -75,6 +75,29 @@ struct Bucket {
     keep_in_store: bool,
 }
 
+/// Records the low-water mark of `range`, under `fence` (its epoch) for a cluster member;
+/// a refusal (a newer owner claimed a slot) is counted and logged.
+async fn write_low_water(
+    store: &dyn TimerStore,
+    fence: Option<u64>,
+    range: SlotRange,
+    bucket_ms: u64,
+) -> Result<()> {
+    let written = match fence {
+        Some(epoch) => {
+            store
+                .set_low_water_mark_fenced(range, bucket_ms, epoch)
+                .await
+        }
+        None => store.set_low_water_mark(range, bucket_ms).await,
+    };
+    if let Err(crate::Error::Fenced(why)) = &written {
+        m::fenced("low_water_mark");
+        tracing::warn!(range = %range, bucket_ms, %why, "scheduler.low_water: refused by the store; a newer owner claimed these slots");
+    }
+    written
+}
+
 /// Starts the scheduler of `range`: reads its low-water mark, then runs its task and loader.
 pub(super) async fn start(
     range: SlotRange,
@@ -86,13 +109,23 @@ pub(super) async fn start(
     writes: Arc<Writes>,
 ) -> Result<RangeHandle> {
     let layout = store.layout();
+    let fence = config.fence(tag);
+    // A cluster member claims the slots under the range's epoch before reading anything:
+    // from here on the marks of an earlier owner that is still writing are refused.
+    if let Some(epoch) = fence {
+        store.claim_slots(range, epoch).await.inspect_err(|e| {
+            if matches!(e, crate::Error::Fenced(_)) {
+                m::fenced("claim");
+            }
+        })?;
+    }
     let start_bucket = match store.low_water_mark(range).await? {
         Some(b) => b,
         None => {
             // A range never scheduled before: nothing can be older than the present bucket
             // (writers only use buckets after "now"), so record that before serving.
             let b = layout.bucket_start(now_ms());
-            store.set_low_water_mark(range, b).await?;
+            write_low_water(&*store, fence, range, b).await?;
             b
         }
     };
@@ -489,7 +522,8 @@ impl RangeTask {
         let lwm = self.low_water_candidate();
         if may_act
             && lwm > self.lwm_written
-            && let Err(e) = self.store.set_low_water_mark(self.range, lwm).await
+            && let Err(e) =
+                write_low_water(&*self.store, self.config.fence(self.tag), self.range, lwm).await
         {
             tracing::warn!(range = %self.range, error = %e, "scheduler.stop: low-water mark not written");
         }
@@ -1006,11 +1040,12 @@ impl RangeTask {
             let store = self.store.clone();
             let tx = self.tx.clone();
             let range = self.range;
+            let fence = self.config.fence(self.tag);
             tokio::spawn(async move {
                 let ok = crate::failpoint::hit_async("scheduler.before_low_water")
                     .await
                     .is_ok()
-                    && store.set_low_water_mark(range, lwm).await.is_ok();
+                    && write_low_water(&*store, fence, range, lwm).await.is_ok();
                 let _ = tx.send(Msg::LowWaterWritten(lwm, ok));
             });
         }

@@ -55,6 +55,7 @@ macro_rules! timer_store_conformance {
             idempotency_key_expires_after_retention: 1,
             an_abandoned_timer_never_fires_and_frees_its_key: 86_400,
             low_water_mark_is_the_minimum_over_slots: 86_400,
+            a_newer_claim_fences_the_older_owner: 86_400,
             progress_is_kept_per_range: 86_400,
         );
     };
@@ -308,6 +309,54 @@ pub async fn an_abandoned_timer_never_fires_and_frees_its_key(store: Arc<dyn Tim
         store.get(b.id).await.unwrap().map(|t| t.state),
         Some(StoredState::Cancelled)
     );
+}
+
+/// A slot's marks move under the epoch that claimed it last, and under no older one.
+pub async fn a_newer_claim_fences_the_older_owner(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let range = |first, last| crate::timer::SlotRange { first, last };
+    let (old, new) = (range(10, 19), range(15, 19));
+    let b = l.bucket_start(now_ms()) + 10 * l.bucket_ms;
+    store.claim_slots(old, 5).await.unwrap();
+    store
+        .claim_slots(old, 5)
+        .await
+        .expect("claiming again is a no-op");
+    store.set_low_water_mark_fenced(old, b, 5).await.unwrap();
+    assert_eq!(store.low_water_mark(old).await.unwrap(), Some(b));
+    // A newer owner takes half of the range.
+    store.claim_slots(new, 7).await.unwrap();
+    let later = b + 20 * l.bucket_ms;
+    match store.set_low_water_mark_fenced(old, later, 5).await {
+        Err(crate::Error::Fenced(m)) => {
+            assert!(
+                m.contains("slot 15 (epoch 7)") && !m.contains("slot 14"),
+                "{m}"
+            )
+        }
+        other => panic!("the older owner's mark was not refused: {other:?}"),
+    }
+    assert_eq!(
+        store.low_water_mark(range(10, 14)).await.unwrap(),
+        Some(later)
+    );
+    assert_eq!(store.low_water_mark(new).await.unwrap(), Some(b), "unmoved");
+    assert!(matches!(
+        store.claim_slots(new, 6).await,
+        Err(crate::Error::Fenced(_))
+    ));
+    store
+        .set_low_water_mark_fenced(new, later, 7)
+        .await
+        .unwrap();
+    assert_eq!(store.low_water_mark(new).await.unwrap(), Some(later));
+    // A slot nobody claimed takes no fenced mark.
+    assert!(matches!(
+        store
+            .set_low_water_mark_fenced(range(30, 30), later, 1)
+            .await,
+        Err(crate::Error::Fenced(_))
+    ));
 }
 
 /// After the retention window (1 s here; CQL TTLs count whole seconds) a key may be used

@@ -30,6 +30,8 @@ use crate::{Error, Result};
 
 const TIMERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("timers");
 const LOW_WATER: TableDefinition<u32, u64> = TableDefinition::new("low_water_marks");
+/// slot -> epoch of the owner that claimed it (see `TimerStore::claim_slots`)
+const EPOCHS: TableDefinition<u32, u64> = TableDefinition::new("slot_epochs");
 /// idempotency key -> timer id (16) | created ms (8)
 const IDEM: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 /// created ms (8) | idempotency key -> (), to expire keys in order
@@ -135,6 +137,8 @@ enum WriteOp {
     Abandon(TimerId, Option<String>, oneshot::Sender<Result<()>>),
     DeleteBucket(SlotRange, u64, oneshot::Sender<Result<()>>),
     SetLowWater(SlotRange, u64, oneshot::Sender<Result<()>>),
+    Claim(SlotRange, u64, oneshot::Sender<Result<()>>),
+    SetLowWaterFenced(SlotRange, u64, u64, oneshot::Sender<Result<()>>),
     SetProgress(SlotRange, Vec<u8>, oneshot::Sender<Result<()>>),
     /// Removes up to `PURGE_CHUNK` expired idempotency keys; answers how many.
     PurgeIdempotency(oneshot::Sender<Result<usize>>),
@@ -148,6 +152,7 @@ enum Reply {
     Insert(oneshot::Sender<Result<Vec<Inserted>>>, Vec<Inserted>),
     Cancel(oneshot::Sender<Result<CancelOutcome>>, CancelOutcome),
     Unit(oneshot::Sender<Result<()>>),
+    Outcome(oneshot::Sender<Result<()>>, Result<()>),
     Count(oneshot::Sender<Result<usize>>, usize),
 }
 
@@ -158,6 +163,7 @@ impl Reply {
             Reply::Insert(tx, v) => drop(tx.send(Ok(v))),
             Reply::Cancel(tx, v) => drop(tx.send(Ok(v))),
             Reply::Unit(tx) => drop(tx.send(Ok(()))),
+            Reply::Outcome(tx, r) => drop(tx.send(r)),
             Reply::Count(tx, n) => drop(tx.send(Ok(n))),
         }
     }
@@ -167,7 +173,7 @@ impl Reply {
         match self {
             Reply::Insert(tx, _) => drop(tx.send(Err(err()))),
             Reply::Cancel(tx, _) => drop(tx.send(Err(err()))),
-            Reply::Unit(tx) => drop(tx.send(Err(err()))),
+            Reply::Unit(tx) | Reply::Outcome(tx, _) => drop(tx.send(Err(err()))),
             Reply::Count(tx, _) => drop(tx.send(Err(err()))),
         }
     }
@@ -357,6 +363,7 @@ fn init_meta(db: &Database, requested: Layout, dir: &Path) -> Result<Layout> {
     // Create the other tables so readers never meet a missing table.
     txn.open_table(TIMERS)?;
     txn.open_table(LOW_WATER)?;
+    txn.open_table(EPOCHS)?;
     txn.open_table(IDEM)?;
     txn.open_table(IDEM_BY_TIME)?;
     txn.open_table(PROGRESS)?;
@@ -454,6 +461,7 @@ impl Writer {
         {
             let mut timers = txn.open_table(TIMERS)?;
             let mut low = txn.open_table(LOW_WATER)?;
+            let mut epochs = txn.open_table(EPOCHS)?;
             let mut idem = txn.open_table(IDEM)?;
             let mut idem_time = txn.open_table(IDEM_BY_TIME)?;
             let mut progress = txn.open_table(PROGRESS)?;
@@ -549,6 +557,50 @@ impl Writer {
                             low.insert(slot, bucket)?;
                         }
                         replies.push(Reply::Unit(reply));
+                    }
+                    WriteOp::Claim(slots, epoch, reply) => {
+                        let mut newer = None;
+                        for slot in slots.first..=slots.last {
+                            if let Some(held) = epochs.get(slot)?.map(|v| v.value())
+                                && held > epoch
+                            {
+                                newer = Some((slot, held));
+                                break;
+                            }
+                        }
+                        let outcome = match newer {
+                            Some((slot, held)) => Err(Error::Fenced(format!(
+                                "slot {slot} is held under epoch {held}, newer than {epoch}"
+                            ))),
+                            None => {
+                                for slot in slots.first..=slots.last {
+                                    epochs.insert(slot, epoch)?;
+                                }
+                                Ok(())
+                            }
+                        };
+                        replies.push(Reply::Outcome(reply, outcome));
+                    }
+                    WriteOp::SetLowWaterFenced(slots, bucket, epoch, reply) => {
+                        let mut refused = Vec::new();
+                        for slot in slots.first..=slots.last {
+                            match epochs.get(slot)?.map(|v| v.value()) {
+                                Some(held) if held == epoch => {
+                                    low.insert(slot, bucket)?;
+                                }
+                                Some(held) => refused.push(format!("slot {slot} (epoch {held})")),
+                                None => refused.push(format!("slot {slot} (never claimed)")),
+                            }
+                        }
+                        let outcome = if refused.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(Error::Fenced(format!(
+                                "low-water mark {bucket} under epoch {epoch} refused for {}",
+                                refused.join(", ")
+                            )))
+                        };
+                        replies.push(Reply::Outcome(reply, outcome));
                     }
                     WriteOp::SetProgress(slots, value, reply) => {
                         progress.insert(range_key(slots), value.as_slice())?;
@@ -760,6 +812,22 @@ impl TimerStore for EmbeddedStore {
     async fn set_low_water_mark(&self, slots: SlotRange, bucket_ms: u64) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.write(WriteOp::SetLowWater(slots, bucket_ms, tx), rx)
+            .await
+    }
+
+    async fn claim_slots(&self, slots: SlotRange, epoch: u64) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::Claim(slots, epoch, tx), rx).await
+    }
+
+    async fn set_low_water_mark_fenced(
+        &self,
+        slots: SlotRange,
+        bucket_ms: u64,
+        epoch: u64,
+    ) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::SetLowWaterFenced(slots, bucket_ms, epoch, tx), rx)
             .await
     }
 

@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "range progress (delivered-through marks)",
         include_str!("../../migrations/scylla/0002_range_progress.cql"),
     ),
+    (
+        3,
+        "slot epochs (fenced low-water marks of cluster members)",
+        include_str!("../../migrations/scylla/0003_slot_epochs.cql"),
+    ),
 ];
 
 const HOUR_MS: u64 = 3_600_000;
@@ -214,6 +219,10 @@ struct Statements {
     delete_bucket_slots: PreparedStatement,
     delete_bucket_hour: PreparedStatement,
     all_low_water: PreparedStatement,
+    all_fenced_low_water: PreparedStatement,
+    claim_new_slot: PreparedStatement,
+    claim_raise_slot: PreparedStatement,
+    set_fenced_low_water: PreparedStatement,
     set_low_water: PreparedStatement,
     init_low_water: PreparedStatement,
     get_progress: PreparedStatement,
@@ -432,6 +441,20 @@ impl ScyllaStore {
             ))
             .await?,
             all_low_water: prep(format!("SELECT slot, bucket FROM {ks}.low_water_marks")).await?,
+            all_fenced_low_water: prep(format!("SELECT slot, low_water FROM {ks}.slot_epochs"))
+                .await?,
+            claim_new_slot: prep(format!(
+                "INSERT INTO {ks}.slot_epochs (slot, epoch) VALUES (?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            claim_raise_slot: prep(format!(
+                "UPDATE {ks}.slot_epochs SET epoch = ? WHERE slot = ? IF epoch < ?"
+            ))
+            .await?,
+            set_fenced_low_water: prep(format!(
+                "UPDATE {ks}.slot_epochs SET low_water = ? WHERE slot = ? IF epoch = ?"
+            ))
+            .await?,
             init_low_water: prep(format!(
                 "INSERT INTO {ks}.low_water_marks (slot, bucket) VALUES (?, ?) IF NOT EXISTS"
             ))
@@ -824,6 +847,55 @@ impl ScyllaStore {
                 }
             }
         }
+    }
+
+    /// Raises `slot`'s epoch to `epoch` unless it holds that one or a higher one already.
+    async fn claim_slot(&self, slot: u32, epoch: u64) -> Result<()> {
+        let what = "claiming slot";
+        let fenced = |held: i64| {
+            Err(Error::Fenced(format!(
+                "slot {slot} is held under epoch {held}, newer than {epoch}"
+            )))
+        };
+        // Each round loses only to another claim, which raised the epoch meanwhile.
+        for _ in 0..8 {
+            let r = self
+                .session
+                .execute_unpaged(&self.st.claim_new_slot, (slot as i32, epoch as i64))
+                .await
+                .map_err(|e| unavailable(what, e))?
+                .into_rows_result()
+                .map_err(|e| unavailable(what, e))?;
+            let (applied, held) = lwt_outcome(&r, "epoch")?;
+            let held = held.as_ref().and_then(|v| v.as_bigint());
+            match (applied, held) {
+                (true, _) => return Ok(()),
+                (false, Some(h)) if h == epoch as i64 => return Ok(()),
+                (false, Some(h)) if h > epoch as i64 => return fenced(h),
+                _ => {}
+            }
+            let r = self
+                .session
+                .execute_unpaged(
+                    &self.st.claim_raise_slot,
+                    (epoch as i64, slot as i32, epoch as i64),
+                )
+                .await
+                .map_err(|e| unavailable(what, e))?
+                .into_rows_result()
+                .map_err(|e| unavailable(what, e))?;
+            let (applied, held) = lwt_outcome(&r, "epoch")?;
+            match (applied, held.as_ref().and_then(|v| v.as_bigint())) {
+                (true, _) => return Ok(()),
+                (false, Some(h)) if h == epoch as i64 => return Ok(()),
+                (false, Some(h)) if h > epoch as i64 => return fenced(h),
+                // A row without an epoch (never claimed), or a claim that raced: again.
+                _ => {}
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "scylla {what} {slot}: no outcome after 8 attempts"
+        )))
     }
 
     /// Slots of `range` that have rows in `bucket`.
@@ -1235,12 +1307,86 @@ impl TimerStore for ScyllaStore {
     }
 
     async fn low_water_mark(&self, slots: SlotRange) -> Result<Option<u64>> {
-        Ok(all_low_water(&self.session, &self.st.all_low_water)
+        // Per slot, the later of the plain mark and the mark its owner wrote under its
+        // epoch: both were true when written, and marks only move forward.
+        let mut marks: HashMap<u32, u64> = all_low_water(&self.session, &self.st.all_low_water)
             .await?
             .into_iter()
             .filter(|(s, _)| slots.contains(*s))
-            .map(|(_, b)| b)
-            .min())
+            .collect();
+        let pager = self
+            .session
+            .execute_iter(self.st.all_fenced_low_water.clone(), ())
+            .await
+            .map_err(|e| unavailable("reading fenced low-water marks", e))?;
+        let fenced: Vec<(i32, Option<i64>)> = pager
+            .rows_stream::<(i32, Option<i64>)>()
+            .map_err(|e| unavailable("reading fenced low-water marks", e))?
+            .try_collect()
+            .await
+            .map_err(|e| unavailable("reading fenced low-water marks", e))?;
+        for (slot, mark) in fenced {
+            if let Some(mark) = mark
+                && slots.contains(slot as u32)
+            {
+                let e = marks.entry(slot as u32).or_insert(mark as u64);
+                *e = (*e).max(mark as u64);
+            }
+        }
+        Ok(marks.into_values().min())
+    }
+
+    async fn claim_slots(&self, slots: SlotRange, epoch: u64) -> Result<()> {
+        let started = Instant::now();
+        stream::iter((slots.first..=slots.last).map(|slot| self.claim_slot(slot, epoch)))
+            .buffer_unordered(FAN_OUT)
+            .try_collect::<Vec<()>>()
+            .await?;
+        m::store_op("claim_slots", started.elapsed());
+        Ok(())
+    }
+
+    async fn set_low_water_mark_fenced(
+        &self,
+        slots: SlotRange,
+        bucket_ms: u64,
+        epoch: u64,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let st = &self.st.set_fenced_low_water;
+        let outcomes: Vec<(u32, bool, Option<CqlValue>)> =
+            stream::iter((slots.first..=slots.last).map(|slot| async move {
+                let r = self
+                    .session
+                    .execute_unpaged(st, (bucket_ms as i64, slot as i32, epoch as i64))
+                    .await
+                    .map_err(|e| unavailable("writing fenced low-water marks", e))?
+                    .into_rows_result()
+                    .map_err(|e| unavailable("writing fenced low-water marks", e))?;
+                let (applied, holder) = lwt_outcome(&r, "epoch")?;
+                Ok::<_, Error>((slot, applied, holder))
+            }))
+            .buffer_unordered(FAN_OUT)
+            .try_collect()
+            .await?;
+        m::store_op("set_low_water_mark_fenced", started.elapsed());
+        let refused: Vec<String> = outcomes
+            .iter()
+            .filter(|(_, applied, _)| !applied)
+            .map(
+                |(slot, _, holder)| match holder.as_ref().and_then(|v| v.as_bigint()) {
+                    Some(e) => format!("slot {slot} (epoch {e})"),
+                    None => format!("slot {slot} (never claimed)"),
+                },
+            )
+            .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Fenced(format!(
+            "low-water mark {bucket_ms} under epoch {epoch} refused for {}",
+            refused.join(", ")
+        )))
     }
 
     async fn set_low_water_mark(&self, slots: SlotRange, bucket_ms: u64) -> Result<()> {

@@ -166,4 +166,20 @@ impl LocalCluster {
     pub fn metrics_addr(&self, id: u16) -> String {
         format!("127.0.0.1:{}", self.base + 2 * id + 1)
     }
+
+    /// Node `id`'s Prometheus text.
+    pub async fn metrics_text(&self, id: u16) -> String {
+        let addr = self.metrics_addr(id);
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .await
+        .unwrap()
+    }
 }
