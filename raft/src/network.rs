@@ -3,6 +3,8 @@
 //! openraft's serde encoding in a bytes field; replies carry openraft's own result, so a
 //! remote Raft error arrives as the error openraft expects.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::BasicNode;
@@ -36,20 +38,35 @@ pub fn channel(addr: &str, timeout: Duration) -> Result<Channel, String> {
         .connect_lazy())
 }
 
-/// Creates a connection per peer on demand.
+/// Creates a connection per peer on demand, and keeps it: openraft asks for a client for
+/// every quorum check (each lease renewal), and a new channel each time meant a new TCP
+/// connection per peer per check.
 #[derive(Debug, Clone, Default)]
 pub struct Network {
     /// Bound on one call (connecting included).
     pub timeout: Duration,
+    /// One channel per (peer, address); a channel reconnects by itself after a failure.
+    pub channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        let key = (target, node.addr.clone());
+        let cached = self.channels.lock().expect("channels").get(&key).cloned();
+        let made = match cached {
+            Some(c) => Ok(c),
+            None => channel(&node.addr, self.timeout).inspect(|c| {
+                self.channels
+                    .lock()
+                    .expect("channels")
+                    .insert(key, c.clone());
+            }),
+        };
         Peer {
             target,
-            client: channel(&node.addr, self.timeout).map(|c| {
+            client: made.map(|c| {
                 RaftClient::new(c)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES)

@@ -121,6 +121,7 @@ impl ClusterNode {
         .map_err(|e| Error::Raft(e.to_string()))?;
         let network = Network {
             timeout: Duration::from_millis(config.election_timeout_ms.0 / 2),
+            ..Network::default()
         };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
