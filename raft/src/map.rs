@@ -173,6 +173,12 @@ pub enum Command {
         /// The member.
         id: NodeId,
     },
+    /// An operator returns a draining (or gone) member to service: it is active again and
+    /// the slots are spread over it (`timerdb admin activate`).
+    Activate {
+        /// The member.
+        id: NodeId,
+    },
     /// Removes a member that owns nothing.
     RemoveMember {
         /// The member.
@@ -312,6 +318,19 @@ impl ClusterMap {
                     self.rebalance();
                 }
             }
+            Command::Activate { id } => match self.member_mut(*id)?.state {
+                MemberState::Active => {}
+                MemberState::Joining => {
+                    return Err(Refusal::Invalid(format!(
+                        "member {id} is still joining: it becomes active once it has caught up \
+                         with the cluster"
+                    )));
+                }
+                MemberState::Draining | MemberState::Gone => {
+                    self.member_mut(*id)?.state = MemberState::Active;
+                    self.rebalance();
+                }
+            },
             Command::RemoveMember { id } => {
                 self.member_mut(*id)?;
                 let slots = self.slots_of(*id).len();
@@ -637,6 +656,44 @@ mod tests {
         m.apply(&Command::MarkGone { id: 2 }).unwrap();
         m.apply(&Command::Rejoin { id: 2 }).unwrap();
         assert_eq!(m.members[&2].state, MemberState::Active);
+    }
+
+    #[test]
+    fn activate_undoes_a_drain_and_refuses_a_joining_member() {
+        let mut m = three();
+        m.apply(&Command::Drain { id: 2 }).unwrap();
+        assert!(m.slots_of(2).is_empty());
+        let before = m.clone();
+        m.apply(&Command::Activate { id: 2 }).unwrap();
+        assert_eq!(m.members[&2].state, MemberState::Active);
+        let got = m.slots_of(2).len();
+        assert!((85..=86).contains(&got), "an even share again: {got}");
+        // Its slots come from live members: they wait out the old owners' leases, and
+        // each moved slot has a new epoch.
+        for s in m.slots_of(2) {
+            let o = &m.owners[s as usize];
+            assert_eq!(o.handover, Handover::AfterLease);
+            assert!(o.epoch > before.owners[s as usize].epoch);
+        }
+        let again = m.clone();
+        m.apply(&Command::Activate { id: 2 }).unwrap();
+        assert_eq!(
+            m.owners, again.owners,
+            "activating an active member changes nothing"
+        );
+        m.apply(&Command::AddMember {
+            id: 9,
+            addr: "h:9".into(),
+        })
+        .unwrap();
+        assert!(matches!(
+            m.apply(&Command::Activate { id: 9 }),
+            Err(Refusal::Invalid(_))
+        ));
+        assert_eq!(
+            m.apply(&Command::Activate { id: 7 }),
+            Err(Refusal::UnknownMember(7))
+        );
     }
 
     #[test]

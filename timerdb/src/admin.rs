@@ -310,6 +310,19 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(self.applied()))
     }
 
+    async fn activate(&self, request: Request<pb::NodeRequest>) -> Reply<pb::ChangeReply> {
+        if let Some(mut leader) = self.leader_client(&request)? {
+            return leader.activate(forwarded(request.into_inner())).await;
+        }
+        let id = request.into_inner().id;
+        self.member()?
+            .node()
+            .apply_here(Command::Activate { id })
+            .await
+            .map_err(refused)?;
+        Ok(Response::new(self.applied()))
+    }
+
     async fn move_range(&self, request: Request<pb::MoveRangeRequest>) -> Reply<pb::ChangeReply> {
         if let Some(mut leader) = self.leader_client(&request)? {
             return leader.move_range(forwarded(request.into_inner())).await;

@@ -37,6 +37,11 @@ pub struct Member {
     /// their bucket already (its lookahead, two buckets, and at least a second of clock
     /// difference between members).
     near_ms: u64,
+    /// A timer due further than this from now cannot have been read by its owner yet (the
+    /// loader's lookahead, a bucket, and the clock difference allowed): the check after a
+    /// write. Smaller than `near_ms` by what a write may take (about 1.8 s by default)
+    /// before a timer homed anywhere as a later one is withdrawn.
+    unread_beyond_ms: u64,
     /// Clients of the members calls were forwarded to, by address (one connection each).
     owners: Mutex<HashMap<String, timerdb_client::Client>>,
 }
@@ -56,6 +61,7 @@ impl Member {
         let drift = node.map().borrow().map.lease.drift_ms;
         Arc::new(Self {
             near_ms: lookahead.as_millis() as u64 + 2 * layout.bucket_ms + drift.max(1_000),
+            unread_beyond_ms: lookahead.as_millis() as u64 + layout.bucket_ms + drift,
             layout,
             node,
             scheduler,
@@ -130,14 +136,14 @@ impl Member {
     }
 
     /// After the store call, with `acting` the [`Member::acting_ranges`] read once then:
-    /// whether a new timer may be acknowledged. One that is near-term *now* may not unless
-    /// its range is still acting here: its row may have landed after the owner read that
-    /// bucket (the range moved or the lease lapsed while the row was being written, or a
-    /// timer homed anywhere as a later one came due during a slow write), and no range
-    /// here would hand it over. Its owner fires it only if it read the row; the caller is
-    /// told the outcome is unknown.
+    /// whether a new timer may be acknowledged. One whose bucket its owner may have read
+    /// by now may not unless its range is still acting here: its row may have landed after
+    /// the owner read that bucket (the range moved or the lease lapsed while the row was
+    /// being written, or a timer homed anywhere as a later one came due during a very slow
+    /// write), and no range here would hand it over. Its owner fires it only if it read the
+    /// row; the caller is told the outcome is unknown.
     pub fn still_acting(&self, id: TimerId, acting: &[SlotRange]) -> bool {
-        if id.bucket_ms > now_ms() + self.near_ms {
+        if id.bucket_ms > now_ms() + self.unread_beyond_ms {
             return true;
         }
         let slot = self.layout.slot_of(id.rand);

@@ -412,6 +412,27 @@ async fn admin_status_shows_the_cluster_and_a_drained_member_stops_with_nothing_
             .unwrap();
     assert!(drained.contains("node 2 is drained"), "{drained}");
     assert!(c.nodes[1].as_ref().unwrap().scheduler.owned().is_empty());
+    // Back in service, then drained again, while the timers keep firing.
+    let addr = c.addrs[2].clone();
+    let back =
+        tokio::task::spawn_blocking(move || cli(&["admin", "--server", &addr, "activate", "2"]))
+            .await
+            .unwrap();
+    assert!(back.contains("node 2 is active"), "{back}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while c.nodes[1].as_ref().unwrap().scheduler.owned().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an activated member runs ranges again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let addr = c.addrs[0].clone();
+    let drained =
+        tokio::task::spawn_blocking(move || cli(&["admin", "--server", &addr, "drain", "2"]))
+            .await
+            .unwrap();
+    assert!(drained.contains("node 2 is drained"), "{drained}");
     c.stop(2).await;
     wait_fired(&c, &ids, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;

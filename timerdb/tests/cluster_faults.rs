@@ -1,6 +1,7 @@
 //! A real three-process cluster (`deploy/local/cluster`) on the real Kafka and Cassandra,
 //! attacked while it fires: kill -9 of a member, kill -9 of the leader, a member paused
-//! longer than its lease, the whole cluster stopped and started, a fourth member joining.
+//! longer than its lease, a member cut off from the others (but not from Kafka and
+//! Cassandra), the whole cluster stopped and started, a fourth member joining.
 //! Each asserts what a user would notice: every acknowledged timer arrives on Kafka, none
 //! before its epoch, and duplicates stay within the bound the fault allows.
 
@@ -237,6 +238,134 @@ async fn a_member_paused_past_its_lease_loses_nothing() {
         v.duplicates
     );
     c.wait_settled(0, 3).await;
+}
+
+/// Sums the samples of metric `name` in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A member loses every link to the other members for 6 s while it still reaches Kafka,
+/// Cassandra and its clients (it runs in a network namespace of its own, reached only
+/// through the test's forwarder). It stops firing at lease end, the others take its
+/// ranges, and once the links are back it rejoins; every acknowledged timer arrives, none
+/// early, and duplicates stay few.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_from_the_others_stops_at_lease_end_and_rejoins() {
+    let Some(s) = services() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let ns = match common::netns::Netns::create("timerdb-cut") {
+        Ok(ns) => ns,
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("a network namespace is needed for the partition test: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: no network namespace here ({e})");
+            return;
+        }
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let wrapper = ns.wrapper(scratch.path(), env!("CARGO_BIN_EXE_timerdb"));
+    let mut bridge = common::netns::Bridge::new(ns);
+    let c = LocalCluster::up(3);
+    let topic = unique("cluster_cut");
+    create_topic(&s.kafka, &topic, 3).await;
+    let victim = c.leader(0) as usize % 3 + 1;
+    let survivor = victim % 3; // an index into c.nodes, not the victim's
+    let port = |id: usize| c.base + 2 * id as u16;
+    let port_of = |addr: &str| addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    use common::netns::Way;
+    // The member's way out: Kafka and Cassandra (never cut), the other members (cut).
+    for p in [port_of(&s.kafka), port_of(&s.scylla)] {
+        bridge.forward(Way::Out, p, p, false).await;
+    }
+    for id in (1..=3).filter(|id| *id != victim) {
+        bridge.forward(Way::Out, port(id), port(id), true).await;
+    }
+    c.run(&["stop", &victim.to_string()]);
+    // Its way in: from the other members (cut); its metrics and the test's client, on a
+    // port of their own (never cut).
+    bridge
+        .forward(Way::In, port(victim), port(victim), true)
+        .await;
+    bridge
+        .forward(Way::In, port(victim) + 1, port(victim) + 1, false)
+        .await;
+    let client_port = common::free_port();
+    bridge
+        .forward(Way::In, client_port, port(victim), false)
+        .await;
+    c.run_env(
+        &["start", &victim.to_string()],
+        &[("TIMERDB_BIN", wrapper.as_str())],
+    );
+    c.wait_settled(survivor, 3).await;
+
+    let mut targets = c.nodes.clone();
+    targets[victim - 1] = format!("127.0.0.1:{client_port}");
+    let skip = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = tokio::spawn(write_load(
+        targets,
+        topic.clone(),
+        Duration::from_secs(14),
+        skip,
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fired_before = metric(
+        &c.metrics_text(victim as u16).await,
+        "timerdb_scheduler_timers_fired_total",
+    );
+    assert!(fired_before > 0.0, "the member fired before the cut");
+    let cut_at = Instant::now();
+    bridge.cut();
+    c.wait_settled(survivor, 2).await;
+    let taken_over = cut_at.elapsed();
+    // Lease (1 s) and a margin after the cut: nothing more fires on the cut-off member.
+    tokio::time::sleep(Duration::from_millis(1_500).saturating_sub(cut_at.elapsed())).await;
+    let text = c.metrics_text(victim as u16).await;
+    let fired_at_lease_end = metric(&text, "timerdb_scheduler_timers_fired_total");
+    assert_eq!(
+        metric(&text, "timerdb_cluster_lease_left_seconds"),
+        0.0,
+        "cut off for 1.5 s, the member holds no lease"
+    );
+    tokio::time::sleep(Duration::from_millis(6_000).saturating_sub(cut_at.elapsed())).await;
+    let text = c.metrics_text(victim as u16).await;
+    assert_eq!(
+        metric(&text, "timerdb_scheduler_timers_fired_total"),
+        fired_at_lease_end,
+        "the cut-off member fired after its lease ended"
+    );
+    let fenced = metric(&text, "timerdb_store_fenced_writes_total");
+    bridge.heal();
+    c.wait_settled(survivor, 3).await;
+    let rejoined = cut_at.elapsed();
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 100, "only {} acknowledged", acked.len());
+    let got = arrived_all(&s.kafka, &topic, &acked).await;
+    let v = check(&acked, &got);
+    c.assert_none_lost(&v, acked.len());
+    eprintln!(
+        "member cut off 6 s: {} acknowledged, 0 lost, {} duplicates, latest {} ms late; \
+         its ranges ran elsewhere {:.1} s after the cut; it rejoined {:.1} s after the cut; \
+         {fenced} of its writes fenced by the store",
+        acked.len(),
+        v.duplicates,
+        v.max_late_ms,
+        taken_over.as_secs_f64(),
+        rejoined.as_secs_f64(),
+    );
+    assert!(
+        v.duplicates * 20 <= acked.len(),
+        "{} duplicates",
+        v.duplicates
+    );
 }
 
 /// The whole cluster stops (SIGTERM) and starts again; timers due meanwhile fire after

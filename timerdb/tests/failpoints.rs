@@ -736,9 +736,9 @@ mod cluster {
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>() as u64
         };
-        // A range writes its first mark about a second after it starts (then at most once
-        // a second): by now that write is held up in the failpoint.
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // A member's range writes its first mark about 5 s after it starts (then at most
+        // every 5 s): by now that write is held up in the failpoint.
+        tokio::time::sleep(Duration::from_secs(7)).await;
         assert_eq!(fenced(&c.metrics_text(1).await), 0, "nothing refused yet");
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
             .args(["admin", "--server", &c.nodes[1], "drain", "1"])

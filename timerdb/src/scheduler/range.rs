@@ -1029,12 +1029,16 @@ impl RangeTask {
         while self.deleted.first().is_some_and(|b| *b < forget_before) {
             self.deleted.pop_first();
         }
-        // Rule 3: persist the low-water mark, at most once a second.
+        // Rule 3: persist the low-water mark, at most once a second (a cluster member's
+        // mark costs a lightweight transaction per slot: every 5 s; a new owner then reads
+        // a few more buckets).
         let lwm = self.low_water_candidate();
-        if lwm > self.lwm_written
-            && !self.lwm_writing
-            && self.last_lwm_write.elapsed() >= Duration::from_secs(1)
-        {
+        let every = if self.config.fence(self.tag).is_some() {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(1)
+        };
+        if lwm > self.lwm_written && !self.lwm_writing && self.last_lwm_write.elapsed() >= every {
             self.lwm_writing = true;
             self.last_lwm_write = Instant::now();
             let store = self.store.clone();

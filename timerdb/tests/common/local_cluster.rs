@@ -29,10 +29,10 @@ impl LocalCluster {
         Command::new("bash")
             .arg(Self::script())
             .args(args)
-            .envs(env.iter().copied())
             .env("TIMERDB_CLUSTER_DIR", self.dir.path())
             .env("TIMERDB_CLUSTER_PORT_BASE", self.base.to_string())
             .env("TIMERDB_BIN", env!("CARGO_BIN_EXE_timerdb"))
+            .envs(env.iter().copied())
             .output()
             .expect("run deploy/local/cluster")
     }
@@ -41,7 +41,8 @@ impl LocalCluster {
         self.run_env(args, &[])
     }
 
-    /// [`LocalCluster::run`] with extra environment for the nodes it starts (`FAILPOINTS`).
+    /// [`LocalCluster::run`] with extra environment for the nodes it starts (`FAILPOINTS`,
+    /// or `TIMERDB_BIN` for a node started some other way).
     pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> String {
         let out = self.try_run_env(args, env);
         assert!(

@@ -4,6 +4,7 @@
 
 pub mod kafka;
 pub mod local_cluster;
+pub mod netns;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};

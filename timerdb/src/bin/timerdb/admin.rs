@@ -47,6 +47,12 @@ pub enum AdminCommand {
         /// Its id.
         id: u64,
     },
+    /// Return a drained (or gone) member to service: it is active again and the slots
+    /// are spread over it (a drain lasts until this, even across restarts).
+    Activate {
+        /// Its id.
+        id: u64,
+    },
     /// Move every range away from a member and wait until it runs none; it can then stop
     /// with nothing lost and nothing fired twice.
     Drain {
@@ -276,6 +282,17 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                 format!("node {id} is drained: it owns and runs nothing, and may stop")
             };
             done(a.json, &what, r.into_inner());
+        }
+        AdminCommand::Activate { id } => {
+            let r = client
+                .activate(pb::NodeRequest { id })
+                .await
+                .map_err(status_error)?;
+            done(
+                a.json,
+                &format!("node {id} is active: slots are moving to it"),
+                r.into_inner(),
+            );
         }
         AdminCommand::MoveRange { range, to } => {
             let (start, end) = parse_range(&range)?;
