@@ -15,6 +15,7 @@ use timerdb_client::{Client, NewTimer, TimerState};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+use common::local_cluster::ONE_AT_A_TIME;
 use common::{now_ms, read_fired, services, unique};
 
 struct Cluster {
@@ -163,6 +164,8 @@ async fn wait_fired(c: &Cluster, ids: &[String], timeout: Duration) -> Vec<(usiz
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_member_takes_every_call_and_each_timer_fires_once_on_its_owner() {
     let Some(s) = services() else { return };
+    // One three-member cluster at a time: four at once on two cores starve the leases.
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::start(&s.scylla, 3).await;
     c.wait_running().await;
 
@@ -285,6 +288,8 @@ async fn every_member_takes_every_call_and_each_timer_fires_once_on_its_owner() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_member_s_timers_fire_on_the_others() {
     let Some(s) = services() else { return };
+    // One three-member cluster at a time: four at once on two cores starve the leases.
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::start(&s.scylla, 3).await;
     c.wait_running().await;
     let mut client = Client::connect(&c.addrs[0]).await.unwrap();
@@ -335,9 +340,20 @@ fn cli(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `timerdb admin --server ADDR ARGS` off the runtime's threads (the nodes run on them).
+async fn admin(addr: &str, args: &[&str]) -> String {
+    let mut all: Vec<String> = vec!["admin".into(), "--server".into(), addr.into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    tokio::task::spawn_blocking(move || cli(&all.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_status_shows_the_cluster_and_a_drained_member_stops_with_nothing_lost_or_repeated() {
     let Some(s) = services() else { return };
+    // One three-member cluster at a time: four at once on two cores starve the leases.
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::start(&s.scylla, 3).await;
     c.wait_running().await;
 
@@ -405,19 +421,11 @@ async fn admin_status_shows_the_cluster_and_a_drained_member_stops_with_nothing_
     // Timers across the next seconds; member 2 is drained while they fire, then stops.
     let ids = set_spaced(&mut client, 300, 500, 20).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let addr = c.addrs[0].clone();
-    let drained =
-        tokio::task::spawn_blocking(move || cli(&["admin", "--server", &addr, "drain", "2"]))
-            .await
-            .unwrap();
+    let drained = admin(&c.addrs[0], &["drain", "2"]).await;
     assert!(drained.contains("node 2 is drained"), "{drained}");
     assert!(c.nodes[1].as_ref().unwrap().scheduler.owned().is_empty());
     // Back in service, then drained again, while the timers keep firing.
-    let addr = c.addrs[2].clone();
-    let back =
-        tokio::task::spawn_blocking(move || cli(&["admin", "--server", &addr, "activate", "2"]))
-            .await
-            .unwrap();
+    let back = admin(&c.addrs[2], &["activate", "2"]).await;
     assert!(back.contains("node 2 is active"), "{back}");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while c.nodes[1].as_ref().unwrap().scheduler.owned().is_empty() {
@@ -427,11 +435,7 @@ async fn admin_status_shows_the_cluster_and_a_drained_member_stops_with_nothing_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let addr = c.addrs[0].clone();
-    let drained =
-        tokio::task::spawn_blocking(move || cli(&["admin", "--server", &addr, "drain", "2"]))
-            .await
-            .unwrap();
+    let drained = admin(&c.addrs[0], &["drain", "2"]).await;
     assert!(drained.contains("node 2 is drained"), "{drained}");
     c.stop(2).await;
     wait_fired(&c, &ids, Duration::from_secs(30)).await;
@@ -459,6 +463,8 @@ async fn admin_status_shows_the_cluster_and_a_drained_member_stops_with_nothing_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_move_under_write_load_and_every_acknowledged_timer_fires_once() {
     let Some(s) = services() else { return };
+    // One three-member cluster at a time: four at once on two cores starve the leases.
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut c = Cluster::start(&s.scylla, 3).await;
     c.wait_running().await;
     let addrs = c.addrs.clone();

@@ -305,7 +305,7 @@ async fn a_member_cut_off_from_the_others_stops_at_lease_end_and_rejoins() {
         &["start", &victim.to_string()],
         &[("TIMERDB_BIN", wrapper.as_str())],
     );
-    c.wait_settled(survivor, 3).await;
+    c.wait_stable(survivor, 3).await;
 
     let mut targets = c.nodes.clone();
     targets[victim - 1] = format!("127.0.0.1:{client_port}");

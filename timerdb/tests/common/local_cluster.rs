@@ -151,6 +151,45 @@ impl LocalCluster {
     }
 }
 
+impl LocalCluster {
+    /// [`LocalCluster::wait_settled`], and then the same ranges, owners and epochs, each
+    /// with a lease, over 1.5 s: a member restarted quickly may still be declared gone
+    /// (and its ranges moved and moved back) after the map first looks settled.
+    pub async fn wait_stable(&self, via: usize, members: usize) {
+        let deadline = Instant::now() + Duration::from_secs(45);
+        let shape = |s: &serde_json::Value| -> Option<Vec<(u64, u64, u64, u64)>> {
+            s["ranges"]
+                .as_array()?
+                .iter()
+                .map(|r| {
+                    (r["lease_left_ms"].as_u64()? > 0).then_some(())?;
+                    Some((
+                        r["start"].as_u64()?,
+                        r["end"].as_u64()?,
+                        r["owner"].as_u64()?,
+                        r["epoch"].as_u64()?,
+                    ))
+                })
+                .collect()
+        };
+        loop {
+            self.wait_settled(via, members).await;
+            let before = shape(&self.status(via));
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            self.wait_settled(via, members).await;
+            let after = shape(&self.status(via));
+            if before.is_some() && before == after {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the ranges never held still: {after:?}\n{}",
+                self.logs()
+            );
+        }
+    }
+}
+
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         let _ = Command::new("bash")
