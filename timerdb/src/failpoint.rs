@@ -20,6 +20,7 @@ pub const NAMES: &[&str] = &[
     "scylla.before_claim",
     "scylla.claim_answer_lost",
     "scylla.between_partition_and_index_delete",
+    "scylla.between_key_release_and_cancel",
     "scheduler.before_low_water",
     "scheduler.before_progress",
 ];

@@ -742,4 +742,65 @@ mod cluster {
             "the member says why its mark did not move"
         );
     }
+
+    /// The member dies while it withdraws such a timer, after releasing the key and before
+    /// cancelling the row; the caller, answered by a broken connection, retries with the
+    /// same key on another member. The retry stores the timer anew and it fires (released
+    /// after the cancel instead, the retry would be answered with the cancelled row).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_while_withdrawing_then_a_retry_fires() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_withdraw_crash");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = with_node_1_failing(
+            "api.before_store=1*return(delay:3000);\
+             scylla.between_key_release_and_cancel=1*return(abort)",
+        )
+        .await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        let fire_at = now_ms() + 2_500;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("withdrawn-then-crashed")
+            .idempotency_key("crash-1");
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let call = tokio::spawn(async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        admin(&c, &["drain", "1", "--no-wait"]);
+        assert!(
+            call.await.unwrap().is_err(),
+            "the member died before it answered"
+        );
+        let mut client = Client::connect(&c.nodes[1]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let id = loop {
+            match client.set_timeouts(vec![timer.clone()]).await {
+                Ok(mut r) => match r.remove(0) {
+                    Ok(id) => break id,
+                    Err(e)
+                        if e.code() == tonic::Code::Unavailable
+                            && std::time::Instant::now() < deadline => {}
+                    Err(e) => panic!("the retry is acknowledged: {e:?}"),
+                },
+                Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let got = collect(&consumer, Duration::from_secs(30), |m| {
+            m.iter().any(|r| r.timer_id() == id)
+        })
+        .await;
+        assert!(
+            got.iter().any(|r| r.timer_id() == id),
+            "the acknowledged retry {id} never fired\n{}",
+            c.logs()
+        );
+        for r in &got {
+            assert!(r.header_ms("timerdb-fired-at") >= fire_at, "fired early");
+        }
+    }
 }

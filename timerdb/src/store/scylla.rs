@@ -1133,18 +1133,21 @@ impl TimerStore for ScyllaStore {
     }
 
     async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<()> {
-        // The row first: once the key is released a retry may store the timer anew, and
-        // this row must not fire as well if a range loads it later.
-        self.session
-            .execute_unpaged(&self.st.cancel_timer, self.row_key(id))
-            .await
-            .map_err(|e| unavailable("withdrawing timer", e))?;
+        // The key first: stopped between the two (a crash, a failed call), the retry then
+        // stores the timer anew and the old row fires at most as a duplicate. The other
+        // order would leave a retry answered with a cancelled row that never fires.
         if let Some(key) = key {
             self.session
                 .execute_unpaged(&self.st.release_idempotency, (key, id.to_bytes().to_vec()))
                 .await
                 .map_err(|e| unavailable("releasing idempotency key", e))?;
         }
+        crate::failpoint::hit_async("scylla.between_key_release_and_cancel").await?;
+        // Then the row, so a range that loads it later does not fire it as well.
+        self.session
+            .execute_unpaged(&self.st.cancel_timer, self.row_key(id))
+            .await
+            .map_err(|e| unavailable("withdrawing timer", e))?;
         Ok(())
     }
 
