@@ -192,12 +192,48 @@ impl LocalCluster {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        let failed = std::thread::panicking();
         let _ = Command::new("bash")
             .arg(Self::script())
             .arg("down")
             .env("TIMERDB_CLUSTER_DIR", self.dir.path())
             .env("TIMERDB_CLUSTER_PORT_BASE", self.base.to_string())
             .output();
+        if failed {
+            self.keep_logs();
+        }
+    }
+}
+
+impl LocalCluster {
+    /// A failed test's node logs outlive its directory: they are copied under
+    /// `$TIMERDB_LOCAL_DIR/failed-clusters` (where CI's failure message points) or the
+    /// system's temporary directory.
+    fn keep_logs(&self) {
+        let root = std::env::var_os("TIMERDB_LOCAL_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join("failed-clusters");
+        let name = self
+            .dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.base.to_string());
+        let to = root.join(name);
+        if std::fs::create_dir_all(&to).is_err() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(&p, to.join(e.file_name()));
+            }
+        }
+        eprintln!("node logs of the failed test: {}", to.display());
     }
 }
 
