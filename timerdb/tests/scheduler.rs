@@ -370,3 +370,128 @@ async fn a_bucket_larger_than_the_memory_limit_is_read_in_pages() {
     assert!(most > 0);
     scheduler.shutdown().await;
 }
+
+/// Delivers everything; once `lapse_after` timers were delivered, the lease it shares with
+/// the scheduler's authority lapses (a cluster member cut off from its quorum, or the last
+/// members of a cluster being stopped).
+struct LapsingSink {
+    lapse_after: usize,
+    lease: Arc<std::sync::atomic::AtomicBool>,
+    delivered: Mutex<Vec<Timer>>,
+}
+
+#[async_trait]
+impl Sink for LapsingSink {
+    async fn deliver(&self, batch: &[Timer], _fired_at_ms: u64) -> Vec<Delivery> {
+        let mut delivered = self.delivered.lock().unwrap();
+        delivered.extend(batch.iter().cloned());
+        if delivered.len() >= self.lapse_after {
+            self.lease.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        batch.iter().map(|_| Delivery::Delivered).collect()
+    }
+
+    async fn flush(&self) -> timerdb::Result<()> {
+        Ok(())
+    }
+}
+
+/// A range whose lease lapsed right after its last fires is stopped (the last member of a
+/// stopping cluster has no quorum): the progress it records at the stop covers what it
+/// fired while the lease held, so after a restart none of it fires again, and covers
+/// nothing due after the lease ended, so a timer due later still fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_stopped_after_its_lease_lapsed_records_what_it_fired() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn TimerStore> = Arc::new(
+        EmbeddedStore::open(dir.path(), StoreOptions::default())
+            .await
+            .unwrap(),
+    );
+    let lease = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let authority = {
+        let lease = lease.clone();
+        timerdb::scheduler::Authority(Arc::new(move |_, _| {
+            lease.load(std::sync::atomic::Ordering::SeqCst)
+        }))
+    };
+    let config = SchedulerConfig {
+        authority: Some(authority),
+        ..SchedulerConfig::default()
+    };
+    let now = now_ms();
+    let early: Vec<TimerSpec> = (0..20).map(|i| spec(now + 200 + i * 10, "t")).collect();
+    let inserted = insert_ok(&*store, &early).await;
+    let early: Vec<Timer> = inserted
+        .iter()
+        .zip(&early)
+        .map(|(i, s)| Timer {
+            id: i.id,
+            created_ms: now,
+            spec: s.clone(),
+        })
+        .collect();
+    let sink = Arc::new(LapsingSink {
+        lapse_after: early.len(),
+        lease: lease.clone(),
+        delivered: Mutex::default(),
+    });
+    let scheduler = Scheduler::new(store.clone(), sink.clone(), config.clone());
+    scheduler
+        .assign(vec![store.layout().all_slots()])
+        .await
+        .unwrap();
+    scheduler.hand_off(early.clone(), None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sink.delivered.lock().unwrap().len() < early.len() {
+        assert!(Instant::now() < deadline, "not all timers were delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Due after the lease ended: never fired here, and the record must not claim it.
+    let late_at = now_ms() + 300;
+    let late = insert_ok(&*store, &[spec(late_at, "t")]).await[0].id;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !sink.delivered.lock().unwrap().iter().any(|t| t.id == late),
+        "nothing fires without a lease"
+    );
+    scheduler.shutdown().await;
+
+    // The next owner, with a lease.
+    lease.store(true, std::sync::atomic::Ordering::SeqCst);
+    let next = Arc::new(LapsingSink {
+        lapse_after: usize::MAX,
+        lease: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        delivered: Mutex::default(),
+    });
+    let scheduler = Scheduler::new(store.clone(), next.clone(), config);
+    scheduler
+        .assign(vec![store.layout().all_slots()])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !next.delivered.lock().unwrap().iter().any(|t| t.id == late) {
+        assert!(
+            Instant::now() < deadline,
+            "the timer due after the lease ended never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again: Vec<_> = next
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.id != late)
+        .map(|t| t.id)
+        .collect();
+    assert!(
+        again.is_empty(),
+        "{} of {} timers fired before the lease lapsed fired again after the restart",
+        again.len(),
+        early.len()
+    );
+    scheduler.shutdown().await;
+    store.close().await.unwrap();
+}

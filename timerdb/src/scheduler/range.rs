@@ -159,6 +159,7 @@ pub(super) async fn start(
     let task = RangeTask {
         tag,
         cutoff: None,
+        acted_until_ms: 0,
         recent_fired: Vec::new(),
         stats: stats.clone(),
         range,
@@ -405,6 +406,10 @@ struct RangeTask {
     stats: Arc<RangeStats>,
     /// Set when the range is given up while writes were under way (see `Scheduler::assign`).
     cutoff: Option<u64>,
+    /// The last moment (ms) this range was seen allowed to act (its lease held). A member
+    /// whose lease lapsed fired nothing after it, and no other owner created a timer by
+    /// it, so progress up to it stays true when it is written late (see `run`'s stop).
+    acted_until_ms: u64,
     /// The epoch it runs under (0 on a single node).
     tag: u64,
     /// Timers fired lately, with their due time (the later of epoch and creation), until
@@ -509,11 +514,17 @@ impl RangeTask {
         self.report_memory();
         // Persist how far this range got, so a restart scans as little as possible and
         // fires nothing again that was confirmed.
-        let may_act = self.config.may_act(self.range, self.tag);
-        if !may_act {
-            tracing::warn!(range = %self.range, "scheduler.stop: no lease to record progress with; its recent fires may fire again under the next owner");
-        }
-        let progress = self.progress_candidate().filter(|_| may_act);
+        let may_act = self.acting();
+        // Without a lease (the last members of a stopping cluster have no quorum) the
+        // record still goes, but only as far as the lease last held: nothing was fired
+        // after that, and every timer another owner creates is due later, so the record
+        // is true however late it lands. Low-water marks stay with the lease holder.
+        let progress = if may_act {
+            self.progress_candidate_until(u64::MAX)
+        } else {
+            tracing::info!(range = %self.range, acted_until_ms = self.acted_until_ms, "scheduler.stop: lease lapsed; progress recorded up to its end");
+            self.progress_candidate_until(self.acted_until_ms.saturating_sub(1))
+        };
         if let Some(progress) = progress.filter(|p| Some(p) != self.progress_written.as_ref())
             && let Err(e) = self.store.set_progress(self.range, &progress).await
         {
@@ -745,10 +756,21 @@ impl RangeTask {
         m::skipped_as_fired(1);
     }
 
+    /// Whether this range may act now (fire, delete, write marks); remembers when it last
+    /// could.
+    fn acting(&mut self) -> bool {
+        let now = now_ms();
+        let may = self.config.may_act(self.range, self.tag);
+        if may {
+            self.acted_until_ms = self.acted_until_ms.max(now);
+        }
+        may
+    }
+
     fn fire_due(&mut self) {
         // A cluster member whose lease has lapsed fires nothing: another node may own
         // these slots by now.
-        if !self.config.may_act(self.range, self.tag) {
+        if !self.acting() {
             return;
         }
         let now = now_ms();
@@ -956,7 +978,7 @@ impl RangeTask {
             self.recent_fired.retain(|(due, _)| *due > keep_after);
         }
         // Deletes, progress and low-water marks belong to the owner: none without a lease.
-        if !self.config.may_act(self.range, self.tag) {
+        if !self.acting() {
             return;
         }
         let now = now_ms();
@@ -1059,9 +1081,14 @@ impl RangeTask {
     /// mark was confirmed, but for the failing ones listed. `None` while too many fail to
     /// list them (the last record stays, and stays true).
     fn progress_candidate(&self) -> Option<Progress> {
+        self.progress_candidate_until(u64::MAX)
+    }
+
+    /// [`Self::progress_candidate`], claiming nothing due after `limit`.
+    fn progress_candidate_until(&self, limit: u64) -> Option<Progress> {
         // One below now: a write registered after the floor is read below began at `now` at
         // the earliest, so its timers are created at or after `now`, never covered.
-        let mut through = now_ms().saturating_sub(1);
+        let mut through = now_ms().saturating_sub(1).min(limit);
         // Pending timers (stale queue entries only make this earlier, never later).
         if let Some(d) = self.due.first_due() {
             through = through.min(d.saturating_sub(1));
