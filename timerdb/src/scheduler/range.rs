@@ -521,6 +521,10 @@ impl RangeTask {
         // is true however late it lands. Low-water marks stay with the lease holder.
         let progress = if may_act {
             self.progress_candidate_until(u64::MAX)
+        } else if self.acted_until_ms == 0 {
+            // Never held a lease: it fired nothing, and an empty record would only
+            // overwrite the previous owner's record of the same range.
+            None
         } else {
             tracing::info!(range = %self.range, acted_until_ms = self.acted_until_ms, "scheduler.stop: lease lapsed; progress recorded up to its end");
             self.progress_candidate_until(self.acted_until_ms.saturating_sub(1))
