@@ -89,13 +89,23 @@ pub enum Scenario {
     /// Steady load while the node is killed with SIGKILL and started again: counts lost,
     /// early and re-delivered timers and the re-delivery window.
     Crash,
+    /// Steady load spread over the nodes of a cluster while one member (`--kill-node`) is
+    /// killed with SIGKILL (or hit by `--fault-cmd`) and started again: later batches avoid
+    /// a node whose call failed (`retry` also sends the failed ones again, keyed), and the
+    /// report adds how long the member's ranges stayed silent and how late its timers fired.
+    Failover,
 }
 
-/// The crash scenario's kill and restart.
+/// The crash and failover scenarios' kill and restart.
 #[derive(Debug, Clone)]
 pub struct Crash {
     /// Kill the node (`server_pid`) with SIGKILL this long into the measured phase.
     pub kill_at: Duration,
+    /// Instead of SIGKILL, run this shell command at `kill_at` (e.g. a drain, then a stop).
+    pub fault_cmd: Option<String>,
+    /// Failover: the member (id in the cluster map) the fault hits; its slots at the
+    /// moment of the fault are the ones the report follows.
+    pub node: Option<u64>,
     /// Then wait this long...
     pub down_for: Duration,
     /// ...and run this shell command, which starts the node again (in the background).
@@ -124,8 +134,11 @@ pub struct Backlog {
 pub struct RunConfig {
     /// The preset this started from (named in the reports).
     pub scenario: Scenario,
-    /// gRPC endpoint, e.g. `http://127.0.0.1:7420`.
-    pub target: String,
+    /// gRPC endpoints, e.g. `http://127.0.0.1:7420`; batches are spread over them.
+    pub targets: Vec<String>,
+    /// Retry a call that failed (or items refused as UNAVAILABLE) on the next target, with
+    /// an idempotency key on every timer so a retry cannot store a timer twice.
+    pub retry: bool,
     /// Where fired timers are read back.
     pub source: Source,
     /// Target send rate, timers/s.
@@ -140,7 +153,7 @@ pub struct RunConfig {
     pub payload_bytes: usize,
     /// Timers per `SetTimeouts` call.
     pub batch: usize,
-    /// gRPC connections (HTTP/2 channels).
+    /// gRPC connections (HTTP/2 channels) per target.
     pub connections: usize,
     /// Calls in flight per connection.
     pub inflight: usize,
@@ -169,7 +182,8 @@ impl RunConfig {
     pub fn preset(scenario: Scenario, target: impl Into<String>, source: Source) -> RunConfig {
         let mut c = RunConfig {
             scenario,
-            target: target.into(),
+            targets: vec![target.into()],
+            retry: false,
             source,
             rate: 10_000,
             duration: Duration::from_secs(30),
@@ -211,7 +225,21 @@ impl RunConfig {
                 c.call_timeout = Duration::from_secs(5);
                 c.crash = Some(Crash {
                     kill_at: Duration::from_secs(8),
+                    fault_cmd: None,
+                    node: None,
                     down_for: Duration::ZERO,
+                    restart_cmd: String::new(),
+                });
+            }
+            Scenario::Failover => {
+                c.duration = Duration::from_secs(30);
+                c.fire = FireDist::Uniform(Duration::from_secs(1), Duration::from_secs(5));
+                c.call_timeout = Duration::from_secs(5);
+                c.crash = Some(Crash {
+                    kill_at: Duration::from_secs(10),
+                    fault_cmd: None,
+                    node: None,
+                    down_for: Duration::from_secs(10),
                     restart_cmd: String::new(),
                 });
             }
@@ -244,12 +272,30 @@ impl RunConfig {
                 crate::payload::STAMP_LEN
             );
         }
+        if self.targets.is_empty() || self.targets.iter().any(|t| t.trim().is_empty()) {
+            bail!("--target needs at least one address, and no empty one in the list");
+        }
         if let Some(c) = &self.crash {
-            if self.server_pid.is_none() {
-                bail!("the crash scenario needs --server-pid (the process to kill)");
+            let name = if self.scenario == Scenario::Failover {
+                "failover"
+            } else {
+                "crash"
+            };
+            if self.server_pid.is_none() && c.fault_cmd.is_none() {
+                bail!(
+                    "the {name} scenario needs --server-pid (the process to kill) or --fault-cmd"
+                );
             }
             if c.restart_cmd.trim().is_empty() {
-                bail!("the crash scenario needs --restart-cmd (how to start the node again)");
+                bail!("the {name} scenario needs --restart-cmd (how to start the node again)");
+            }
+            if self.scenario == Scenario::Failover {
+                if c.node.is_none() {
+                    bail!("the failover scenario needs --kill-node (the member id the fault hits)");
+                }
+                if self.targets.len() < 2 {
+                    bail!("the failover scenario needs --target with at least two nodes (A,B,...)");
+                }
             }
         }
         if let Some(b) = &self.backlog
@@ -258,6 +304,15 @@ impl RunConfig {
             bail!("backlog rate must be > 0 and its payload at least the stamp");
         }
         Ok(())
+    }
+
+    /// The timer's idempotency key when `retry` is on: unique per run and timer.
+    pub fn idempotency_key(&self, run_id: u64, seq: u64) -> String {
+        if self.retry {
+            format!("lt-{run_id:016x}-{seq}")
+        } else {
+            String::new()
+        }
     }
 
     /// The target topic names, indexed by what `route` returns.

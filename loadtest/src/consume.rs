@@ -208,9 +208,19 @@ pub async fn consume_kafka(
     let mut tpl = TopicPartitionList::new();
     for t in topics {
         for p in 0..partitions {
-            let (_, high) = consumer
-                .fetch_watermarks(t, p, Duration::from_secs(10))
-                .with_context(|| format!("watermarks of {t}/{p}"))?;
+            // A topic created a moment ago may have no partition leader yet: retried for
+            // up to 30 s.
+            let started = std::time::Instant::now();
+            let high = loop {
+                match consumer.fetch_watermarks(t, p, Duration::from_secs(10)) {
+                    Ok((_, high)) => break high,
+                    Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                        tracing::debug!(topic = %t, partition = p, error = %e, "loadtest.watermarks retried");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("watermarks of {t}/{p}")),
+                }
+            };
             tpl.add_partition_offset(t, p, Offset::Offset(high))?;
         }
     }

@@ -37,7 +37,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     if let Source::Kafka(brokers) = &cfg.source {
         consume::ensure_topics(brokers, &topics, cfg.partitions).await?;
     }
-    let clients = driver::connect(&cfg.target, cfg.connections, Duration::from_secs(30)).await?;
+    let clients = driver::connect(&cfg.targets, cfg.connections, Duration::from_secs(30)).await?;
+    // The failover scenario's member must exist before anything is sent.
+    if let Some(node) = cfg.crash.as_ref().and_then(|c| c.node) {
+        slots_of(&cfg.targets, node).await?;
+    }
 
     let backlog = match &cfg.backlog {
         Some(b) => Some(fill_backlog(&cfg, &clients, b, run_id).await),
@@ -56,14 +60,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let sampler = cfg
         .server_pid
         .map(|pid| tokio::spawn(sample_server(pid, tracker.clone(), stop.clone())));
-    let crash = match (&cfg.crash, cfg.server_pid) {
-        (Some(c), Some(pid)) => Some(tokio::spawn(kill_and_restart(
-            c.clone(),
-            pid,
+    let crash = cfg.crash.clone().map(|c| {
+        tokio::spawn(kill_and_restart(
+            c,
+            cfg.server_pid,
+            cfg.targets.clone(),
             tracker.clone(),
-        ))),
-        _ => None,
-    };
+        ))
+    });
     let load_start = procstat::load_avg();
     let bar = progress_bar(cfg.progress, total);
     let ticker = tokio::spawn(show_progress(bar.clone(), tracker.clone(), stop.clone()));
@@ -111,32 +115,96 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// The crash scenario: SIGKILL the node `kill_at` into the run, then start it again with
-/// the restart command; returns when the command was run (ms since the epoch).
-async fn kill_and_restart(c: Crash, pid: u32, tracker: Arc<Tracker>) -> anyhow::Result<u64> {
+/// The crash and failover scenarios: `kill_at` into the run, SIGKILL the node (or run the
+/// fault command), then start it again with the restart command; returns when the command
+/// was run (ms since the epoch). Failover first notes which slots the member owns.
+async fn kill_and_restart(
+    c: Crash,
+    pid: Option<u32>,
+    targets: Vec<String>,
+    tracker: Arc<Tracker>,
+) -> anyhow::Result<u64> {
     tokio::time::sleep(c.kill_at).await;
-    let killed = tokio::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .await?;
-    anyhow::ensure!(killed.success(), "kill -9 {pid} failed");
-    // Taken once `kill` returned: the node fires nothing after this, while it may still
-    // have fired in the milliseconds `kill` took to start.
+    if let Some(node) = c.node {
+        let (slots, owned) = slots_of(&targets, node).await?;
+        tracker.record_fault_slots(node, slots, owned);
+    }
+    let status = match (&c.fault_cmd, pid) {
+        (Some(cmd), _) => shell(cmd).await?,
+        (None, Some(pid)) => {
+            tokio::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .await?
+        }
+        (None, None) => anyhow::bail!("nothing to kill: no --server-pid and no --fault-cmd"),
+    };
+    anyhow::ensure!(
+        status.success(),
+        "the fault ({pid:?}, {:?}) failed: {status}",
+        c.fault_cmd
+    );
+    // Taken once the fault returned: the node fires nothing after this, while it may still
+    // have fired in the milliseconds the fault took.
     tracker.record_kill(now_ms());
     tokio::time::sleep(c.down_for).await;
     let restarted_ms = now_ms();
-    let status = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(&c.restart_cmd)
-        .stdin(std::process::Stdio::null())
-        .status()
-        .await?;
+    let status = shell(&c.restart_cmd).await?;
     anyhow::ensure!(
         status.success(),
         "restart command {:?} failed: {status}",
         c.restart_cmd
     );
     Ok(restarted_ms)
+}
+
+async fn shell(cmd: &str) -> std::io::Result<std::process::ExitStatus> {
+    tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await
+}
+
+/// The slot count of the cluster, and which of its slots member `node` owns now, asked of
+/// the first of `targets` that answers.
+async fn slots_of(targets: &[String], node: u64) -> anyhow::Result<(u32, Vec<bool>)> {
+    let mut last_err = None;
+    for t in targets {
+        let map = match timerdb_client::Client::connect(t).await {
+            Ok(mut c) => c.cluster_map().await,
+            Err(e) => Err(e),
+        };
+        let map = match map {
+            Ok(m) => m,
+            Err(e) => {
+                last_err = Some(anyhow::anyhow!("{t}: {e}"));
+                continue;
+            }
+        };
+        if !map.members.iter().any(|(id, _, _)| *id == node) {
+            let ids: Vec<String> = map.members.iter().map(|m| m.0.to_string()).collect();
+            anyhow::bail!(
+                "--kill-node {node}: no such member (the cluster's members: {})",
+                ids.join(", ")
+            );
+        }
+        let mut owned = vec![false; map.slots as usize];
+        for (start, end, owner) in &map.ranges {
+            if *owner == Some(node) {
+                for s in *start..=*end {
+                    if let Some(o) = owned.get_mut(s as usize) {
+                        *o = true;
+                    }
+                }
+            }
+        }
+        return Ok((map.slots, owned));
+    }
+    Err(last_err
+        .unwrap_or_else(|| anyhow::anyhow!("no target"))
+        .context("reading the cluster map"))
 }
 
 /// Waits until every acknowledged timer arrived and the last one was due, or until `drain`
@@ -162,9 +230,7 @@ async fn drain(tracker: &Tracker, drain: Duration) {
 
 async fn fill_backlog(
     cfg: &RunConfig,
-    clients: &[timerdb_proto::v1::timer_service_client::TimerServiceClient<
-        tonic::transport::Channel,
-    >],
+    clients: &[driver::Target],
     b: &Backlog,
     run_id: u64,
 ) -> BacklogReport {

@@ -12,13 +12,25 @@ use timerdb_loadtest::{FireDist, RunConfig, Scenario, Source};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Preset: steady, burst, backlog (far-future fill then steady), soak, or crash (kill -9
-    /// and restart mid-run).
+    /// Preset: steady, burst, backlog (far-future fill then steady), soak, crash (kill -9
+    /// and restart mid-run), or failover (kill -9 one member of a cluster and restart it).
     #[arg(value_enum, env = "LOADTEST_SCENARIO")]
     scenario: Scenario,
-    /// gRPC address of the node (`host:port` or `http://host:port`).
-    #[arg(long, env = "LOADTEST_TARGET", default_value = "127.0.0.1:7420")]
-    target: String,
+    /// gRPC address of the node (`host:port` or `http://host:port`); several, comma-separated
+    /// (e.g. `$TIMERDB_NODES`), spread the batches over the nodes of a cluster.
+    #[arg(
+        long,
+        env = "LOADTEST_TARGET",
+        default_value = "127.0.0.1:7420",
+        value_delimiter = ','
+    )]
+    target: Vec<String>,
+    /// Send every timer with an idempotency key and retry failed calls (and items refused
+    /// as UNAVAILABLE) on the next target. Keys cost the store a conditional write each
+    /// (a Paxos round on Cassandra). Without it, a call that failed is counted as failed,
+    /// and later batches still avoid its node for 1 s.
+    #[arg(long, env = "LOADTEST_RETRY", num_args = 0..=1, default_missing_value = "true")]
+    retry: Option<bool>,
     /// Read fired timers by tailing this JSON-lines sink file.
     #[arg(
         long,
@@ -92,6 +104,14 @@ struct Args {
     /// Crash: kill the node (--server-pid) with SIGKILL this long into the run.
     #[arg(long, env = "LOADTEST_KILL_AT")]
     kill_at: Option<humantime::Duration>,
+    /// Failover: the member id (as in `timerdb admin status`) the fault hits; the report
+    /// follows the slots it owned.
+    #[arg(long, env = "LOADTEST_KILL_NODE")]
+    kill_node: Option<u64>,
+    /// Crash, failover: run this shell command at --kill-at instead of SIGKILL of
+    /// --server-pid (e.g. `timerdb admin drain 2 && deploy/local/cluster stop 2`).
+    #[arg(long, env = "LOADTEST_FAULT_CMD")]
+    fault_cmd: Option<String>,
     /// Crash: wait this long after the kill before restarting.
     #[arg(long, env = "LOADTEST_DOWN_FOR")]
     down_for: Option<humantime::Duration>,
@@ -104,18 +124,27 @@ struct Args {
 }
 
 impl Args {
-    fn config(self) -> RunConfig {
-        let target = if self.target.contains("://") {
-            self.target
-        } else {
-            format!("http://{}", self.target)
-        };
+    fn config(self) -> anyhow::Result<RunConfig> {
+        let targets: Vec<String> = self
+            .target
+            .iter()
+            .map(|t| t.trim())
+            .map(|t| {
+                if t.contains("://") || t.is_empty() {
+                    t.to_owned()
+                } else {
+                    format!("http://{t}")
+                }
+            })
+            .collect();
         let source = match (self.jsonl, self.kafka) {
             (Some(p), _) => Source::Jsonl(p),
             (None, Some(k)) => Source::Kafka(k),
             (None, None) => unreachable!("clap requires one of --jsonl, --kafka"),
         };
-        let mut c = RunConfig::preset(self.scenario, target, source);
+        let mut c = RunConfig::preset(self.scenario, "", source);
+        c.targets = targets;
+        c.retry = self.retry.unwrap_or(c.retry);
         let d = |d: humantime::Duration| -> Duration { d.into() };
         c.rate = self.rate.unwrap_or(c.rate);
         c.duration = self.duration.map(d).unwrap_or(c.duration);
@@ -132,10 +161,27 @@ impl Args {
         c.server_pid = self.server_pid;
         c.call_timeout = self.call_timeout.into();
         c.progress = !self.no_progress;
+        if c.crash.is_none() {
+            let given = [
+                ("--kill-at", self.kill_at.is_some()),
+                ("--down-for", self.down_for.is_some()),
+                ("--restart-cmd", self.restart_cmd.is_some()),
+                ("--kill-node", self.kill_node.is_some()),
+                ("--fault-cmd", self.fault_cmd.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+                anyhow::bail!(
+                    "{flag} belongs to the crash and failover scenarios, not {:?}",
+                    self.scenario
+                );
+            }
+        }
         if let Some(crash) = c.crash.as_mut() {
             crash.kill_at = self.kill_at.map(d).unwrap_or(crash.kill_at);
             crash.down_for = self.down_for.map(d).unwrap_or(crash.down_for);
             crash.restart_cmd = self.restart_cmd.unwrap_or_default();
+            crash.node = self.kill_node;
+            crash.fault_cmd = self.fault_cmd;
         }
         if self.backlog_count.is_some()
             || self.backlog_rate.is_some()
@@ -148,7 +194,7 @@ impl Args {
             b.delay = self.backlog_delay.map(d).unwrap_or(b.delay);
             c.backlog = (b.count > 0).then_some(b);
         }
-        c
+        Ok(c)
     }
 }
 
@@ -163,7 +209,14 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let report_dir = args.report_dir.clone();
-    let report = match timerdb_loadtest::run(args.config()).await {
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("timerdb-loadtest: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match timerdb_loadtest::run(config).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("timerdb-loadtest: {e:#}");

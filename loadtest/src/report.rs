@@ -47,8 +47,10 @@ impl Percentiles {
 /// The settings that shaped the run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
-    /// gRPC endpoint.
+    /// gRPC endpoints, comma-separated.
     pub target: String,
+    /// Failed calls retried on another node with idempotency keys.
+    pub retry: bool,
     /// `jsonl:PATH` or `kafka:BROKERS`.
     pub source: String,
     /// Target rate, timers/s.
@@ -161,6 +163,8 @@ pub struct Report {
     pub timeline: Vec<SecondReport>,
     /// The kill and what came again after it (crash scenario).
     pub crash: Option<CrashReport>,
+    /// How the killed member's slots were taken over (failover scenario).
+    pub failover: Option<FailoverReport>,
     /// Nothing acknowledged was lost, nothing fired early, nothing arrived corrupt or
     /// unexpected, and nothing came twice that no crash explains.
     pub passed: bool,
@@ -174,6 +178,66 @@ pub struct CrashReport {
     pub redelivery: crate::tracker::Redelivery,
     /// When the restart command ran, ms since the epoch.
     pub restarted_ms: u64,
+}
+
+/// The failover scenario's findings about the killed member's slots.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverReport {
+    /// The member killed.
+    pub node: u64,
+    /// Slots it owned right before the kill, and the cluster's slot count.
+    pub slots_owned: u32,
+    /// See `slots_owned`.
+    pub slot_count: u32,
+    /// Its timers: acknowledged, in its slots, not delivered before the kill.
+    pub timers: u64,
+    /// Of those, never delivered.
+    pub lost: u64,
+    /// From the kill to the first delivery of one of its timers, ms.
+    pub gap_ms: Option<u64>,
+    /// Fire lateness of its timers, ms.
+    pub lateness_ms: Percentiles,
+    /// Fire lateness of the other members' timers due after the kill, ms.
+    pub others_lateness_ms: Percentiles,
+    /// Its timers delivered per second in the 5 s before the kill.
+    pub fired_per_s_before: f64,
+    /// The run's duplicates, in seconds of its firing.
+    pub duplicates_in_s_of_its_fires: Option<f64>,
+    /// Timers that arrived more than once, in its slots and in the others'.
+    pub repeated: [Repeated; 2],
+}
+
+/// Timers of one group that arrived more than once.
+#[derive(Debug, Clone, Serialize)]
+pub struct Repeated {
+    /// How many.
+    pub timers: u64,
+    /// Earliest first delivery among them, ms after the kill (negative: before).
+    pub first_from_ms: Option<i64>,
+    /// Latest repeat among them, ms after the kill.
+    pub last_until_ms: Option<i64>,
+}
+
+impl FailoverReport {
+    fn of(t: &crate::tracker::Takeover) -> FailoverReport {
+        FailoverReport {
+            node: t.node,
+            slots_owned: t.slots_owned,
+            slot_count: t.slot_count,
+            timers: t.timers,
+            lost: t.lost,
+            gap_ms: t.gap_ms,
+            lateness_ms: Percentiles::of(&t.lateness),
+            others_lateness_ms: Percentiles::of(&t.others_lateness),
+            fired_per_s_before: t.fired_per_s_before,
+            duplicates_in_s_of_its_fires: t.duplicates_in_s_of_its_fires,
+            repeated: t.repeated.map(|(timers, from, until)| Repeated {
+                timers,
+                first_from_ms: (timers > 0).then_some(from),
+                last_until_ms: (timers > 0).then_some(until),
+            }),
+        }
+    }
 }
 
 impl Report {
@@ -223,7 +287,8 @@ impl Report {
             run_id: format!("{run_id:016x}"),
             started_at_ms,
             settings: Settings {
-                target: cfg.target.clone(),
+                target: cfg.targets.join(","),
+                retry: cfg.retry,
                 source: match &cfg.source {
                     Source::Jsonl(p) => format!("jsonl:{}", p.display()),
                     Source::Kafka(b) => format!("kafka:{b}"),
@@ -255,6 +320,7 @@ impl Report {
                 && c.corrupt == 0
                 && c.unexpected == 0
                 && f.redelivery.as_ref().is_none_or(|r| r.after_kill == 0),
+            failover: f.takeover.as_ref().map(FailoverReport::of),
             crash: f.redelivery.map(|redelivery| CrashReport {
                 redelivery,
                 restarted_ms: 0,
@@ -295,8 +361,8 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "sent      {}  acked {}  rejected {}  failed {}  unsent {}",
-            c.sent, c.acked, c.rejected, c.failed, self.unsent
+            "sent      {}  acked {}  rejected {}  failed {}  unsent {}  retried {}",
+            c.sent, c.acked, c.rejected, c.failed, self.unsent, c.retried
         );
         let _ = writeln!(
             s,
@@ -322,6 +388,43 @@ impl Report {
                 r.window_ms,
                 r.after_kill
             );
+        }
+        if let Some(f) = &self.failover {
+            let _ = writeln!(
+                s,
+                "failover  node {} owned {} of {} slots, {} of its timers still to fire at the kill ({} LOST); \
+                 first fired {} after the kill",
+                f.node,
+                f.slots_owned,
+                f.slot_count,
+                f.timers,
+                f.lost,
+                f.gap_ms.map_or("never".to_owned(), |g| format!("{g} ms")),
+            );
+            let _ = writeln!(s, "          its lateness    {}", p(&f.lateness_ms, "ms"));
+            let _ = writeln!(
+                s,
+                "          others' lateness {}",
+                p(&f.others_lateness_ms, "ms")
+            );
+            let _ = writeln!(
+                s,
+                "          it fired {:.0}/s before the kill; duplicates = {} of its fires",
+                f.fired_per_s_before,
+                f.duplicates_in_s_of_its_fires
+                    .map_or("?".to_owned(), |d| format!("{d:.2} s")),
+            );
+            for (whose, r) in ["its slots", "others'"].iter().zip(&f.repeated) {
+                if r.timers > 0 {
+                    let _ = writeln!(
+                        s,
+                        "          repeated in {whose}: {} timers, first delivered from {} ms, repeated until {} ms after the kill",
+                        r.timers,
+                        r.first_from_ms.unwrap_or(0),
+                        r.last_until_ms.unwrap_or(0)
+                    );
+                }
+            }
         }
         let _ = writeln!(
             s,

@@ -27,6 +27,9 @@ pub struct Counts {
     pub rejected: u64,
     /// In calls that failed or timed out (neither acknowledged nor refused).
     pub failed: u64,
+    /// Sent again, to another node, after a failed call or an UNAVAILABLE answer (each
+    /// time counts; with `retry` only).
+    pub retried: u64,
     /// Messages of this run read back, duplicates included.
     pub arrivals: u64,
     /// Acknowledged timers read back at least once.
@@ -112,6 +115,8 @@ pub struct Finished {
     pub arrival_span_ms: (u64, u64),
     /// Re-deliveries after the kill, in the crash scenario.
     pub redelivery: Option<Redelivery>,
+    /// How the killed member's slots fared, in the failover scenario.
+    pub takeover: Option<Takeover>,
 }
 
 /// Live figures for the progress bar.
@@ -139,8 +144,14 @@ struct Inner {
     hits: Vec<u8>,
     /// Node fire time of each timer's first arrival.
     first_fired: Vec<u64>,
+    /// Node fire time of each timer's latest arrival.
+    last_fired: Vec<u64>,
+    /// When each acknowledged timer is due.
+    due: Vec<u64>,
     /// When the node was killed (crash scenario).
     kill_ms: Option<u64>,
+    /// Failover: the member hit, the slot count, and the slots it owned then.
+    fault: Option<(u64, u32, Vec<bool>)>,
     counts: Counts,
     /// Acknowledged timers seen at least once, maintained as either side comes first.
     matched: u64,
@@ -179,7 +190,10 @@ impl Tracker {
                 seen: vec![0; n],
                 hits: vec![0; n],
                 first_fired: vec![0; n],
+                last_fired: vec![0; n],
+                due: vec![0; n],
                 kill_ms: None,
+                fault: None,
                 counts: Counts::default(),
                 matched: 0,
                 max_due_ms: 0,
@@ -235,6 +249,7 @@ impl Tracker {
                 continue;
             }
             inner.acked[i] = id;
+            inner.due[i] = o.due_ms;
             acked += 1;
             inner.max_due_ms = inner.max_due_ms.max(o.due_ms);
             if inner.hits[i] > 0 {
@@ -254,6 +269,11 @@ impl Tracker {
     /// Records a call that got no answer.
     pub fn record_failed(&self, n: u64) {
         self.lock().counts.failed += n;
+    }
+
+    /// Records `n` timers sent again.
+    pub fn record_retried(&self, n: u64) {
+        self.lock().counts.retried += n;
     }
 
     /// Checks and records messages read back from the sink.
@@ -301,6 +321,7 @@ impl Tracker {
         if inner.hits[i] == 1 {
             inner.first_fired[i] = fired;
         }
+        inner.last_fired[i] = inner.last_fired[i].max(fired);
         let early = fired < stamp.fire_at_ms || a.received_ms.is_some_and(|r| r < stamp.fire_at_ms);
         if early {
             inner.counts.early += 1;
@@ -374,6 +395,12 @@ impl Tracker {
         self.lock().kill_ms = Some(at_ms);
     }
 
+    /// Records the member the failover fault hits and the slots (of `slots`) it owned
+    /// right before.
+    pub fn record_fault_slots(&self, node: u64, slots: u32, owned: Vec<bool>) {
+        self.lock().fault = Some((node, slots, owned));
+    }
+
     /// Final verdict per timer, and everything measured.
     pub fn finish(&self) -> Finished {
         let mut g = self.lock();
@@ -409,7 +436,14 @@ impl Tracker {
                 (false, false) => {}
             }
         }
+        let takeover = match (&inner.fault, inner.kill_ms) {
+            (Some((node, slots, owned)), Some(kill_ms)) => {
+                Some(takeover(inner, *node, *slots, owned, kill_ms, c.duplicates))
+            }
+            _ => None,
+        };
         Finished {
+            takeover,
             counts: c,
             lateness: std::mem::replace(&mut inner.lateness, histogram(3)),
             recv_lateness: std::mem::replace(&mut inner.recv_lateness, histogram(3)),
@@ -420,6 +454,103 @@ impl Tracker {
             redelivery,
         }
     }
+}
+
+/// The failover scenario's findings about the killed member's slots.
+#[derive(Debug)]
+pub struct Takeover {
+    /// The member killed.
+    pub node: u64,
+    /// Slots it owned right before the kill, of `slot_count`.
+    pub slots_owned: u32,
+    /// The cluster's slot count.
+    pub slot_count: u32,
+    /// When it was killed, ms since the epoch.
+    pub kill_ms: u64,
+    /// Its timers: acknowledged, in its slots, not delivered before the kill.
+    pub timers: u64,
+    /// How many of those never arrived.
+    pub lost: u64,
+    /// From the kill to the first delivery of one of its timers, ms; `None` if none came.
+    pub gap_ms: Option<u64>,
+    /// Fire lateness of its timers, ms.
+    pub lateness: Histogram<u64>,
+    /// Fire lateness of the other members' timers due after the kill, ms (the baseline).
+    pub others_lateness: Histogram<u64>,
+    /// Its timers delivered per second in the 5 s before the kill.
+    pub fired_per_s_before: f64,
+    /// All duplicates of the run, in seconds of its firing (`duplicates / fired_per_s_before`).
+    pub duplicates_in_s_of_its_fires: Option<f64>,
+    /// Timers that arrived more than once: (in its slots, in the others'), each as (count,
+    /// earliest first fire, latest repeat), the times in ms relative to the kill.
+    pub repeated: [(u64, i64, i64); 2],
+}
+
+/// Splits the acknowledged timers by the killed member's slots and measures its takeover.
+fn takeover(
+    inner: &Inner,
+    node: u64,
+    slots: u32,
+    owned: &[bool],
+    kill_ms: u64,
+    duplicates: u64,
+) -> Takeover {
+    const BEFORE_MS: u64 = 5_000;
+    let mut t = Takeover {
+        node,
+        slots_owned: owned.iter().filter(|o| **o).count() as u32,
+        slot_count: slots,
+        kill_ms,
+        timers: 0,
+        lost: 0,
+        gap_ms: None,
+        lateness: histogram(3),
+        others_lateness: histogram(3),
+        fired_per_s_before: 0.0,
+        duplicates_in_s_of_its_fires: None,
+        repeated: [(0, i64::MAX, i64::MIN); 2],
+    };
+    let mut before = 0u64;
+    for i in 0..inner.acked.len() {
+        let id = inner.acked[i];
+        if id == 0 {
+            continue;
+        }
+        let delivered = inner.hits[i] > 0;
+        let first = inner.first_fired[i];
+        let late = first.saturating_sub(inner.due[i]);
+        let slot = timerdb_client::slot_of(&format!("{id:032x}"), slots);
+        let its = slot.is_some_and(|s| owned.get(s as usize).copied().unwrap_or(false));
+        if inner.hits[i] > 1 {
+            let r = &mut t.repeated[usize::from(!its)];
+            r.0 += 1;
+            r.1 = r.1.min(first as i64 - kill_ms as i64);
+            r.2 = r.2.max(inner.last_fired[i] as i64 - kill_ms as i64);
+        }
+        if !its {
+            if delivered && inner.due[i] >= kill_ms {
+                let _ = t.others_lateness.record(late);
+            }
+            continue;
+        }
+        if delivered && first < kill_ms {
+            if first + BEFORE_MS >= kill_ms {
+                before += 1;
+            }
+            continue;
+        }
+        t.timers += 1;
+        if !delivered {
+            t.lost += 1;
+            continue;
+        }
+        let _ = t.lateness.record(late);
+        let gap = first - kill_ms;
+        t.gap_ms = Some(t.gap_ms.map_or(gap, |g| g.min(gap)));
+    }
+    t.fired_per_s_before = before as f64 * 1000.0 / BEFORE_MS as f64;
+    t.duplicates_in_s_of_its_fires = (before > 0).then(|| duplicates as f64 / t.fired_per_s_before);
+    t
 }
 
 /// What came again after a kill -9 (the crash scenario).
@@ -503,5 +634,62 @@ mod tests {
         assert_eq!((c.acked, c.rejected, c.delivered), (3, 1, 2));
         assert_eq!((c.lost, c.early, c.duplicates, c.corrupt), (1, 1, 1, 0));
         assert_eq!(f.lateness.max(), 4);
+    }
+
+    /// An id whose slot (of `slots`) is `want`.
+    fn id_in_slot(want: u32, slots: u32, from: u128) -> u128 {
+        (from..)
+            .find(|id| timerdb_client::slot_of(&format!("{id:032x}"), slots) == Some(want))
+            .expect("some id lands in every slot")
+    }
+
+    #[test]
+    fn failover_follows_the_killed_members_slots() {
+        let t = Tracker::new(7, 5, vec!["t-0".into()], 1);
+        let kill = now_ms();
+        let hex = |n: u128| format!("{n:032x}");
+        // Member 2 owns slot 1 of 4. Seq 0: its, fired before the kill (not its to take
+        // over); seq 1: its, due 100 ms before the kill, fired 900 ms after it; seq 2: its,
+        // due at the kill, fired 1,200 ms after it, twice; seq 3: its, never fired; seq 4:
+        // another member's, due after the kill, fired 5 ms late.
+        let ids: Vec<u128> = vec![
+            id_in_slot(1, 4, 1),
+            id_in_slot(1, 4, 1000),
+            id_in_slot(1, 4, 2000),
+            id_in_slot(1, 4, 3000),
+            id_in_slot(0, 4, 4000),
+        ];
+        let dues = [kill - 2000, kill - 100, kill, kill + 10, kill + 50];
+        let outcomes: Vec<Outcome> = (0..5)
+            .map(|s| Outcome {
+                seq: s,
+                due_ms: dues[s as usize],
+                id: Some(ids[s as usize]),
+            })
+            .collect();
+        t.record_acks(&outcomes, 100);
+        t.ingest(&[arrival(&t, 0, dues[0], kill - 1990, &hex(ids[0]))]);
+        t.record_fault_slots(2, 4, vec![false, true, false, false]);
+        t.record_kill(kill);
+        t.ingest(&[arrival(&t, 1, dues[1], kill + 900, &hex(ids[1]))]);
+        t.ingest(&[arrival(&t, 2, dues[2], kill + 1200, &hex(ids[2]))]);
+        t.ingest(&[arrival(&t, 2, dues[2], kill + 1300, &hex(ids[2]))]);
+        t.ingest(&[arrival(&t, 4, dues[4], kill + 55, &hex(ids[4]))]);
+        let f = t.finish();
+        let k = f.takeover.expect("failover findings");
+        assert_eq!((k.node, k.slots_owned, k.slot_count), (2, 1, 4));
+        assert_eq!(
+            (k.timers, k.lost),
+            (3, 1),
+            "seqs 1, 2, 3 were its to take over"
+        );
+        assert_eq!(k.gap_ms, Some(900));
+        assert_eq!(k.lateness.max(), 1200);
+        assert_eq!(k.lateness.len(), 2);
+        assert_eq!(k.others_lateness.max(), 5);
+        // One timer of it fired in the 5 s before the kill: 0.2/s, one duplicate = 5 s.
+        assert!((k.fired_per_s_before - 0.2).abs() < 1e-9);
+        assert_eq!(k.duplicates_in_s_of_its_fires, Some(5.0));
+        assert_eq!((f.counts.lost, f.counts.duplicates), (1, 1));
     }
 }

@@ -109,5 +109,45 @@ async fn steady_and_burst_lose_nothing_and_fire_nothing_early() {
     // Reports are written where asked, chart included.
     let files = r.write(&dir.path().join("reports")).expect("write reports");
     assert!(files.iter().all(|f| f.is_file()));
+
+    // Two targets, the first of which stops answering after the connections opened: with
+    // retries every batch sent to it goes to the other, keyed, and nothing is lost.
+    let doomed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a port that will go away");
+    let doomed_addr = doomed.local_addr().expect("its address");
+    let accepting = tokio::spawn(async move {
+        // Accept the loadtest's connections, then drop them all with the listener.
+        let mut held = Vec::new();
+        while let Ok(Ok((conn, _))) =
+            tokio::time::timeout(Duration::from_secs(2), doomed.accept()).await
+        {
+            held.push(conn);
+        }
+    });
+    let mut split = RunConfig::preset(Scenario::Steady, &target, Source::Jsonl(sink.clone()));
+    split.targets = vec![format!("http://{doomed_addr}"), target.clone()];
+    split.retry = true;
+    split.rate = 2_000;
+    split.count = Some(2_000);
+    split.batch = 100;
+    split.fire = FireDist::Uniform(Duration::ZERO, Duration::from_secs(2));
+    split.drain = Duration::from_secs(60);
+    split.call_timeout = Duration::from_secs(2);
+    split.progress = false;
+    let r = timerdb_loadtest::run(split).await.expect("two-target run");
+    let _ = accepting.await;
+    print!("{}", r.summary());
+    assert_eq!(
+        r.counts.acked, 2_000,
+        "every timer acknowledged by the live node"
+    );
+    assert!(
+        r.counts.retried > 0,
+        "batches to the dead target were retried"
+    );
+    assert_eq!((r.counts.lost, r.counts.early, r.counts.corrupt), (0, 0, 0));
+    assert_eq!(r.counts.duplicates, 0);
+    assert!(r.passed);
     drop(node);
 }
