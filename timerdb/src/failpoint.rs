@@ -22,6 +22,7 @@ pub const NAMES: &[&str] = &[
     "scylla.between_partition_and_index_delete",
     "scylla.between_key_release_and_cancel",
     "scheduler.before_low_water",
+    "scheduler.before_load",
     "scheduler.before_progress",
 ];
 

@@ -147,6 +147,56 @@ impl Progress {
                 || self.delivered_after.binary_search(&timer.id).is_ok())
     }
 
+    /// Whether this record covers at least the buckets and the due times `other` covers
+    /// (what `other` lists past its mark aside).
+    pub fn dominates(&self, other: &Progress) -> bool {
+        self.loaded_through >= other.loaded_through
+            && self.fired_through_ms >= other.fired_through_ms
+    }
+
+    /// One record that is true when both `self` and `earlier` are (each about the same
+    /// slots): the buckets either covers, the earlier of the two delivered-through marks,
+    /// the union of their exceptions and of what each fired past the mark. `fired_past`
+    /// lists timers `self`'s writer delivered, with their due times, so those past the
+    /// merged mark are listed too.
+    pub fn merged_with(
+        &self,
+        earlier: &Progress,
+        fired_past: &[(u64, TimerId)],
+        cap: usize,
+    ) -> Progress {
+        let through = self.fired_through_ms.min(earlier.fired_through_ms);
+        let mut unconfirmed: Vec<TimerId> = self
+            .unconfirmed
+            .iter()
+            .chain(&earlier.unconfirmed)
+            .copied()
+            .collect();
+        unconfirmed.sort_unstable();
+        unconfirmed.dedup();
+        let mut delivered_after: Vec<TimerId> = self
+            .delivered_after
+            .iter()
+            .chain(&earlier.delivered_after)
+            .copied()
+            .chain(
+                fired_past
+                    .iter()
+                    .filter(|(due, _)| *due > through)
+                    .map(|(_, id)| *id),
+            )
+            .collect();
+        delivered_after.sort_unstable();
+        delivered_after.dedup();
+        delivered_after.truncate(cap);
+        Progress {
+            fired_through_ms: through,
+            loaded_through: self.loaded_through.max(earlier.loaded_through),
+            unconfirmed,
+            delivered_after,
+        }
+    }
+
     /// Encoded for storage.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         postcard::to_allocvec(self).map_err(|e| Error::Internal(format!("encoding progress: {e}")))
@@ -239,6 +289,15 @@ impl Resume {
     /// Forgets the records that say nothing about buckets from `bucket_ms` on.
     pub fn forget_before(&mut self, bucket_ms: u64) {
         self.records.retain(|(_, p)| p.loaded_through > bucket_ms);
+    }
+
+    /// The record written by an earlier owner of exactly `range` (the one this range's own
+    /// records replace in the store).
+    pub fn of_range(&self, range: SlotRange) -> Option<Progress> {
+        self.records
+            .iter()
+            .find(|(r, _)| *r == range)
+            .map(|(_, p)| p.clone())
     }
 
     /// The latest delivered-through time among the records, for the start-up log.

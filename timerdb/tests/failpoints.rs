@@ -282,6 +282,44 @@ async fn a_crash_at_a_progress_write_loses_nothing_and_repeats_little() {
     }
 }
 
+/// A range restarted on a store whose progress record reaches further than the range has
+/// read yet (its loader is held back), then stopped: the record it writes must not un-say
+/// its predecessor's, or what the predecessor fired fires again at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_stopped_before_it_caught_up_keeps_its_predecessors_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = common::start_with_failpoints(dir.path(), None, "").await;
+    let (acked, _) = stream_until_failure(&node, 5).await;
+    let ids: Vec<String> = acked.iter().map(|(id, _)| id.clone()).collect();
+    node.wait_fired(&ids, Duration::from_secs(30)).await;
+    // Stopped well inside the grace before fired buckets are deleted: the rows stay.
+    node.terminate();
+    node.env = vec![(
+        "FAILPOINTS".into(),
+        "scheduler.before_load=return(delay:4000)".into(),
+    )];
+    node.restart().await;
+    // Long enough for its periodic progress writes (every 100 ms) and its stop.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    node.terminate();
+    node.env.clear();
+    node.restart().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for l in node.fired() {
+        *counts.entry(l.timer_id).or_default() += 1;
+    }
+    let again: Vec<&String> = ids.iter().filter(|id| counts[*id] > 1).collect();
+    assert!(
+        again.is_empty(),
+        "{} of {} timers fired before two restarts fired again, e.g. {:?}\n{}",
+        again.len(),
+        ids.len(),
+        &again[..again.len().min(3)],
+        node.log_tail()
+    );
+}
+
 /// The Scylla store's two orderings, against the real Cassandra of the test command.
 mod scylla {
     use super::*;

@@ -170,6 +170,7 @@ pub(super) async fn start(
         tx: tx.clone(),
         horizon: horizon.clone(),
         writes,
+        inherited: resume.of_range(range),
         resume,
         deleted: BTreeSet::new(),
         retrying: HashSet::new(),
@@ -277,11 +278,15 @@ impl Loader {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
-                let page = match self
-                    .store
-                    .load_page(self.range, bucket, after, self.config.load_page_rows)
-                    .await
-                {
+                let loaded = match crate::failpoint::hit_async("scheduler.before_load").await {
+                    Ok(()) => {
+                        self.store
+                            .load_page(self.range, bucket, after, self.config.load_page_rows)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                let page = match loaded {
                     Ok(page) => page,
                     Err(e) => {
                         tracing::warn!(range = %self.range, bucket_ms = bucket, error = %e, "scheduler.load: store unavailable, retrying");
@@ -427,6 +432,9 @@ struct RangeTask {
     writes: Arc<Writes>,
     /// The progress found at start: loaded timers it covers count as fired.
     resume: Resume,
+    /// The earlier owner's record of exactly this range: this range's own records replace
+    /// it in the store, so until they say at least as much, they carry it along.
+    inherited: Option<Progress>,
     /// Buckets deleted lately; a hand-off into one of them is a repeat of a fired timer.
     deleted: BTreeSet<u64>,
     /// Timers whose delivery failed and that are not confirmed yet.
@@ -981,6 +989,14 @@ impl RangeTask {
             let keep_after = p.fired_through_ms.saturating_sub(RECENT_FIRED_MS);
             self.recent_fired.retain(|(due, _)| *due > keep_after);
         }
+        // Once this range's own record says all its predecessor's did, it stands alone.
+        if let Some(earlier) = &self.inherited
+            && self
+                .own_progress_until(u64::MAX)
+                .is_some_and(|p| p.dominates(earlier))
+        {
+            self.inherited = None;
+        }
         // Deletes, progress and low-water marks belong to the owner: none without a lease.
         if !self.acting() {
             return;
@@ -1090,6 +1106,20 @@ impl RangeTask {
 
     /// [`Self::progress_candidate`], claiming nothing due after `limit`.
     fn progress_candidate_until(&self, limit: u64) -> Option<Progress> {
+        let own = self.own_progress_until(limit)?;
+        // A range started a moment ago has not loaded as far as its predecessor's record
+        // reaches: written alone, its record would replace that one and un-say it (what
+        // the predecessor fired would fire again after the next restart or move).
+        Some(match &self.inherited {
+            Some(earlier) if !own.dominates(earlier) => {
+                own.merged_with(earlier, &self.recent_fired, MAX_UNCONFIRMED)
+            }
+            _ => own,
+        })
+    }
+
+    /// What this range itself may record as delivered, claiming nothing due after `limit`.
+    fn own_progress_until(&self, limit: u64) -> Option<Progress> {
         // One below now: a write registered after the floor is read below began at `now` at
         // the earliest, so its timers are created at or after `now`, never covered.
         let mut through = now_ms().saturating_sub(1).min(limit);
