@@ -97,6 +97,10 @@ pub struct Member {
     pub addr: String,
     /// Where it stands.
     pub state: MemberState,
+    /// Draining because it is stopping gracefully ([`Command::Leave`]), not because an
+    /// operator drained it: it becomes active again when it restarts ([`Command::Rejoin`]).
+    #[serde(default)]
+    pub leaving: bool,
 }
 
 /// How a new owner may start on a slot it gained.
@@ -168,7 +172,15 @@ pub enum Command {
         /// The member.
         id: NodeId,
     },
-    /// A gone or draining member asks to be active again (it restarted).
+    /// A member stopping gracefully hands its ranges to the others: it drains, and is
+    /// active again when it restarts. Does nothing to a member that is draining or gone
+    /// already, nor when no other member is active.
+    Leave {
+        /// The member.
+        id: NodeId,
+    },
+    /// A gone member speaks again, or a member that left at its shutdown restarted: it is
+    /// active again. A member an operator drained stays draining.
     Rejoin {
         /// The member.
         id: NodeId,
@@ -289,6 +301,7 @@ impl ClusterMap {
                         Member {
                             addr: addr.clone(),
                             state: MemberState::Active,
+                            leaving: false,
                         },
                     );
                 }
@@ -298,12 +311,28 @@ impl ClusterMap {
                 let member = self.members.entry(*id).or_insert(Member {
                     addr: addr.clone(),
                     state: MemberState::Joining,
+                    leaving: false,
                 });
                 member.addr = addr.clone();
             }
             Command::Drain { id } => {
-                self.member_mut(*id)?.state = MemberState::Draining;
+                let member = self.member_mut(*id)?;
+                member.state = MemberState::Draining;
+                member.leaving = false;
                 self.rebalance();
+            }
+            Command::Leave { id } => {
+                // Only while another member is active to take the ranges: of members
+                // leaving all at once, the last stops with them.
+                let others = self.members.iter().any(|(m, x)| {
+                    m != id && matches!(x.state, MemberState::Active | MemberState::Joining)
+                });
+                let member = self.member_mut(*id)?;
+                if others && matches!(member.state, MemberState::Active | MemberState::Joining) {
+                    member.state = MemberState::Draining;
+                    member.leaving = true;
+                    self.rebalance();
+                }
             }
             Command::MarkGone { id } => {
                 self.member_mut(*id)?.state = MemberState::Gone;
@@ -312,9 +341,14 @@ impl ClusterMap {
                 self.rebalance();
             }
             Command::Rejoin { id } => {
-                // Only a gone member rejoins: a draining one stays draining.
-                if self.member_mut(*id)?.state == MemberState::Gone {
-                    self.member_mut(*id)?.state = MemberState::Active;
+                // A gone member, or one that left at its shutdown, rejoins: one an operator
+                // drained stays draining.
+                let member = self.member_mut(*id)?;
+                if member.state == MemberState::Gone
+                    || (member.state == MemberState::Draining && member.leaving)
+                {
+                    member.state = MemberState::Active;
+                    member.leaving = false;
                     self.rebalance();
                 }
             }
@@ -327,7 +361,9 @@ impl ClusterMap {
                     )));
                 }
                 MemberState::Draining | MemberState::Gone => {
-                    self.member_mut(*id)?.state = MemberState::Active;
+                    let member = self.member_mut(*id)?;
+                    member.state = MemberState::Active;
+                    member.leaving = false;
                     self.rebalance();
                 }
             },
@@ -656,6 +692,43 @@ mod tests {
         m.apply(&Command::MarkGone { id: 2 }).unwrap();
         m.apply(&Command::Rejoin { id: 2 }).unwrap();
         assert_eq!(m.members[&2].state, MemberState::Active);
+    }
+
+    #[test]
+    fn a_member_that_left_at_shutdown_rejoins_but_an_operators_drain_holds() {
+        let mut m = three();
+        m.apply(&Command::Leave { id: 2 }).unwrap();
+        assert_eq!(m.members[&2].state, MemberState::Draining);
+        assert!(m.members[&2].leaving);
+        assert!(m.slots_of(2).is_empty(), "its ranges went to the others");
+        // Its slots came from a live member: each new owner waits out its lease.
+        assert!(m.owners.iter().all(|o| o.owner != Some(2)));
+        // Leaving twice changes nothing.
+        let before = m.clone();
+        m.apply(&Command::Leave { id: 2 }).unwrap();
+        assert_eq!(m, before);
+        // Restarted, it asks to rejoin: active, with an even share again.
+        m.apply(&Command::Rejoin { id: 2 }).unwrap();
+        assert_eq!(m.members[&2].state, MemberState::Active);
+        assert!(!m.members[&2].leaving);
+        assert!((85..=86).contains(&m.slots_of(2).len()));
+        // An operator's drain is not undone by a restart, even of a member that was
+        // leaving when it was drained.
+        m.apply(&Command::Leave { id: 2 }).unwrap();
+        m.apply(&Command::Drain { id: 2 }).unwrap();
+        m.apply(&Command::Rejoin { id: 2 }).unwrap();
+        assert_eq!(m.members[&2].state, MemberState::Draining);
+        // Nor does leaving turn a drained member into one that rejoins.
+        m.apply(&Command::Leave { id: 2 }).unwrap();
+        assert!(!m.members[&2].leaving);
+        m.apply(&Command::Rejoin { id: 2 }).unwrap();
+        assert_eq!(m.members[&2].state, MemberState::Draining);
+        // Members leaving all at once: the last active one stays, with every slot.
+        m.apply(&Command::Leave { id: 1 }).unwrap();
+        let before = m.clone();
+        m.apply(&Command::Leave { id: 3 }).unwrap();
+        assert_eq!(m, before, "the last active member does not leave");
+        assert_eq!(m.slots_of(3).len(), 256);
     }
 
     #[test]

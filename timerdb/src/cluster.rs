@@ -81,6 +81,11 @@ impl Member {
         Ok(c)
     }
 
+    /// Whether the scheduler runs no range any more.
+    pub fn runs_nothing(&self) -> bool {
+        self.scheduler.owned_tagged().is_empty()
+    }
+
     /// The cluster member.
     pub fn node(&self) -> &ClusterNode {
         &self.node

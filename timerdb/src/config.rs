@@ -89,7 +89,15 @@ pub struct ClusterSettings {
     pub join: Option<String>,
     /// Lease and failure detection.
     pub lease: timerdb_raft::map::LeaseSettings,
+    /// How long a member stopping gracefully waits for its ranges to move to the other
+    /// members before it stops (zero: it stops at once, and they take its ranges over after
+    /// the failure timeout).
+    pub leave_timeout: Duration,
 }
+
+/// Default of `cluster.leave_timeout`: a drain takes a lease and a bit; this leaves room
+/// for a slow store within a 30 s termination grace period.
+pub const DEFAULT_LEAVE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Parses `1=host:port,2=host:port`.
 pub fn parse_members(v: &str) -> Result<Vec<(u64, String)>> {
@@ -198,6 +206,8 @@ pub struct FileCluster {
     pub drift: Option<String>,
     /// Silence after which a member's ranges move, e.g. "1300ms".
     pub failure_timeout: Option<String>,
+    /// How long a member stopping gracefully waits for its ranges to move, e.g. "15s".
+    pub leave_timeout: Option<String>,
 }
 
 /// `[layout]`
@@ -299,6 +309,8 @@ pub struct Overrides {
     pub initial_members: Option<String>,
     /// `--join`
     pub join: Option<String>,
+    /// `--leave-timeout`
+    pub leave_timeout: Option<String>,
 }
 
 fn duration(setting: &str, v: &str) -> Result<Duration> {
@@ -551,7 +563,12 @@ fn cluster_settings(
         &mut lease.failure_ms,
     )?;
     lease.validate().map_err(Error::Config)?;
+    let leave_timeout = match o.leave_timeout.as_ref().or(f.leave_timeout.as_ref()) {
+        Some(v) => duration("cluster.leave_timeout", v)?,
+        None => DEFAULT_LEAVE_TIMEOUT,
+    };
     Ok(ClusterSettings {
+        leave_timeout,
         node_id,
         advertise,
         raft_dir: o
@@ -703,6 +720,22 @@ mod tests {
         );
         assert_eq!(cluster.initial_members.len(), 3);
         assert_eq!(cluster.lease.failure_ms, 1_300);
+        assert_eq!(cluster.leave_timeout, Duration::from_secs(15));
+        let c = Config::load(Overrides {
+            config_file: Some(path.clone()),
+            leave_timeout: Some("0s".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.cluster.unwrap().leave_timeout, Duration::ZERO);
+        let err = Config::load(Overrides {
+            config_file: Some(path.clone()),
+            leave_timeout: Some("soon".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cluster.leave_timeout = \"soon\""), "{err}");
         let err = load(Some("embedded:///tmp/x")).unwrap_err().to_string();
         assert!(err.contains("needs the shared Scylla store"), "{err}");
         let err = Config::load(Overrides {

@@ -173,6 +173,24 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
     {
         tokio::spawn(join_cluster(node.clone(), join, c.advertise.clone()));
     }
+    if let Some(node) = &cluster {
+        tokio::spawn(rejoin_after_leaving(node.clone()));
+    }
+    // Before the server stops answering (Raft and lease renewals go through it too), a
+    // member stopping gracefully hands its ranges to the others.
+    let leaving = match (&member, &config.cluster) {
+        (Some(m), Some(c)) => Some((m.clone(), c.leave_timeout, health_reporter.clone())),
+        _ => None,
+    };
+    let stopped = async move {
+        let _ = stopped.await;
+        if let Some((member, timeout, health)) = leaving {
+            health
+                .set_not_serving::<TimerServiceServer<TimerApi>>()
+                .await;
+            leave_cluster(&member, timeout).await;
+        }
+    };
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(
@@ -188,9 +206,7 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            })
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)
             .await;
         tracing::info!("timerdb stopping: no new calls; finishing in-flight fires");
         health_reporter
@@ -292,6 +308,141 @@ async fn report_metrics(scheduler: Arc<Scheduler>, cluster: Option<timerdb_raft:
                 node.is_leader(),
                 &members,
             );
+        }
+    }
+}
+
+/// A member stopping gracefully: hands its ranges to the others first
+/// ([`timerdb_raft::map::Command::Leave`], the drain path: each new owner starts once this
+/// member's lease on the range has ended, and this member stops the range and records its
+/// progress before that), so they fire nothing twice. Waits at most `timeout`; does nothing
+/// when `timeout` is zero or no other member is active (nobody could take the ranges: the
+/// last member of a stopping cluster).
+async fn leave_cluster(member: &Member, timeout: std::time::Duration) {
+    use timerdb_raft::map::{Command, MemberState};
+    let node = member.node();
+    let me = node.id();
+    if timeout.is_zero() {
+        return;
+    }
+    let others =
+        node.map().borrow().map.members.iter().any(|(id, m)| {
+            *id != me && matches!(m.state, MemberState::Active | MemberState::Joining)
+        });
+    if !others {
+        tracing::info!(
+            node = me,
+            "cluster.leave: no other active member; stopping with its ranges"
+        );
+        return;
+    }
+    tracing::info!(
+        node = me,
+        ?timeout,
+        "cluster.leave: handing every range to the others"
+    );
+    let started = std::time::Instant::now();
+    let handed = tokio::time::timeout(timeout, async {
+        node.propose(Command::Leave { id: me }).await?;
+        let mut map = node.map();
+        loop {
+            let (draining, kept, owns) = {
+                let applied = map.borrow();
+                let m = &applied.map;
+                let state = m.members.get(&me).map(|m| m.state);
+                let others = m.members.iter().any(|(id, x)| {
+                    *id != me && matches!(x.state, MemberState::Active | MemberState::Joining)
+                });
+                (
+                    state == Some(MemberState::Draining),
+                    // What makes the leave change nothing (once this map has applied it).
+                    !others || state == Some(MemberState::Gone),
+                    !m.slots_of(me).is_empty(),
+                )
+            };
+            if draining && !owns && member.runs_nothing() {
+                return Ok::<bool, timerdb_raft::Error>(true);
+            }
+            // The cluster kept it: the others are leaving too, or gone. (Until this
+            // member's map has applied the leave, it still looks active: wait.)
+            if !draining && kept {
+                return Ok(false);
+            }
+            tokio::select! {
+                _ = map.changed() => {}
+                () = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+            }
+        }
+    })
+    .await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match handed {
+        Ok(Ok(true)) => tracing::info!(
+            node = me,
+            elapsed_ms,
+            "cluster.leave: every range handed over"
+        ),
+        Ok(Ok(false)) => tracing::info!(
+            node = me,
+            "cluster.leave: no other member is active to take its ranges; stopping with them"
+        ),
+        Ok(Err(e)) => tracing::warn!(
+            node = me,
+            error = %e,
+            "cluster.leave: could not leave; stopping with its ranges (the others take them \
+             over after the failure timeout)"
+        ),
+        Err(_) => tracing::warn!(
+            node = me,
+            elapsed_ms,
+            "cluster.leave: timed out; stopping with the ranges it still runs (the others take \
+             them over after the failure timeout)"
+        ),
+    }
+}
+
+/// A member that left the cluster at its last shutdown asks to be active again, once its
+/// map knows it (gone members are brought back by the leader when they speak again).
+async fn rejoin_after_leaving(node: timerdb_raft::ClusterNode) {
+    use timerdb_raft::map::{Command, MemberState};
+    let me = node.id();
+    let mut map = node.map();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let state = map
+            .borrow()
+            .map
+            .members
+            .get(&me)
+            .map(|m| (m.state, m.leaving));
+        match state {
+            Some((MemberState::Draining, true)) => break,
+            // Known and not leaving: nothing to do.
+            Some(_) => return,
+            None => {}
+        }
+        tokio::select! {
+            _ = map.changed() => {}
+            () = tokio::time::sleep_until(deadline) => return,
+        }
+    }
+    loop {
+        match node.propose(Command::Rejoin { id: me }).await {
+            Ok(()) => {
+                tracing::info!(
+                    node = me,
+                    "cluster.rejoin: back after leaving at the last shutdown"
+                );
+                return;
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(node = me, error = %e, "cluster.rejoin: not yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                tracing::warn!(node = me, error = %e, "cluster.rejoin: gave up");
+                return;
+            }
         }
     }
 }

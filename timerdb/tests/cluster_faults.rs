@@ -405,6 +405,21 @@ async fn the_whole_cluster_stops_and_starts_with_nothing_lost() {
     let got = arrived_all(&s.kafka, &topic, &acked).await;
     let v = check(&acked, &got);
     c.assert_none_lost(&v, acked.len());
+    // Each repeat with its slot and fire times: where a failure's duplicates came from.
+    let mut fired: HashMap<String, Vec<u64>> = HashMap::new();
+    for m in &got {
+        fired
+            .entry(m.timer_id())
+            .or_default()
+            .push(m.header_ms("timerdb-fired-at"));
+    }
+    for (id, at) in fired.iter().filter(|(_, at)| at.len() > 1) {
+        eprintln!(
+            "repeated: {id} slot {:?} due {} fired at {at:?}",
+            timerdb_client::slot_of(id, 256),
+            acked[id]
+        );
+    }
     eprintln!(
         "whole cluster restarted: {} timers, 0 lost, {} duplicates",
         acked.len(),
@@ -415,6 +430,88 @@ async fn the_whole_cluster_stops_and_starts_with_nothing_lost() {
         "{} duplicates",
         v.duplicates
     );
+}
+
+/// A member stopped with SIGTERM under load first hands its ranges to the others (the
+/// drain path): nothing lost, nothing fired twice. Started again, it is active and owns
+/// its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_stopped_gracefully_hands_its_ranges_over_and_rejoins_when_started() {
+    let Some(s) = services() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let c = LocalCluster::up(3);
+    let topic = unique("cluster_leave");
+    create_topic(&s.kafka, &topic, 3).await;
+    let skip = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = tokio::spawn(write_load(
+        c.nodes.clone(),
+        topic.clone(),
+        Duration::from_secs(10),
+        skip.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader = c.leader(0) as usize;
+    let victim = leader % 3 + 1;
+    let survivor = victim % 3;
+    skip.lock().unwrap().push(victim - 1);
+    let stopping = Instant::now();
+    c.run(&["stop", &victim.to_string()]);
+    let took = stopping.elapsed();
+    // It left through the map before it stopped: the others own every slot.
+    let status = c.status(survivor);
+    let member = status["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["id"] == victim as u64).cloned())
+        .expect("the stopped member is still listed");
+    // Draining, or gone once the leader noticed it stopped.
+    assert!(
+        member["state"] == "draining" || member["state"] == "gone",
+        "{status}"
+    );
+    let its: u64 = status["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["owner"] == victim as u64)
+        .map(|r| r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap() + 1)
+        .sum();
+    assert_eq!(
+        its, 0,
+        "the stopped member still owns {its} slots: {status}"
+    );
+    let log = std::fs::read_to_string(c.dir.path().join(format!("node-{victim}.log"))).unwrap();
+    assert!(
+        log.contains("cluster.leave: every range handed over"),
+        "no hand-over in its log:\n{}",
+        c.logs()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.run(&["start", &victim.to_string()]);
+    skip.lock().unwrap().clear();
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 100, "only {} acknowledged", acked.len());
+    let got = arrived_all(&s.kafka, &topic, &acked).await;
+    let v = check(&acked, &got);
+    c.assert_none_lost(&v, acked.len());
+    eprintln!(
+        "graceful stop of a member: {} acknowledged, 0 lost, {} duplicates, latest {} ms late, \
+         stop took {took:?}",
+        acked.len(),
+        v.duplicates,
+        v.max_late_ms
+    );
+    assert_eq!(v.duplicates, 0, "a graceful stop fired timers twice");
+    // Started again, it rejoined by itself: three active members own every slot.
+    c.wait_settled(survivor, 3).await;
+    let status = c.status(survivor);
+    let its: u64 = status["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["owner"] == victim as u64)
+        .map(|r| r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap() + 1)
+        .sum();
+    assert!(its >= 80, "the restarted member owns {its} slots: {status}");
 }
 
 /// A fourth member joins (`--join`): the slots spread over four.

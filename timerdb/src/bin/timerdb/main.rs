@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a node.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Schedule a timer; prints its id.
     SetTimeout(client::SetTimeoutArgs),
     /// Show a timer.
@@ -53,7 +53,7 @@ async fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Serve(a) => serve::run(a).await,
+        Command::Serve(a) => serve::run(*a).await,
         Command::SetTimeout(a) => client::set_timeout(a).await,
         Command::Get(a) => client::get(a).await,
         Command::Cancel(a) => client::cancel(a).await,

@@ -71,6 +71,11 @@ pub struct ServeArgs {
     /// Cluster: join the cluster that the member at host:port belongs to.
     #[arg(long, env = "TIMERDB_JOIN")]
     pub join: Option<String>,
+    /// Cluster: on SIGTERM, wait this long for this member's ranges to move to the others
+    /// before stopping (0s: stop at once; they take over after the failure timeout)
+    /// [default: 15s].
+    #[arg(long, env = "TIMERDB_LEAVE_TIMEOUT")]
+    pub leave_timeout: Option<String>,
 }
 
 impl ServeArgs {
@@ -97,6 +102,7 @@ impl ServeArgs {
             raft_dir: self.raft_dir,
             initial_members: self.initial_members,
             join: self.join,
+            leave_timeout: self.leave_timeout,
         })
     }
 }
