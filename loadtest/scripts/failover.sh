@@ -17,7 +17,7 @@
 # node (each key costs Cassandra a Paxos round: use lower rates).
 #
 # Settings (env): MODES, RATES, RUNS, NODES, KILL, KILL_AT, DOWN_FOR, DURATION, FIRE,
-# BATCH, RETRY, OUT. Starts deploy/local's Kafka and Cassandra if they are not running.
+# BATCH, RETRY, OUT, BUILD (0: use the binaries already built). Starts deploy/local's Kafka and Cassandra if they are not running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../scripts/lib.sh
@@ -39,7 +39,7 @@ LOADTEST=$RELEASE/timerdb-loadtest
 export TIMERDB_BIN=$RELEASE/timerdb
 CLUSTER=deploy/local/cluster
 
-cargo build --release -p timerdb -p timerdb-loadtest
+if [[ ${BUILD:-1} == 1 ]]; then cargo build --release -p timerdb -p timerdb-loadtest; fi
 mkdir -p "$OUT"
 eval "$(deploy/local/up)"
 for t in 0 1 2 3; do

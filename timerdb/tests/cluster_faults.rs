@@ -134,20 +134,53 @@ async fn arrived_all(kafka: &str, topic: &str, acked: &HashMap<String, u64>) -> 
     .await
 }
 
+/// Members the write load leaves out (by index), while they are down.
+type Skip = std::sync::Arc<std::sync::Mutex<Vec<usize>>>;
+
+/// A fresh three-member cluster, a new topic named after `name`, and [`write_load`] over
+/// every member for `for_how_long`.
+async fn cluster_under_load(
+    kafka: &str,
+    name: &str,
+    for_how_long: Duration,
+) -> (
+    LocalCluster,
+    String,
+    Skip,
+    tokio::task::JoinHandle<HashMap<String, u64>>,
+) {
+    let c = LocalCluster::up(3);
+    let topic = unique(name);
+    create_topic(kafka, &topic, 3).await;
+    let skip = Skip::default();
+    let writer = tokio::spawn(write_load(
+        c.nodes.clone(),
+        topic.clone(),
+        for_how_long,
+        skip.clone(),
+    ));
+    (c, topic, skip, writer)
+}
+
+/// How many slots member `id` owns in an `admin status --json` answer.
+fn slots_owned(status: &serde_json::Value, id: usize) -> u64 {
+    status["ranges"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter(|r| r["owner"] == id as u64)
+                .map(|r| r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap() + 1)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Kills member `victim` (or the leader) with SIGKILL after 3 s of load and starts it again
 /// 4 s later; returns the verdict.
 async fn kill_under_load(kill_leader: bool) -> (Verdict, usize) {
     let s = services().expect("services");
-    let c = LocalCluster::up(3);
-    let topic = unique("cluster_kill");
-    create_topic(&s.kafka, &topic, 3).await;
-    let skip = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let writer = tokio::spawn(write_load(
-        c.nodes.clone(),
-        topic.clone(),
-        Duration::from_secs(10),
-        skip.clone(),
-    ));
+    let (c, topic, skip, writer) =
+        cluster_under_load(&s.kafka, "cluster_kill", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let leader = c.leader(0) as usize;
     let victim = if kill_leader { leader } else { leader % 3 + 1 };
@@ -205,16 +238,8 @@ async fn kill_9_of_the_leader_under_load_loses_nothing() {
 async fn a_member_paused_past_its_lease_loses_nothing() {
     let Some(s) = services() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let c = LocalCluster::up(3);
-    let topic = unique("cluster_pause");
-    create_topic(&s.kafka, &topic, 3).await;
-    let skip = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let writer = tokio::spawn(write_load(
-        c.nodes.clone(),
-        topic.clone(),
-        Duration::from_secs(9),
-        skip.clone(),
-    ));
+    let (c, topic, skip, writer) =
+        cluster_under_load(&s.kafka, "cluster_pause", Duration::from_secs(9)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let victim = c.leader(0) as usize % 3 + 1;
     skip.lock().unwrap().push(victim - 1);
@@ -439,16 +464,8 @@ async fn the_whole_cluster_stops_and_starts_with_nothing_lost() {
 async fn a_member_stopped_gracefully_hands_its_ranges_over_and_rejoins_when_started() {
     let Some(s) = services() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let c = LocalCluster::up(3);
-    let topic = unique("cluster_leave");
-    create_topic(&s.kafka, &topic, 3).await;
-    let skip = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let writer = tokio::spawn(write_load(
-        c.nodes.clone(),
-        topic.clone(),
-        Duration::from_secs(10),
-        skip.clone(),
-    ));
+    let (c, topic, skip, writer) =
+        cluster_under_load(&s.kafka, "cluster_leave", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let leader = c.leader(0) as usize;
     let victim = leader % 3 + 1;
@@ -468,13 +485,7 @@ async fn a_member_stopped_gracefully_hands_its_ranges_over_and_rejoins_when_star
         member["state"] == "draining" || member["state"] == "gone",
         "{status}"
     );
-    let its: u64 = status["ranges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["owner"] == victim as u64)
-        .map(|r| r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap() + 1)
-        .sum();
+    let its = slots_owned(&status, victim);
     assert_eq!(
         its, 0,
         "the stopped member still owns {its} slots: {status}"
@@ -504,13 +515,7 @@ async fn a_member_stopped_gracefully_hands_its_ranges_over_and_rejoins_when_star
     // Started again, it rejoined by itself: three active members own every slot.
     c.wait_settled(survivor, 3).await;
     let status = c.status(survivor);
-    let its: u64 = status["ranges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["owner"] == victim as u64)
-        .map(|r| r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap() + 1)
-        .sum();
+    let its = slots_owned(&status, victim);
     assert!(its >= 80, "the restarted member owns {its} slots: {status}");
 }
 
