@@ -165,7 +165,7 @@ async fn store_and_hand_off(
                     && let (Some(m), Some(acting)) = (&member, &acting)
                     && !m.still_acting(i.id, acting) =>
             {
-                results[n] = Some(Err(withdraw(&store, i.id, &spec).await));
+                results[n] = Some(Err(withdraw(&store, &scheduler, m, i.id, &spec).await));
                 continue;
             }
             Ok(i) if i.created => fresh.push(Timer {
@@ -201,16 +201,25 @@ async fn store_and_hand_off(
 /// The answer for a new timer whose slot range stopped being this member's to fire while
 /// its row was written: withdrawn (so a retry, even with the same idempotency key, stores it
 /// anew where a running range sees it), and the outcome is unknown to the caller.
-async fn withdraw(store: &Arc<dyn TimerStore>, id: TimerId, spec: &TimerSpec) -> Error {
+async fn withdraw(
+    store: &Arc<dyn TimerStore>,
+    scheduler: &Arc<Scheduler>,
+    member: &Member,
+    id: TimerId,
+    spec: &TimerSpec,
+) -> Error {
     let why = format!(
         "timer {id} was stored while its slot range moved away from this node (or came due \
          during a slow write), so its owner may not have read it"
     );
     match store.abandon(id, spec.idempotency_key.as_deref()).await {
-        Ok(()) => Error::Unavailable(format!(
-            "{why}; it was withdrawn (cancelled, its idempotency key released): retry the call \
-             to store it anew (it fires twice only if the owner had read it in time)"
-        )),
+        Ok(()) => {
+            unload_withdrawn(store, scheduler, member, id).await;
+            Error::Unavailable(format!(
+                "{why}; it was withdrawn (cancelled, its idempotency key released): retry the \
+                 call to store it anew (it fires twice only if its owner fired it already)"
+            ))
+        }
         Err(e) => {
             tracing::warn!(timer_id = %id, error = %e, "api: could not withdraw a timer whose range moved away");
             Error::Unavailable(format!(
@@ -218,6 +227,39 @@ async fn withdraw(store: &Arc<dyn TimerStore>, id: TimerId, spec: &TimerSpec) ->
                  with a new idempotency key to be sure it fires"
             ))
         }
+    }
+}
+
+/// A withdrawn row may be in its owner's memory already (the owner read its bucket while
+/// the row was being written): the owner drops it, as for a cancel (the row is cancelled
+/// in the store, so the cancel finds it so and only unloads it). Best effort, before the
+/// caller hears the outcome and retries: an owner that cannot be reached, or that fired
+/// the timer already, leaves a duplicate of the retry, never a loss.
+async fn unload_withdrawn(
+    store: &Arc<dyn TimerStore>,
+    scheduler: &Arc<Scheduler>,
+    member: &Member,
+    id: TimerId,
+) {
+    let unloaded = match member.remote_owner(id) {
+        Ok(Some((owner, addr))) => forward(
+            member,
+            owner,
+            &addr,
+            v1::CancelTimeoutRequest {
+                timer_id: id.to_string(),
+            },
+            |mut c, r| async move { c.cancel_timeout(r).await },
+        )
+        .await
+        .map(|_| ()),
+        Ok(None) => cancel_in_task(store.clone(), scheduler.clone(), id)
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = unloaded {
+        tracing::info!(timer_id = %id, error = %e, "api: a withdrawn timer was not unloaded at its owner; it fires if the owner holds it");
     }
 }
 

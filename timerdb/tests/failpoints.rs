@@ -741,6 +741,77 @@ mod cluster {
         );
     }
 
+    /// The row lands in a slot of the member's own, its range moves away (a drain), and
+    /// the slot's new owner reads the row's bucket while the member, still inside the
+    /// call, waits; then the member withdraws the row and answers UNAVAILABLE. The owner
+    /// must drop the copy it holds, so the caller's retry (same key, a new row) fires once
+    /// and not twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_withdrawn_row_its_new_owner_had_read_does_not_fire_too() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_unload");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = with_node_1_failing("api.after_store=1*return(delay:4000)").await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        // Read by its new owner (2 s of look-ahead) about 2 s before the withdrawal, and
+        // due 1 s after it.
+        let fire_at = now_ms() + 5_000;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("withdrawn-once")
+            .idempotency_key("unload-1");
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let call = tokio::spawn(async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        admin(&c, &["drain", "1", "--no-wait"]);
+        let results = call.await.unwrap().expect("the call itself answers");
+        let e = results[0].as_ref().expect_err(&format!(
+            "acknowledged a timer whose range moved away\n{}",
+            c.logs()
+        ));
+        assert!(e.message().contains("withdrawn"), "{e:?}\n{}", c.logs());
+        let mut client = Client::connect(&c.nodes[1]).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let id = loop {
+            match client
+                .set_timeouts(vec![timer.clone()])
+                .await
+                .unwrap()
+                .remove(0)
+            {
+                Ok(id) => break id,
+                Err(e)
+                    if e.code() == tonic::Code::Unavailable
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("the retry is acknowledged: {e:?}"),
+            }
+        };
+        let mut got = collect(&consumer, Duration::from_secs(30), |m| {
+            m.iter().any(|r| r.timer_id() == id)
+        })
+        .await;
+        // Anything still to come comes within a few seconds of the due time.
+        got.extend(collect(&consumer, Duration::from_secs(3), |_| false).await);
+        let fired: Vec<String> = got
+            .iter()
+            .filter(|r| r.payload == b"withdrawn-once")
+            .map(|r| r.timer_id())
+            .collect();
+        assert_eq!(
+            fired,
+            vec![id.clone()],
+            "the retry {id} should fire once, and the withdrawn row not at all\n{}",
+            c.logs()
+        );
+    }
+
     /// A member checks its lease, then its low-water-mark write is held up (20 s) while
     /// its range is drained to the others, which claim the slots under newer epochs. The
     /// late write reaches Cassandra and is refused there: the store, not the member's own
