@@ -175,6 +175,27 @@ fn slots_owned(status: &serde_json::Value, id: usize) -> u64 {
         .unwrap_or(0)
 }
 
+/// Starts member `victim` again, lets the load finish, and checks that every acknowledged
+/// timer arrived (none lost, none early); the verdict and how many were acknowledged.
+async fn restart_and_check(
+    c: &LocalCluster,
+    kafka: &str,
+    topic: &str,
+    victim: usize,
+    skip: &Skip,
+    writer: tokio::task::JoinHandle<HashMap<String, u64>>,
+) -> (Verdict, usize) {
+    c.run(&["start", &victim.to_string()]);
+    skip.lock().unwrap().clear();
+    let acked = writer.await.unwrap();
+    // Enough load to matter; how much depends on the machine.
+    assert!(acked.len() > 100, "only {} acknowledged", acked.len());
+    let got = arrived_all(kafka, topic, &acked).await;
+    let verdict = check(&acked, &got);
+    c.assert_none_lost(&verdict, acked.len());
+    (verdict, acked.len())
+}
+
 /// Kills member `victim` (or the leader) with SIGKILL after 3 s of load and starts it again
 /// 4 s later; returns the verdict.
 async fn kill_under_load(kill_leader: bool) -> (Verdict, usize) {
@@ -189,16 +210,9 @@ async fn kill_under_load(kill_leader: bool) -> (Verdict, usize) {
     let survivor = victim % 3;
     c.wait_settled(survivor, 2).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    c.run(&["start", &victim.to_string()]);
-    skip.lock().unwrap().clear();
-    let acked = writer.await.unwrap();
-    // Enough load to matter; how much depends on the machine.
-    assert!(acked.len() > 100, "only {} acknowledged", acked.len());
-    let got = arrived_all(&s.kafka, &topic, &acked).await;
-    let verdict = check(&acked, &got);
-    c.assert_none_lost(&verdict, acked.len());
+    let (verdict, n) = restart_and_check(&c, &s.kafka, &topic, victim, &skip, writer).await;
     c.wait_settled(survivor, 3).await;
-    (verdict, acked.len())
+    (verdict, n)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,19 +511,11 @@ async fn a_member_stopped_gracefully_hands_its_ranges_over_and_rejoins_when_star
         c.logs()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    c.run(&["start", &victim.to_string()]);
-    skip.lock().unwrap().clear();
-    let acked = writer.await.unwrap();
-    assert!(acked.len() > 100, "only {} acknowledged", acked.len());
-    let got = arrived_all(&s.kafka, &topic, &acked).await;
-    let v = check(&acked, &got);
-    c.assert_none_lost(&v, acked.len());
+    let (v, n) = restart_and_check(&c, &s.kafka, &topic, victim, &skip, writer).await;
     eprintln!(
-        "graceful stop of a member: {} acknowledged, 0 lost, {} duplicates, latest {} ms late, \
+        "graceful stop of a member: {n} acknowledged, 0 lost, {} duplicates, latest {} ms late, \
          stop took {took:?}",
-        acked.len(),
-        v.duplicates,
-        v.max_late_ms
+        v.duplicates, v.max_late_ms
     );
     assert_eq!(v.duplicates, 0, "a graceful stop fired timers twice");
     // Started again, it rejoined by itself: three active members own every slot.

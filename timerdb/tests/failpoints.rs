@@ -622,6 +622,52 @@ mod cluster {
         );
     }
 
+    /// Sends `timer` to node 1, drains node 1 half a second later (while the call is held
+    /// by its failpoint), and returns the call's answer for the timer, which must be the
+    /// UNAVAILABLE of a withdrawn row.
+    async fn withdrawn_during_a_drain(c: &LocalCluster, timer: &NewTimer) -> tonic::Status {
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let call = tokio::spawn(async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        admin(c, &["drain", "1", "--no-wait"]);
+        let mut results = call.await.unwrap().expect("the call itself answers");
+        let e = results.remove(0).expect_err(&format!(
+            "acknowledged a timer whose range moved away\n{}",
+            c.logs()
+        ));
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("withdrawn"), "{e:?}\n{}", c.logs());
+        e
+    }
+
+    /// Sends `timer` to the member at `addr` until it is acknowledged (a member whose
+    /// ranges are still starting refuses near-term timers for a moment); its id.
+    async fn retry_until_acknowledged(addr: &str, timer: &NewTimer) -> String {
+        let mut client = Client::connect(addr).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match client
+                .set_timeouts(vec![timer.clone()])
+                .await
+                .unwrap()
+                .remove(0)
+            {
+                Ok(id) => return id,
+                Err(e)
+                    if e.code() == tonic::Code::Unavailable
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("the retry is acknowledged: {e:?}"),
+            }
+        }
+    }
+
     /// A member stores a near-term timer in a slot of its own, then its range moves away
     /// (a drain) while the write is still under way: the timer is not acknowledged, since
     /// its row may land after the next owner read that bucket and nothing here fires it.
@@ -665,21 +711,7 @@ mod cluster {
         let timer = NewTimer::new(fire_at, &topic, 0)
             .payload("retried")
             .idempotency_key("retry-1");
-        let addr = c.nodes[0].clone();
-        let first = timer.clone();
-        let call = tokio::spawn(async move {
-            let mut client = Client::connect(&addr).await.unwrap();
-            client.set_timeouts(vec![first]).await
-        });
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        admin(&c, &["drain", "1", "--no-wait"]);
-        let results = call.await.unwrap().expect("the call itself answers");
-        let e = results[0].as_ref().expect_err(&format!(
-            "acknowledged a timer whose range moved away\n{}",
-            c.logs()
-        ));
-        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
-        assert!(e.message().contains("withdrawn"), "{e:?}\n{}", c.logs());
+        let e = withdrawn_during_a_drain(&c, &timer).await;
         // The retry goes to the member that does not own the first row's slot (the owner
         // would find the row and hand it to its range again, hiding the loss).
         let first_id = e
@@ -702,26 +734,7 @@ mod cluster {
             .iter()
             .find(|a| **a != owner)
             .expect("a member that does not own the slot");
-        let mut client = Client::connect(other).await.unwrap();
-        // A member whose ranges are still starting refuses near-term timers for a moment.
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        let id = loop {
-            match client
-                .set_timeouts(vec![timer.clone()])
-                .await
-                .unwrap()
-                .remove(0)
-            {
-                Ok(id) => break id,
-                Err(e)
-                    if e.code() == tonic::Code::Unavailable
-                        && std::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(200)).await
-                }
-                Err(e) => panic!("the retry is acknowledged: {e:?}"),
-            }
-        };
+        let id = retry_until_acknowledged(other, &timer).await;
         let got = collect(&consumer, Duration::from_secs(30), |m| {
             m.iter().any(|r| r.timer_id() == id)
         })
@@ -760,39 +773,8 @@ mod cluster {
         let timer = NewTimer::new(fire_at, &topic, 0)
             .payload("withdrawn-once")
             .idempotency_key("unload-1");
-        let addr = c.nodes[0].clone();
-        let first = timer.clone();
-        let call = tokio::spawn(async move {
-            let mut client = Client::connect(&addr).await.unwrap();
-            client.set_timeouts(vec![first]).await
-        });
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        admin(&c, &["drain", "1", "--no-wait"]);
-        let results = call.await.unwrap().expect("the call itself answers");
-        let e = results[0].as_ref().expect_err(&format!(
-            "acknowledged a timer whose range moved away\n{}",
-            c.logs()
-        ));
-        assert!(e.message().contains("withdrawn"), "{e:?}\n{}", c.logs());
-        let mut client = Client::connect(&c.nodes[1]).await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        let id = loop {
-            match client
-                .set_timeouts(vec![timer.clone()])
-                .await
-                .unwrap()
-                .remove(0)
-            {
-                Ok(id) => break id,
-                Err(e)
-                    if e.code() == tonic::Code::Unavailable
-                        && std::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(200)).await
-                }
-                Err(e) => panic!("the retry is acknowledged: {e:?}"),
-            }
-        };
+        withdrawn_during_a_drain(&c, &timer).await;
+        let id = retry_until_acknowledged(&c.nodes[1], &timer).await;
         let mut got = collect(&consumer, Duration::from_secs(30), |m| {
             m.iter().any(|r| r.timer_id() == id)
         })
