@@ -56,18 +56,16 @@ impl TimerApi {
     /// For a call about `id` on a cluster member that does not own its slot: the owner's
     /// client, to forward the call to. `Ok(None)`: answer here. A call that was forwarded
     /// already is answered here or refused, never forwarded again.
-    fn owner_client<T>(&self, id: TimerId, request: &Request<T>) -> Result<Option<(u64, String)>> {
+    async fn owner_client(&self, id: TimerId, forwarded: bool) -> Result<Option<(u64, String)>> {
         let Some(member) = &self.member else {
             return Ok(None);
         };
-        match member.remote_owner(id)? {
+        match member.remote_owner_soon(id).await? {
             None => Ok(None),
-            Some((owner, addr)) if request.metadata().contains_key(FORWARDED) => {
-                Err(Error::Unavailable(format!(
-                    "timer {id} belongs to node {owner} ({addr}) by this node's map, but the \
+            Some((owner, addr)) if forwarded => Err(Error::Unavailable(format!(
+                "timer {id} belongs to node {owner} ({addr}) by this node's map, but the \
                      call was forwarded here; the members' maps differ for a moment, retry"
-                )))
-            }
+            ))),
             Some(owner) => Ok(Some(owner)),
         }
     }
@@ -418,11 +416,11 @@ impl TimerService for TimerApi {
         &self,
         request: Request<v1::GetTimerRequest>,
     ) -> std::result::Result<Response<v1::GetTimerResponse>, Status> {
-        let owner =
-            parse_id(&request.get_ref().timer_id).and_then(|id| self.owner_client(id, &request));
+        let forwarded = request.metadata().contains_key(FORWARDED);
         let req = request.into_inner();
         let r = async {
             let id = parse_id(&req.timer_id)?;
+            let owner = self.owner_client(id, forwarded).await;
             if let Some((owner, addr)) = owner? {
                 return forward(
                     self.member
@@ -516,11 +514,11 @@ impl TimerService for TimerApi {
         &self,
         request: Request<v1::CancelTimeoutRequest>,
     ) -> std::result::Result<Response<v1::CancelTimeoutResponse>, Status> {
-        let owner =
-            parse_id(&request.get_ref().timer_id).and_then(|id| self.owner_client(id, &request));
+        let forwarded = request.metadata().contains_key(FORWARDED);
         let req = request.into_inner();
         let r = async {
             let id = parse_id(&req.timer_id)?;
+            let owner = self.owner_client(id, forwarded).await;
             // Only the owner can keep a loaded timer from firing: a cancel goes there, and
             // changes nothing when the owner cannot be reached.
             if let Some((owner, addr)) = owner? {

@@ -27,6 +27,9 @@ pub const FORWARDED: &str = "timerdb-forwarded";
 /// A fire or ownership write needs at least this much lease left: the check and the act
 /// are not one instant.
 const LEASE_MARGIN: Duration = Duration::from_millis(100);
+/// Beyond a lease and its drift: how long a call waits for a range this member is about
+/// to start (the start follows the previous owner's lease end, seen in the next map tick).
+const START_MARGIN_MS: u64 = 500;
 
 /// A node's part in the cluster.
 pub struct Member {
@@ -118,6 +121,25 @@ impl Member {
             None => Err(Error::Unavailable(format!(
                 "slot {slot} of timer {id} has no owner yet (the cluster is starting)"
             ))),
+        }
+    }
+
+    /// As [`Member::remote_owner`], but a slot this member owns and has not started yet
+    /// (its range waits out the previous owner's lease, or the cluster is starting) is
+    /// waited for, at most a lease and its drift and a margin, before the call is refused:
+    /// a `GetTimer` or `CancelTimeout` during a move then answers a moment late instead
+    /// of `UNAVAILABLE`.
+    pub async fn remote_owner_soon(&self, id: TimerId) -> Result<Option<(NodeId, String)>> {
+        let lease = self.node.map().borrow().map.lease;
+        let deadline = Instant::now()
+            + Duration::from_millis(lease.lease_ms + lease.drift_ms + START_MARGIN_MS);
+        loop {
+            match self.remote_owner(id) {
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                answer => return answer,
+            }
         }
     }
 

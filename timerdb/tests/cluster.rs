@@ -582,3 +582,98 @@ async fn ranges_move_under_write_load_and_every_acknowledged_timer_fires_once() 
         c.stop(id).await;
     }
 }
+
+/// A `CancelTimeout` that reaches a slot's new owner while that owner still waits out the
+/// previous owner's lease (a drain is moving the range) is answered once the range starts,
+/// not refused as UNAVAILABLE: every cancel sent in that window is acknowledged and holds
+/// (its timer never fires), `GetTimer` then says CANCELLED, and every other timer fires
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaching_a_range_s_new_owner_before_it_starts_waits_for_it_and_holds() {
+    let Some(s) = services() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut c = Cluster::start(&s.scylla, 3).await;
+    c.wait_running().await;
+    let mut client = Client::connect(&c.addrs[0]).await.unwrap();
+    let ids = set_spaced(&mut client, 400, 6_000, 5).await;
+    let owner_of = |c: &Cluster, id: &str| {
+        let slot = timerdb_client::slot_of(id, 256).unwrap();
+        let node = c.nodes[0].as_ref().unwrap().cluster.as_ref().unwrap();
+        node.map().borrow().map.owner_of(slot)
+    };
+    let of_2: Vec<String> = ids
+        .iter()
+        .filter(|id| owner_of(&c, id) == Some(2))
+        .cloned()
+        .collect();
+    assert!(of_2.len() > 40, "member 2 owns {} of 400", of_2.len());
+
+    // Drain member 2; the moment member 1's map gives a timer's slot to another member,
+    // that member is asked to cancel it (before it can have started the range).
+    let drained = admin(&c.addrs[0], &["drain", "2", "--no-wait"]).await;
+    assert!(drained.contains("2"), "{drained}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pending = of_2.clone();
+    let mut calls = Vec::new();
+    let mut before_start = 0;
+    while !pending.is_empty() {
+        assert!(Instant::now() < deadline, "member 2's slots never moved");
+        let mut still = Vec::new();
+        for id in pending {
+            match owner_of(&c, &id) {
+                Some(new) if new != 2 => {
+                    let slot = timerdb_client::slot_of(&id, 256).unwrap();
+                    let runs = c.nodes[new as usize - 1]
+                        .as_ref()
+                        .unwrap()
+                        .scheduler
+                        .runs(slot);
+                    before_start += usize::from(!runs);
+                    let mut to = Client::connect(&c.addrs[new as usize - 1]).await.unwrap();
+                    calls.push(tokio::spawn(async move {
+                        (to.cancel(&id).await.map_err(|e| e.to_string()), id)
+                    }));
+                }
+                _ => still.push(id),
+            }
+        }
+        pending = still;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        before_start > 0,
+        "no cancel reached a new owner before it started its range: the test saw no move"
+    );
+    for call in calls {
+        let (answer, id) = call.await.unwrap();
+        assert_eq!(answer, Ok(true), "cancel of {id} sent during the move");
+        let info = client.get(&id).await.unwrap();
+        assert_eq!(info.state, TimerState::Cancelled, "{id}");
+    }
+
+    let cancelled: HashSet<&str> = of_2.iter().map(String::as_str).collect();
+    let others: Vec<String> = ids
+        .iter()
+        .filter(|id| !cancelled.contains(id.as_str()))
+        .cloned()
+        .collect();
+    wait_fired(&c, &others, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (_, l) in c.fired() {
+        assert!(
+            !cancelled.contains(l.timer_id.as_str()),
+            "{} fired after its cancel was acknowledged",
+            l.timer_id
+        );
+        *counts.entry(l.timer_id).or_default() += 1;
+    }
+    assert_eq!(counts.len(), others.len());
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "a drain fires nothing twice"
+    );
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
+}
