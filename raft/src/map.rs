@@ -324,9 +324,7 @@ impl ClusterMap {
             Command::Leave { id } => {
                 // Only while another member is active to take the ranges: of members
                 // leaving all at once, the last stops with them.
-                let others = self.members.iter().any(|(m, x)| {
-                    m != id && matches!(x.state, MemberState::Active | MemberState::Joining)
-                });
+                let others = self.another_can_take_over(*id);
                 let member = self.member_mut(*id)?;
                 if others && matches!(member.state, MemberState::Active | MemberState::Joining) {
                     member.state = MemberState::Draining;
@@ -400,6 +398,14 @@ impl ClusterMap {
 
     fn member_mut(&mut self, id: NodeId) -> Result<&mut Member, Refusal> {
         self.members.get_mut(&id).ok_or(Refusal::UnknownMember(id))
+    }
+
+    /// Whether a member other than `id` is active or joining, so that ranges `id` hands
+    /// over have somewhere to go (a graceful leave needs one).
+    pub fn another_can_take_over(&self, id: NodeId) -> bool {
+        self.members
+            .iter()
+            .any(|(m, x)| *m != id && matches!(x.state, MemberState::Active | MemberState::Joining))
     }
 
     /// The slots `id` owns.

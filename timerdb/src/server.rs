@@ -325,11 +325,7 @@ async fn leave_cluster(member: &Member, timeout: std::time::Duration) {
     if timeout.is_zero() {
         return;
     }
-    let others =
-        node.map().borrow().map.members.iter().any(|(id, m)| {
-            *id != me && matches!(m.state, MemberState::Active | MemberState::Joining)
-        });
-    if !others {
+    if !node.map().borrow().map.another_can_take_over(me) {
         tracing::info!(
             node = me,
             "cluster.leave: no other active member; stopping with its ranges"
@@ -350,9 +346,7 @@ async fn leave_cluster(member: &Member, timeout: std::time::Duration) {
                 let applied = map.borrow();
                 let m = &applied.map;
                 let state = m.members.get(&me).map(|m| m.state);
-                let others = m.members.iter().any(|(id, x)| {
-                    *id != me && matches!(x.state, MemberState::Active | MemberState::Joining)
-                });
+                let others = m.another_can_take_over(me);
                 (
                     state == Some(MemberState::Draining),
                     // What makes the leave change nothing (once this map has applied it).
