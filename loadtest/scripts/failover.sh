@@ -17,7 +17,9 @@
 # node (each key costs Cassandra a Paxos round: use lower rates).
 #
 # Settings (env): MODES, RATES, RUNS, NODES, KILL, KILL_AT, DOWN_FOR, DURATION, FIRE,
-# BATCH, RETRY, OUT, BUILD (0: use the binaries already built). Starts deploy/local's Kafka and Cassandra if they are not running.
+# BATCH, RETRY, OUT, BUILD (0: use the binaries already built). Starts deploy/local's Kafka
+# and Cassandra if they are not running. Reports, and each run's node logs (logs/<run>/),
+# go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../scripts/lib.sh
@@ -75,9 +77,13 @@ for mode in $MODES; do
         echo "unknown mode $mode (kill, drain, steady)" >&2
         exit 2 ;;
       esac
+      name="$mode-retry$RETRY-rate-$rate-run-$run"
       echo "== $mode rate $rate run $run (retry $RETRY)"
-      "$LOADTEST" "${args[@]}" | tee "$OUT/$mode-retry$RETRY-rate-$rate-run-$run.txt" || echo "run FAILED (see above)"
+      "$LOADTEST" "${args[@]}" | tee "$OUT/$name.txt" || echo "run FAILED (see above)"
       $CLUSTER down
+      # The next `cluster up` starts from an empty directory: keep this run's node logs.
+      mkdir -p "$OUT/logs/$name"
+      cp "$TIMERDB_CLUSTER_DIR"/node-*.log "$OUT/logs/$name/" 2>/dev/null || true
     done
   done
 done
