@@ -5,6 +5,7 @@ pub mod convert;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use timerdb_proto::v1;
 use timerdb_proto::v1::timer_service_server::TimerService;
@@ -56,11 +57,16 @@ impl TimerApi {
     /// For a call about `id` on a cluster member that does not own its slot: the owner's
     /// client, to forward the call to. `Ok(None)`: answer here. A call that was forwarded
     /// already is answered here or refused, never forwarded again.
-    async fn owner_client(&self, id: TimerId, forwarded: bool) -> Result<Option<(u64, String)>> {
+    async fn owner_client(
+        &self,
+        id: TimerId,
+        forwarded: bool,
+        budget: Option<Duration>,
+    ) -> Result<Option<(u64, String)>> {
         let Some(member) = &self.member else {
             return Ok(None);
         };
-        match member.remote_owner_soon(id).await? {
+        match member.remote_owner_soon(id, budget).await? {
             None => Ok(None),
             Some((owner, addr)) if forwarded => Err(Error::Unavailable(format!(
                 "timer {id} belongs to node {owner} ({addr}) by this node's map, but the \
@@ -417,10 +423,11 @@ impl TimerService for TimerApi {
         request: Request<v1::GetTimerRequest>,
     ) -> std::result::Result<Response<v1::GetTimerResponse>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
+        let budget = wait_budget(&request);
         let req = request.into_inner();
         let r = async {
             let id = parse_id(&req.timer_id)?;
-            let owner = self.owner_client(id, forwarded).await;
+            let owner = self.owner_client(id, forwarded, budget).await;
             if let Some((owner, addr)) = owner? {
                 return forward(
                     self.member
@@ -515,10 +522,11 @@ impl TimerService for TimerApi {
         request: Request<v1::CancelTimeoutRequest>,
     ) -> std::result::Result<Response<v1::CancelTimeoutResponse>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
+        let budget = wait_budget(&request);
         let req = request.into_inner();
         let r = async {
             let id = parse_id(&req.timer_id)?;
-            let owner = self.owner_client(id, forwarded).await;
+            let owner = self.owner_client(id, forwarded, budget).await;
             // Only the owner can keep a loaded timer from firing: a cancel goes there, and
             // changes nothing when the owner cannot be reached.
             if let Some((owner, addr)) = owner? {
@@ -601,4 +609,45 @@ fn item_error(e: Error) -> v1::set_timeout_result::Result {
         code: e.code() as i32,
         message: e.to_string(),
     })
+}
+
+/// How long a call may wait for its slot's owner: the caller's `grpc-timeout` less
+/// 200 ms for the answer to travel (`None`: the caller set no deadline).
+fn wait_budget<T>(request: &Request<T>) -> Option<Duration> {
+    let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let total = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(total.saturating_sub(Duration::from_millis(200)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_callers_deadline_bounds_the_wait_for_an_owner() {
+        let with = |t: &str| {
+            let mut r = Request::new(());
+            r.metadata_mut().insert("grpc-timeout", t.parse().unwrap());
+            wait_budget(&r)
+        };
+        assert_eq!(with("5S"), Some(Duration::from_millis(4_800)));
+        assert_eq!(with("1000m"), Some(Duration::from_millis(800)));
+        assert_eq!(with("100m"), Some(Duration::ZERO));
+        assert_eq!(
+            with("2M"),
+            Some(Duration::from_secs(119) + Duration::from_millis(800))
+        );
+        assert_eq!(with("bogus"), None);
+        assert_eq!(wait_budget(&Request::new(())), None);
+    }
 }

@@ -96,7 +96,8 @@ impl Member {
 
     /// The member that owns `slot` by this member's map, and its address.
     pub fn owner_of(&self, slot: u32) -> Option<(NodeId, String)> {
-        let applied = self.node.map().borrow().clone();
+        let map = self.node.map();
+        let applied = map.borrow();
         let owner = applied.map.owner_of(slot)?;
         let addr = applied.map.members.get(&owner)?.addr.clone();
         Some((owner, addr))
@@ -129,10 +130,20 @@ impl Member {
     /// waited for, at most a lease and its drift and a margin, before the call is refused:
     /// a `GetTimer` or `CancelTimeout` during a move then answers a moment late instead
     /// of `UNAVAILABLE`.
-    pub async fn remote_owner_soon(&self, id: TimerId) -> Result<Option<(NodeId, String)>> {
+    ///
+    /// `budget` caps the wait (the caller's own deadline, less a margin), so a caller
+    /// still hears the definite refusal instead of its deadline passing.
+    pub async fn remote_owner_soon(
+        &self,
+        id: TimerId,
+        budget: Option<Duration>,
+    ) -> Result<Option<(NodeId, String)>> {
         let lease = self.node.map().borrow().map.lease;
-        let deadline = Instant::now()
-            + Duration::from_millis(lease.lease_ms + lease.drift_ms + START_MARGIN_MS);
+        let mut wait = Duration::from_millis(lease.lease_ms + lease.drift_ms + START_MARGIN_MS);
+        if let Some(b) = budget {
+            wait = wait.min(b);
+        }
+        let deadline = Instant::now() + wait;
         loop {
             match self.remote_owner(id) {
                 Err(_) if Instant::now() < deadline => {

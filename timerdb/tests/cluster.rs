@@ -608,49 +608,63 @@ async fn a_cancel_reaching_a_range_s_new_owner_before_it_starts_waits_for_it_and
         .collect();
     assert!(of_2.len() > 40, "member 2 owns {} of 400", of_2.len());
 
-    // Drain member 2; the moment member 1's map gives a timer's slot to another member,
-    // that member is asked to cancel it (before it can have started the range).
+    // Drain member 2; the moment a timer's slot moves to another member, that member is
+    // asked to cancel it (before it can have started the range).
     let drained = admin(&c.addrs[0], &["drain", "2", "--no-wait"]).await;
     assert!(drained.contains("2"), "{drained}");
+    // Sent only once the new owner's own map names it (so it answers itself, and does
+    // not forward to member 2), and timed: a call answered at once did not wait.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut pending = of_2.clone();
     let mut calls = Vec::new();
-    let mut before_start = 0;
     while !pending.is_empty() {
         assert!(Instant::now() < deadline, "member 2's slots never moved");
         let mut still = Vec::new();
         for id in pending {
-            match owner_of(&c, &id) {
-                Some(new) if new != 2 => {
-                    let slot = timerdb_client::slot_of(&id, 256).unwrap();
-                    let runs = c.nodes[new as usize - 1]
-                        .as_ref()
-                        .unwrap()
-                        .scheduler
-                        .runs(slot);
-                    before_start += usize::from(!runs);
+            let slot = timerdb_client::slot_of(&id, 256).unwrap();
+            let new = owner_of(&c, &id).filter(|n| *n != 2).filter(|n| {
+                let node = c.nodes[*n as usize - 1].as_ref().unwrap();
+                let own = node
+                    .cluster
+                    .as_ref()
+                    .unwrap()
+                    .map()
+                    .borrow()
+                    .map
+                    .owner_of(slot);
+                own == Some(*n)
+            });
+            match new {
+                Some(new) => {
+                    let node = c.nodes[new as usize - 1].as_ref().unwrap();
+                    let started = node.scheduler.runs(slot);
                     let mut to = Client::connect(&c.addrs[new as usize - 1]).await.unwrap();
                     calls.push(tokio::spawn(async move {
-                        (to.cancel(&id).await.map_err(|e| e.to_string()), id)
+                        let sent = Instant::now();
+                        let answer = to.cancel(&id).await.map_err(|e| e.to_string());
+                        (answer, id, started, sent.elapsed())
                     }));
                 }
-                _ => still.push(id),
+                None => still.push(id),
             }
         }
         pending = still;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(
-        before_start > 0,
-        "no cancel reached a new owner before it started its range: the test saw no move"
-    );
+    let mut waited = 0;
     for call in calls {
-        let (answer, id) = call.await.unwrap();
+        let (answer, id, started, took) = call.await.unwrap();
         assert_eq!(answer, Ok(true), "cancel of {id} sent during the move");
+        waited += usize::from(!started && took >= Duration::from_millis(200));
         let info = client.get(&id).await.unwrap();
         assert_eq!(info.state, TimerState::Cancelled, "{id}");
     }
 
+    assert!(
+        waited > 0,
+        "no cancel reached a new owner before it started its range and waited for it: the \
+         test saw no move"
+    );
     let cancelled: HashSet<&str> = of_2.iter().map(String::as_str).collect();
     let others: Vec<String> = ids
         .iter()
