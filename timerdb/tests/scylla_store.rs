@@ -197,3 +197,60 @@ async fn an_unreadable_row_is_skipped_and_the_rest_of_its_bucket_loads() {
     let got: Vec<_> = loaded.timers.iter().map(|t| t.id).collect();
     assert_eq!(got, vec![ids[0].id]);
 }
+
+/// Partitions larger than the server's 5,000-row pages: with three slots and 15,000
+/// timers in one bucket (~5,000 per partition), a load of 20,000 rows at a time (the
+/// scheduler's page) and one of 3,000 at a time each return every timer exactly once, and
+/// say when the bucket ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_larger_than_a_server_page_load_every_row_once() {
+    use std::collections::HashSet;
+    use timerdb::timer::{TimerSpec, now_ms};
+    let layout = timerdb::timer::Layout {
+        slots: 3,
+        bucket_ms: 1000,
+    };
+    let Some(store) = make("bigpart", layout, Duration::from_secs(86_400)).await else {
+        return;
+    };
+    let fire = layout.bucket_start(now_ms() + 120_000) + 1;
+    let specs: Vec<TimerSpec> = (0..15_000)
+        .map(|i| TimerSpec {
+            fire_at_ms: fire,
+            topic: "t".into(),
+            partition: 0,
+            key: None,
+            headers: vec![],
+            payload: format!("{i}").into(),
+            idempotency_key: None,
+        })
+        .collect();
+    let mut want = HashSet::new();
+    for chunk in specs.chunks(1_000) {
+        for i in timerdb::store::conformance::insert_ok(&*store, chunk).await {
+            want.insert(i.id);
+        }
+    }
+    let bucket = *want.iter().map(|i| &i.bucket_ms).next().unwrap();
+    assert!(want.iter().all(|i| i.bucket_ms == bucket));
+    for limit in [20_000, 3_000] {
+        let mut seen = HashSet::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .load_page(layout.all_slots(), bucket, after, limit)
+                .await
+                .unwrap();
+            assert!(page.rows.timers.len() <= limit);
+            for t in &page.rows.timers {
+                assert!(seen.insert(t.id), "{} came twice (pages of {limit})", t.id);
+            }
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), want.len(), "pages of {limit}");
+        assert_eq!(seen, want);
+    }
+}
