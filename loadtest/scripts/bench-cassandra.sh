@@ -9,7 +9,9 @@
 # them running). A freshly started Cassandra is slow for its first minute or two (the first
 # runs after `up` fired late by seconds), so the script first warms both servers with an
 # unreported run of $WARMUP. Settings (env): RATES, SLOTS, RUNS, DURATION, FIRE, BATCH,
-# PORT, OUT, CEILING_CONCURRENCY, WARMUP (empty: none), NODE (node binary).
+# PORT, OUT, CEILING_CONCURRENCY (empty: not measured), WARMUP (empty: none), NODE (node
+# binary). Each run also reports Cassandra's CPU use over the run (warm-up and
+# measurement, as a share of one core).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=../scripts/lib.sh
@@ -46,7 +48,7 @@ run() {
   local slots=$1 rate=$2 duration=$3 dir=$4 keyspace
   n=$((n + 1))
   keyspace="bench_$(date +%s)_$n"
-  "$NODE" serve --listen "127.0.0.1:$PORT" --metrics-listen off --slots "$slots" \
+  "$NODE" serve --listen "127.0.0.1:$PORT" --metrics-listen "127.0.0.1:$((PORT + 1))" --slots "$slots" \
     --store "scylla://$TIMERDB_SCYLLA/$keyspace" --sink "kafka://$TIMERDB_KAFKA" \
     >"$OUT/node-$n.log" 2>&1 &
   NODE_PID=$!
@@ -54,9 +56,27 @@ run() {
     grep -q "timerdb ready" "$OUT/node-$n.log" && break
     sleep 0.2
   done
+  local cass_pid cass_before started
+  cass_pid=$(cat "${TIMERDB_LOCAL_DIR:-/tmp/timerdb-local}/cassandra.pid" 2>/dev/null || echo 0)
+  cass_before=$(cpu_seconds "$cass_pid")
+  started=$(date +%s.%N)
   "$LOADTEST" steady --rate "$rate" --duration "$duration" --fire "$FIRE" --batch "$BATCH" \
     --target "127.0.0.1:$PORT" --kafka "$TIMERDB_KAFKA" --topic-prefix lt --topics 4 \
     --partitions 8 --server-pid "$NODE_PID" --no-progress --report-dir "$dir" || true
+  python3 -c 'import sys, time; b, a, t = map(float, sys.argv[1:]); print(f"cassandra cpu: {100 * (a - b) / (time.time() - t):.0f} % of a core over the run")' \
+    "$cass_before" "$(cpu_seconds "$cass_pid")" "$started"
+  # The node's store calls over the run: count and mean time per operation.
+  curl -sf "http://127.0.0.1:$((PORT + 1))/metrics" | python3 -c '
+import re, sys
+ops = {}
+for line in sys.stdin:
+    m = re.match(r"timerdb_store_operation_duration_seconds_(sum|count)\{[^}]*op=\"([a-z_]+)\"[^}]*\} (\S+)", line)
+    if m:
+        ops.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
+print("store ops: " + ", ".join(
+    f"{op} {int(v[\"count\"])} x {1000 * v[\"sum\"] / v[\"count\"]:.1f} ms"
+    for op, v in sorted(ops.items()) if v.get("count")))
+' || echo "store ops: metrics not read"
   stop_node
 }
 if [[ -n "$WARMUP" ]]; then

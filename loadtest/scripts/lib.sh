@@ -17,3 +17,11 @@ stop_node() {
     NODE_PID=
   fi
 }
+
+# CPU seconds process $1 has used so far (user + system, from /proc; 0 if it is gone).
+cpu_seconds() {
+  local f
+  f=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  f=${f##*) }
+  python3 -c 'import os, sys; f = sys.argv[1].split(); print((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))' "$f"
+}
