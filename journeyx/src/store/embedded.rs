@@ -1,0 +1,307 @@
+//! The embedded state store: one redb file, so `journeyx run` needs no database server.
+//! Records are JSON; a user's record sits under `app \0 user` with its version.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Saved, StateStore, Versioned, check_publish};
+use crate::catalog::Catalog;
+use crate::engine::User;
+use crate::model::{Journey, Segment};
+use crate::{Error, Result};
+
+/// `app \0 user` → version (8 bytes, big-endian) + JSON record.
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+/// `app \0 journey \0 version (10 digits)` → JSON journey.
+const JOURNEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("journeys");
+/// `app \0 segment` → JSON segment.
+const SEGMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("segments");
+/// journey id → last user the loader emitted.
+const LOADER: TableDefinition<&str, &str> = TableDefinition::new("loader");
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    /// Publishing reads the catalog and then writes: one at a time.
+    publish: tokio::sync::Mutex<()>,
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Store(format!("embedded store, {what}: {e}"))
+}
+
+fn user_key(app: &str, user: &str) -> String {
+    format!("{app}\0{user}")
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store at `dir/journeyx.redb`.
+    pub async fn open(dir: &Path) -> Result<EmbeddedStore> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| failed(&format!("creating {}", dir.display()), e))?;
+        let path = dir.join("journeyx.redb");
+        let db = tokio::task::spawn_blocking(move || -> Result<Database> {
+            let db = Database::create(&path)
+                .map_err(|e| failed(&format!("opening {}", path.display()), e))?;
+            let txn = db.begin_write().map_err(|e| failed("creating tables", e))?;
+            txn.open_table(USERS)
+                .map_err(|e| failed("creating tables", e))?;
+            txn.open_table(JOURNEYS)
+                .map_err(|e| failed("creating tables", e))?;
+            txn.open_table(SEGMENTS)
+                .map_err(|e| failed("creating tables", e))?;
+            txn.open_table(LOADER)
+                .map_err(|e| failed("creating tables", e))?;
+            txn.commit().map_err(|e| failed("creating tables", e))?;
+            Ok(db)
+        })
+        .await
+        .map_err(|e| failed("opening", e))??;
+        Ok(EmbeddedStore {
+            db: Arc::new(db),
+            publish: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| failed("task", e))?
+    }
+
+    async fn put(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<()> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(|e| failed("write", e))?;
+            txn.open_table(table)
+                .and_then(|mut t| {
+                    t.insert(key.as_str(), value.as_slice())
+                        .map(|_| ())
+                        .map_err(Into::into)
+                })
+                .map_err(|e| failed("write", e))?;
+            txn.commit().map_err(|e| failed("commit", e))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl StateStore for EmbeddedStore {
+    async fn load_user(&self, app: &str, user: &str) -> Result<Versioned> {
+        let key = user_key(app, user);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| failed("read", e))?;
+            let t = txn.open_table(USERS).map_err(|e| failed("read", e))?;
+            match t.get(key.as_str()).map_err(|e| failed("read", e))? {
+                None => Ok(Versioned::default()),
+                Some(v) => decode_user(v.value()),
+            }
+        })
+        .await
+    }
+
+    async fn save_user(
+        &self,
+        app: &str,
+        user: &str,
+        expected: u64,
+        record: &User,
+    ) -> Result<Saved> {
+        let key = user_key(app, user);
+        let json = serde_json::to_vec(record).map_err(|e| failed("encoding a user", e))?;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(|e| failed("write", e))?;
+            let outcome = {
+                let mut t = txn.open_table(USERS).map_err(|e| failed("write", e))?;
+                let current = match t.get(key.as_str()).map_err(|e| failed("read", e))? {
+                    None => 0,
+                    Some(v) => decode_user(v.value())?.version,
+                };
+                if current != expected {
+                    Saved::Conflict
+                } else {
+                    let mut value = (expected + 1).to_be_bytes().to_vec();
+                    value.extend_from_slice(&json);
+                    t.insert(key.as_str(), value.as_slice())
+                        .map_err(|e| failed("write", e))?;
+                    Saved::Written(expected + 1)
+                }
+            };
+            if outcome == Saved::Conflict {
+                txn.abort().map_err(|e| failed("abort", e))?;
+            } else {
+                txn.commit().map_err(|e| failed("commit", e))?;
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn publish_journey(&self, journey: &Journey) -> Result<bool> {
+        let _one = self.publish.lock().await;
+        if !check_publish(self, journey).await? {
+            return Ok(false);
+        }
+        let key = format!(
+            "{}\0{}\0{:010}",
+            journey.app_id, journey.id, journey.version
+        );
+        let json = serde_json::to_vec(journey).map_err(|e| failed("encoding a journey", e))?;
+        self.put(JOURNEYS, key, json).await?;
+        Ok(true)
+    }
+
+    async fn publish_segment(&self, segment: &Segment) -> Result<bool> {
+        let _one = self.publish.lock().await;
+        let catalog = self.catalog().await?;
+        if catalog.segment(&segment.app_id, &segment.id) == Some(segment) {
+            return Ok(false);
+        }
+        let key = format!("{}\0{}", segment.app_id, segment.id);
+        let json = serde_json::to_vec(segment).map_err(|e| failed("encoding a segment", e))?;
+        self.put(SEGMENTS, key, json).await?;
+        Ok(true)
+    }
+
+    async fn catalog(&self) -> Result<Catalog> {
+        let (segments, journeys) = self
+            .blocking(|db| {
+                let txn = db.begin_read().map_err(|e| failed("read", e))?;
+                let all = |table: TableDefinition<&str, &[u8]>| -> Result<Vec<Vec<u8>>> {
+                    let t = txn.open_table(table).map_err(|e| failed("read", e))?;
+                    t.iter()
+                        .map_err(|e| failed("read", e))?
+                        .map(|r| {
+                            r.map(|(_, v)| v.value().to_vec())
+                                .map_err(|e| failed("read", e))
+                        })
+                        .collect()
+                };
+                Ok((all(SEGMENTS)?, all(JOURNEYS)?))
+            })
+            .await?;
+        let mut catalog = Catalog::default();
+        for s in segments {
+            let s: Segment =
+                serde_json::from_slice(&s).map_err(|e| failed("decoding a segment", e))?;
+            catalog.publish_segment(s);
+        }
+        // Keys sort by app, journey and version, so each version finds its predecessors.
+        for j in journeys {
+            let j: Journey =
+                serde_json::from_slice(&j).map_err(|e| failed("decoding a journey", e))?;
+            catalog.publish(j)?;
+        }
+        Ok(catalog)
+    }
+
+    async fn users(
+        &self,
+        app: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, User)>> {
+        let from = user_key(app, after.unwrap_or(""));
+        let end = format!("{app}\u{1}");
+        let skip = after.map(|a| user_key(app, a));
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| failed("read", e))?;
+            let t = txn.open_table(USERS).map_err(|e| failed("read", e))?;
+            let mut out = Vec::new();
+            for r in t
+                .range(from.as_str()..end.as_str())
+                .map_err(|e| failed("read", e))?
+            {
+                let (k, v) = r.map_err(|e| failed("read", e))?;
+                if Some(k.value()) == skip.as_deref() {
+                    continue;
+                }
+                if out.len() == limit {
+                    break;
+                }
+                let id = k
+                    .value()
+                    .split_once('\0')
+                    .map(|(_, u)| u.to_owned())
+                    .unwrap_or_default();
+                out.push((id, decode_user(v.value())?.user));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn loader_position(&self, journey: &str) -> Result<Option<String>> {
+        let key = journey.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| failed("read", e))?;
+            let t = txn.open_table(LOADER).map_err(|e| failed("read", e))?;
+            Ok(t.get(key.as_str())
+                .map_err(|e| failed("read", e))?
+                .map(|v| v.value().to_owned()))
+        })
+        .await
+    }
+
+    async fn set_loader_position(&self, journey: &str, user: &str) -> Result<()> {
+        let (key, user) = (journey.to_owned(), user.to_owned());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(|e| failed("write", e))?;
+            txn.open_table(LOADER)
+                .map_err(|e| failed("write", e))?
+                .insert(key.as_str(), user.as_str())
+                .map_err(|e| failed("write", e))?;
+            txn.commit().map_err(|e| failed("commit", e))
+        })
+        .await
+    }
+}
+
+fn decode_user(raw: &[u8]) -> Result<Versioned> {
+    if raw.len() < 8 {
+        return Err(failed("decoding a user", "record shorter than its version"));
+    }
+    let version = u64::from_be_bytes(raw[..8].try_into().expect("8 bytes"));
+    let user = serde_json::from_slice(&raw[8..]).map_err(|e| failed("decoding a user", e))?;
+    Ok(Versioned { user, version })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    async fn fresh() -> Arc<dyn StateStore> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.keep()).await.unwrap();
+        Arc::new(store)
+    }
+
+    crate::state_store_suite!(fresh().await);
+
+    #[tokio::test]
+    async fn records_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut u = User::default();
+        u.tags.insert("vip".into());
+        {
+            let s = EmbeddedStore::open(dir.path()).await.unwrap();
+            s.save_user("demo", "u1", 0, &u).await.unwrap();
+        }
+        let s = EmbeddedStore::open(dir.path()).await.unwrap();
+        let read = s.load_user("demo", "u1").await.unwrap();
+        assert_eq!((read.version, read.user), (1, u));
+    }
+}
