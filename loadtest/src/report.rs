@@ -168,6 +168,9 @@ pub struct Report {
     /// Nothing acknowledged was lost, nothing fired early, nothing arrived corrupt or
     /// unexpected, and nothing came twice that no crash explains.
     pub passed: bool,
+    /// Ids of some lost timers, and of some that arrived under another id than the one
+    /// acknowledged.
+    pub samples: crate::tracker::Samples,
 }
 
 /// The crash scenario's findings.
@@ -326,6 +329,7 @@ impl Report {
                 restarted_ms: 0,
             }),
             counts: c,
+            samples: f.samples,
         }
     }
 
@@ -448,6 +452,18 @@ impl Report {
         }
         if let (Some(a), Some(b)) = self.load_avg {
             let _ = writeln!(s, "machine   load average {a:.2} at start, {b:.2} at end");
+        }
+        if !self.samples.lost.is_empty() {
+            let _ = writeln!(s, "lost ids  {}", self.samples.lost.join(" "));
+        }
+        if !self.samples.other_id.is_empty() {
+            let pairs: Vec<String> = self
+                .samples
+                .other_id
+                .iter()
+                .map(|(acked, seen)| format!("{acked} came as {seen}"))
+                .collect();
+            let _ = writeln!(s, "other id  {}", pairs.join(", "));
         }
         let _ = writeln!(
             s,

@@ -117,7 +117,21 @@ pub struct Finished {
     pub redelivery: Option<Redelivery>,
     /// How the killed member's slots fared, in the failover scenario.
     pub takeover: Option<Takeover>,
+    /// Some of the timers that failed the check, by id, to look up in the nodes' logs.
+    pub samples: Samples,
 }
+
+/// Up to [`SAMPLES`] ids of each kind of failure.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Samples {
+    /// Acknowledged ids never read back.
+    pub lost: Vec<String>,
+    /// (acknowledged id, id first read back) of timers that arrived under another id.
+    pub other_id: Vec<(String, String)>,
+}
+
+/// How many ids of each failure a report names.
+pub const SAMPLES: usize = 20;
 
 /// Live figures for the progress bar.
 #[derive(Debug, Clone, Copy, Default)]
@@ -406,6 +420,7 @@ impl Tracker {
         let mut g = self.lock();
         let inner = &mut *g;
         let mut c = std::mem::take(&mut inner.counts);
+        let mut samples = Samples::default();
         let mut redelivery = inner.kill_ms.map(|kill_ms| Redelivery {
             kill_ms,
             ..Redelivery::default()
@@ -429,9 +444,19 @@ impl Tracker {
                     c.delivered += 1;
                     if acked != seen {
                         c.corrupt += 1;
+                        if samples.other_id.len() < SAMPLES {
+                            samples
+                                .other_id
+                                .push((format!("{acked:032x}"), format!("{seen:032x}")));
+                        }
                     }
                 }
-                (true, false) => c.lost += 1,
+                (true, false) => {
+                    c.lost += 1;
+                    if samples.lost.len() < SAMPLES {
+                        samples.lost.push(format!("{acked:032x}"));
+                    }
+                }
                 (false, true) => c.unacked_delivered += 1,
                 (false, false) => {}
             }
@@ -452,6 +477,7 @@ impl Tracker {
             ack_span_ms: inner.ack_span_ms,
             arrival_span_ms: inner.arrival_span_ms,
             redelivery,
+            samples,
         }
     }
 }
@@ -634,6 +660,30 @@ mod tests {
         assert_eq!((c.acked, c.rejected, c.delivered), (3, 1, 2));
         assert_eq!((c.lost, c.early, c.duplicates, c.corrupt), (1, 1, 1, 0));
         assert_eq!(f.lateness.max(), 4);
+        // The report names the lost timer's id, to look it up in the nodes' logs.
+        assert_eq!(f.samples.lost, vec![id(3)]);
+        assert!(f.samples.other_id.is_empty());
+    }
+
+    /// A timer acknowledged under one id and read back under another (a retry stored it
+    /// again) is corrupt, and the report names both ids.
+    #[test]
+    fn an_arrival_under_another_id_is_named_with_both_ids() {
+        let t = Tracker::new(9, 1, vec!["t-0".into()], 1);
+        let now = now_ms();
+        let id = |n: u128| format!("{n:032x}");
+        t.ingest(&[arrival(&t, 0, now, now + 1, &id(7))]);
+        t.record_acks(
+            &[Outcome {
+                seq: 0,
+                due_ms: now,
+                id: Some(8),
+            }],
+            100,
+        );
+        let f = t.finish();
+        assert_eq!((f.counts.delivered, f.counts.corrupt), (1, 1));
+        assert_eq!(f.samples.other_id, vec![(id(8), id(7))]);
     }
 
     /// An id whose slot (of `slots`) is `want`.
