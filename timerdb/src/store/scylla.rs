@@ -53,11 +53,8 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 const HOUR_MS: u64 = 3_600_000;
 /// Concurrent requests one store call may have in flight.
 const FAN_OUT: usize = 64;
-/// Partitions (the non-empty slots of one bucket) read, or deleted, with one request.
-const SLOTS_PER_REQUEST: usize = 16;
-/// Requests of `SLOTS_PER_REQUEST` partitions one page load has in flight (each reads up
-/// to a page of rows per partition).
-const LOAD_FAN_OUT: usize = 2;
+/// Partitions one page load reads at a time (each up to a page of rows).
+const LOAD_FAN_OUT: usize = 16;
 /// Index entries remembered as written, before the memory is dropped and rebuilt.
 const INDEX_CACHE_MAX: usize = 500_000;
 /// Most rows of one partition written as one unlogged batch, and most spec bytes in it.
@@ -215,10 +212,10 @@ struct Statements {
     cancel_timer: PreparedStatement,
     bucket_slots: PreparedStatement,
     bucket_has_slots: PreparedStatement,
-    load_partitions: PreparedStatement,
+    load_partition: PreparedStatement,
     load_partition_after: PreparedStatement,
     next_in_hour: PreparedStatement,
-    delete_partitions: PreparedStatement,
+    delete_partition: PreparedStatement,
     delete_bucket_slots: PreparedStatement,
     delete_bucket_hour: PreparedStatement,
     all_low_water: PreparedStatement,
@@ -419,8 +416,8 @@ impl ScyllaStore {
                 "SELECT slot FROM {ks}.bucket_slots WHERE bucket = ? LIMIT 1"
             ))
             .await?,
-            load_partitions: prep(format!(
-                "SELECT slot, rand, state, created_ms, spec FROM {ks}.timers WHERE slot IN ? AND bucket = ? PER PARTITION LIMIT ?"
+            load_partition: prep(format!(
+                "SELECT rand, state, created_ms, spec FROM {ks}.timers WHERE slot = ? AND bucket = ? LIMIT ?"
             ))
             .await?,
             load_partition_after: prep(format!(
@@ -431,8 +428,8 @@ impl ScyllaStore {
                 "SELECT bucket FROM {ks}.bucket_hours WHERE hour = ? AND bucket >= ? AND bucket <= ? LIMIT 1"
             ))
             .await?,
-            delete_partitions: prep(format!(
-                "DELETE FROM {ks}.timers WHERE slot IN ? AND bucket = ?"
+            delete_partition: prep(format!(
+                "DELETE FROM {ks}.timers WHERE slot = ? AND bucket = ?"
             ))
             .await?,
             delete_bucket_slots: prep(format!(
@@ -475,7 +472,7 @@ impl ScyllaStore {
             ))
             .await?,
         };
-        st.load_partitions.set_page_size(5000);
+        st.load_partition.set_page_size(5000);
         st.load_partition_after.set_page_size(5000);
         // The writer's clock starts at the latest low-water mark (see the embedded store's
         // `clock_floor`).
@@ -490,9 +487,9 @@ impl ScyllaStore {
             &mut st.delete_timer,
             &mut st.get_timer,
             &mut st.bucket_slots,
-            &mut st.load_partitions,
+            &mut st.load_partition,
             &mut st.load_partition_after,
-            &mut st.delete_partitions,
+            &mut st.delete_partition,
             &mut st.delete_bucket_slots,
             &mut st.delete_bucket_hour,
             &mut st.set_low_water,
@@ -901,51 +898,6 @@ impl ScyllaStore {
         )))
     }
 
-    /// Up to `limit` rows of each (slot, bucket) partition of `slots`, sorted by slot and
-    /// then `rand` (the stored, signed value); with `after`, `slots` is one slot, read
-    /// after that row.
-    async fn load_partitions(
-        &self,
-        slots: Vec<i32>,
-        bucket_ms: u64,
-        after: Option<i64>,
-        limit: i32,
-    ) -> Result<Vec<LoadedRow>> {
-        let mut rows: Vec<LoadedRow> = match after {
-            Some(r) => {
-                let slot = slots[0];
-                self.session
-                    .execute_iter(
-                        self.st.load_partition_after.clone(),
-                        (slot, bucket_ms as i64, r, limit),
-                    )
-                    .await
-                    .map_err(|e| unavailable("loading bucket", e))?
-                    .rows_stream::<(i64, i8, i64, Vec<u8>)>()
-                    .map_err(|e| unavailable("loading bucket", e))?
-                    .map_ok(|(rand, state, created, spec)| (slot, rand, state, created, spec))
-                    .try_collect()
-                    .await
-                    .map_err(|e| unavailable("loading bucket", e))?
-            }
-            None => self
-                .session
-                .execute_iter(
-                    self.st.load_partitions.clone(),
-                    (slots, bucket_ms as i64, limit),
-                )
-                .await
-                .map_err(|e| unavailable("loading bucket", e))?
-                .rows_stream::<LoadedRow>()
-                .map_err(|e| unavailable("loading bucket", e))?
-                .try_collect()
-                .await
-                .map_err(|e| unavailable("loading bucket", e))?,
-        };
-        rows.sort_unstable_by_key(|r| (r.0, r.1));
-        Ok(rows)
-    }
-
     /// Slots of `range` that have rows in `bucket`.
     async fn slots_in(&self, range: SlotRange, bucket: u64) -> Result<Vec<u32>> {
         let rows = self
@@ -965,9 +917,6 @@ impl ScyllaStore {
             .map_err(|e| unavailable("reading bucket index", e))
     }
 }
-
-/// A timer row as a bucket load reads it: slot, rand, state, created_ms, spec.
-type LoadedRow = (i32, i64, i8, i64, Vec<u8>);
 
 /// Every (slot, low-water mark) recorded.
 async fn all_low_water(session: &Session, st: &PreparedStatement) -> Result<Vec<(u32, u64)>> {
@@ -1217,29 +1166,39 @@ impl TimerStore for ScyllaStore {
         let mut present = self.slots_in(slots, bucket_ms).await?;
         present.sort_unstable();
         present.retain(|s| from.is_none_or(|(f, _)| *s >= f));
+        let st = &self.st;
         let fetch_limit = (limit + 1).min(i32::MAX as usize) as i32;
-        // In slot order: the partition a previous page stopped in (read after its last
-        // row), then the rest `SLOTS_PER_REQUEST` partitions per request. A request reads
-        // at most a page of rows from each of its partitions, so after sorting, its first
-        // rows are exactly the first rows of its slots; reading stops once the page is
-        // full (the rest are dropped unread).
-        let resumed = from.filter(|(f, _)| present.first() == Some(f));
-        let rest = &present[usize::from(resumed.is_some())..];
-        let requests: Vec<(Vec<i32>, Option<i64>)> = resumed
-            .map(|(slot, r)| (vec![slot as i32], Some(r)))
-            .into_iter()
-            .chain(
-                rest.chunks(SLOTS_PER_REQUEST)
-                    .map(|g| (g.iter().map(|&s| s as i32).collect(), None)),
-            )
-            .collect();
-        let mut parts = stream::iter(
-            requests
-                .into_iter()
-                .map(|(group, after)| self.load_partitions(group, bucket_ms, after, fetch_limit)),
-        )
+        // Partitions are read a few at a time, in slot order, each up to one page; reading
+        // stops once the page is full (the rest are dropped unread).
+        let mut parts = stream::iter(present.into_iter().map(|slot| async move {
+            let pager = match from.filter(|(f, _)| *f == slot) {
+                Some((_, r)) => {
+                    self.session
+                        .execute_iter(
+                            st.load_partition_after.clone(),
+                            (slot as i32, bucket_ms as i64, r, fetch_limit),
+                        )
+                        .await
+                }
+                None => {
+                    self.session
+                        .execute_iter(
+                            st.load_partition.clone(),
+                            (slot as i32, bucket_ms as i64, fetch_limit),
+                        )
+                        .await
+                }
+            }
+            .map_err(|e| unavailable("loading bucket", e))?;
+            pager
+                .rows_stream::<(i64, i8, i64, Vec<u8>)>()
+                .map_err(|e| unavailable("loading bucket", e))?
+                .try_collect::<Vec<_>>()
+                .await
+                .map_err(|e| unavailable("loading bucket", e))
+        }))
         .buffered(LOAD_FAN_OUT);
-        let mut rows: Vec<LoadedRow> = Vec::new();
+        let mut rows: Vec<(i64, i8, i64, Vec<u8>)> = Vec::new();
         let mut full = false;
         while let Some(part) = parts.try_next().await? {
             let room = limit - rows.len();
@@ -1259,10 +1218,10 @@ impl TimerStore for ScyllaStore {
         if full {
             out.next = rows.last().map(|r| TimerId {
                 bucket_ms,
-                rand: r.1 as u64,
+                rand: r.0 as u64,
             });
         }
-        for (_, rand, state, created, spec) in rows {
+        for (rand, state, created, spec) in rows {
             let id = TimerId {
                 bucket_ms,
                 rand: rand as u64,
@@ -1314,13 +1273,11 @@ impl TimerStore for ScyllaStore {
         let started = Instant::now();
         let present = self.slots_in(slots, bucket_ms).await?;
         let st = &self.st;
-        // One partition-level delete per `SLOTS_PER_REQUEST` partitions (the same
-        // tombstones as one request per partition, fewer round trips).
-        let groups: Vec<(Vec<i32>, i64)> = present
-            .chunks(SLOTS_PER_REQUEST)
-            .map(|g| (g.iter().map(|&s| s as i32).collect(), bucket_ms as i64))
+        let partitions: Vec<(i32, i64)> = present
+            .iter()
+            .map(|&s| (s as i32, bucket_ms as i64))
             .collect();
-        self.execute_all(&st.delete_partitions, groups, "deleting bucket")
+        self.execute_all(&st.delete_partition, partitions, "deleting bucket")
             .await?;
         // Index rows go after the data, so an interrupted delete is simply done again.
         crate::failpoint::hit_async("scylla.between_partition_and_index_delete").await?;
