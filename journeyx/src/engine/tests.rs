@@ -2,35 +2,8 @@ use super::*;
 use crate::model::{Journey, Segment};
 use serde_json::json;
 
-const ONBOARDING: &str = r#"
-id: onboarding
-version: 1
-app_id: demo
-entry: {event: signed_up}
-re_entry: after_exit
-exit: [{event: unsubscribed}]
-frequency_cap: {messages: 3, per: 24h}
-start: welcome
-nodes:
-  - id: welcome
-    actions:
-      - send: {channel: push, template: welcome_v1}
-      - timer: 2s
-    edges:
-      - when: {event: purchased, where: {amount: {gt: 0}}}
-        to: done
-      - when: timer
-        to: reminder
-  - id: reminder
-    actions:
-      - send: {channel: email, template: reminder_v1}
-    edges:
-      - when: always
-        to: done
-  - id: done
-    goal: true
-    actions: [exit]
-"#;
+/// The shipped example (`journeyx/examples/onboarding.yaml`), the issue's own journey.
+const ONBOARDING: &str = include_str!("../../examples/onboarding.yaml");
 
 fn catalog(journeys: &[&str]) -> Catalog {
     let mut c = Catalog::default();
