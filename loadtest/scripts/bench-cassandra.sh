@@ -73,9 +73,12 @@ for line in sys.stdin:
     m = re.match(r"timerdb_store_operation_duration_seconds_(sum|count)\{[^}]*op=\"([a-z_]+)\"[^}]*\} (\S+)", line)
     if m:
         ops.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
-print("store ops: " + ", ".join(
-    f"{op} {int(v[\"count\"])} x {1000 * v[\"sum\"] / v[\"count\"]:.1f} ms"
-    for op, v in sorted(ops.items()) if v.get("count")))
+parts = []
+for op, v in sorted(ops.items()):
+    count, total = v.get("count", 0), v.get("sum", 0)
+    if count:
+        parts.append("%s %d x %.1f ms" % (op, count, 1000 * total / count))
+print("store ops: " + ", ".join(parts))
 ' || echo "store ops: metrics not read"
   stop_node
 }
