@@ -628,3 +628,45 @@ async fn two_nodes_run_in_one_process() {
         n.shutdown().await.unwrap();
     }
 }
+
+/// `timerdb serve --check` says whether a configuration would start, naming a bad setting,
+/// and opens nothing: no store directory appears, no port is bound.
+#[test]
+fn serve_check_names_a_bad_setting_and_opens_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("data");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+            .args(["serve", "--check", "--store"])
+            .arg(format!("embedded://{}", store.display()))
+            .args(extra)
+            .env_remove("TIMERDB_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let ok = run(&["--lookahead", "3s", "--sink", "kafka://127.0.0.1:1"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let text = String::from_utf8(ok.stdout).unwrap();
+    assert!(text.starts_with("configuration valid"), "{text}");
+    assert!(text.contains("lookahead         3s"), "{text}");
+    assert!(
+        text.contains("sink              kafka://127.0.0.1:1"),
+        "{text}"
+    );
+    assert!(text.contains("cluster           none"), "{text}");
+    let bad = run(&["--lookahead", "soon"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("lookahead"), "{err}");
+    let member = run(&["--node-id", "1", "--initial-members", "1=127.0.0.1:7420"]);
+    assert_eq!(
+        member.status.code(),
+        Some(1),
+        "a cluster needs the shared store"
+    );
+    assert!(!store.exists(), "--check must not create the store");
+}

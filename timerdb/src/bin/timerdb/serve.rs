@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// [default: 15s].
     #[arg(long, env = "TIMERDB_LEAVE_TIMEOUT")]
     pub leave_timeout: Option<String>,
+    /// Check the configuration (file, environment and flags) and exit without opening
+    /// anything: 0 and the settings a start would use, or 1 and the bad setting named.
+    #[arg(long)]
+    pub check: bool,
 }
 
 impl ServeArgs {
@@ -110,10 +114,71 @@ impl ServeArgs {
 /// Runs the node these flags describe. The process-wide Prometheus recorder is installed
 /// here, once, not by the node (several nodes may run in one process).
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let check = args.check;
     let config = args.config()?;
     config.validate()?;
+    if check {
+        print!("{}", describe(&config));
+        return Ok(());
+    }
     if let Some(addr) = config.metrics_listen {
         timerdb::metrics::install(addr)?;
     }
     Ok(timerdb::server::run(config).await?)
+}
+
+/// The settings a node started with `config` runs with, one per line (`serve --check`).
+fn describe(c: &Config) -> String {
+    let off = |a: Option<std::net::SocketAddr>| a.map_or("off".to_owned(), |a| a.to_string());
+    let layout = c.store_options.layout;
+    let mut s = format!(
+        "configuration valid\n\
+         listen            {}\n\
+         metrics_listen    {}\n\
+         store             {}\n\
+         sink              {}\n\
+         slots             {} (for a new store)\n\
+         bucket_width      {} ms (for a new store)\n\
+         lookahead         {:?}\n\
+         grace             {:?}\n",
+        c.listen,
+        off(c.metrics_listen),
+        c.store,
+        c.sink,
+        layout.slots,
+        layout.bucket_ms,
+        c.scheduler.lookahead,
+        c.scheduler.grace,
+    );
+    match &c.cluster {
+        None => s.push_str("cluster           none (a single node owns every slot)\n"),
+        Some(cl) => {
+            let members: Vec<String> = cl
+                .initial_members
+                .iter()
+                .map(|(id, addr)| format!("{id}={addr}"))
+                .collect();
+            s.push_str(&format!(
+                "node_id           {}\n\
+                 advertise         {}\n\
+                 raft_dir          {}\n\
+                 initial_members   {}\n\
+                 join              {}\n\
+                 lease             {:?}\n\
+                 leave_timeout     {:?}\n",
+                cl.node_id,
+                cl.advertise,
+                cl.raft_dir.display(),
+                if members.is_empty() {
+                    "-".to_owned()
+                } else {
+                    members.join(",")
+                },
+                cl.join.as_deref().unwrap_or("-"),
+                cl.lease,
+                cl.leave_timeout,
+            ));
+        }
+    }
+    s
 }
