@@ -215,15 +215,7 @@ async fn partitions_larger_than_a_server_page_load_every_row_once() {
     };
     let fire = layout.bucket_start(now_ms() + 120_000) + 1;
     let specs: Vec<TimerSpec> = (0..15_000)
-        .map(|i| TimerSpec {
-            fire_at_ms: fire,
-            topic: "t".into(),
-            partition: 0,
-            key: None,
-            headers: vec![],
-            payload: format!("{i}").into(),
-            idempotency_key: None,
-        })
+        .map(|i| timerdb::store::conformance::spec(fire, i))
         .collect();
     let mut want = HashSet::new();
     for chunk in specs.chunks(1_000) {

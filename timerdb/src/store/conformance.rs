@@ -12,7 +12,9 @@ use bytes::Bytes;
 use super::{CancelOutcome, Inserted, Progress, TimerStore};
 use crate::timer::{StoredState, TimerSpec, now_ms};
 
-fn spec(fire_at_ms: u64, n: u32) -> TimerSpec {
+/// A timer spec due at `fire_at_ms`, its content varied by `n` (topic, partition, key,
+/// headers, payload length).
+pub fn spec(fire_at_ms: u64, n: u32) -> TimerSpec {
     TimerSpec {
         fire_at_ms,
         topic: format!("topic-{n}"),
