@@ -651,21 +651,29 @@ async fn a_cancel_reaching_a_range_s_new_owner_before_it_starts_waits_for_it_and
         pending = still;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Each cancel is acknowledged, or (a range start slower than the wait, on a loaded
+    // machine) refused as UNAVAILABLE with nothing changed: that timer still fires.
     let mut waited = 0;
+    let mut cancelled: HashSet<&str> = HashSet::new();
     for call in calls {
         let (answer, id, started, took) = call.await.unwrap();
-        assert_eq!(answer, Ok(true), "cancel of {id} sent during the move");
-        waited += usize::from(!started && took >= Duration::from_millis(200));
-        let info = client.get(&id).await.unwrap();
-        assert_eq!(info.state, TimerState::Cancelled, "{id}");
+        let id = of_2.iter().find(|i| **i == id).expect("one of member 2's");
+        match answer {
+            Ok(true) => {
+                waited += usize::from(!started && took >= Duration::from_millis(200));
+                let info = client.get(id).await.unwrap();
+                assert_eq!(info.state, TimerState::Cancelled, "{id}");
+                cancelled.insert(id);
+            }
+            Err(e) if e.contains("has not started it yet") => {}
+            other => panic!("cancel of {id} sent during the move: {other:?}"),
+        }
     }
-
     assert!(
         waited > 0,
-        "no cancel reached a new owner before it started its range and waited for it: the \
-         test saw no move"
+        "no cancel reached a new owner before it started its range, waited for it and was \
+         acknowledged: the test saw no wait"
     );
-    let cancelled: HashSet<&str> = of_2.iter().map(String::as_str).collect();
     let others: Vec<String> = ids
         .iter()
         .filter(|id| !cancelled.contains(id.as_str()))
