@@ -12,12 +12,12 @@ use timerdb_proto::v1::timer_service_server::TimerService;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::cluster::{FORWARDED, Member};
+use crate::cluster::{ADOPT, FORWARDED, Member};
 use crate::config::Limits;
 use crate::metrics as m;
 use crate::scheduler::{CancelProbe, MemState, Scheduler};
 use crate::sink::Sink;
-use crate::store::{CancelOutcome, TimerStore};
+use crate::store::{Abandoned, CancelOutcome, StoredTimer, TimerStore};
 use crate::timer::{StoredState, Timer, TimerId, TimerSpec, now_ms};
 use crate::{Error, Result};
 
@@ -169,7 +169,7 @@ async fn store_and_hand_off(
                     && let (Some(m), Some(acting)) = (&member, &acting)
                     && !m.still_acting(i.id, acting) =>
             {
-                results[n] = Some(Err(withdraw(&store, &scheduler, m, i.id, &spec).await));
+                results[n] = Some(settle_moved(&store, &scheduler, m, i.id, &spec).await);
                 continue;
             }
             Ok(i) if i.created => fresh.push(Timer {
@@ -177,6 +177,13 @@ async fn store_and_hand_off(
                 created_ms,
                 spec,
             }),
+            // A cluster member answers a repeated key with its first id only once that
+            // timer's owner holds it and no withdraw of it can follow.
+            Ok(i) if let Some(m) = &member => {
+                let key = spec.idempotency_key.as_deref().unwrap_or_default();
+                results[n] = Some(settle_repeat(&store, &scheduler, m, i.id, key).await);
+                continue;
+            }
             Ok(i) if scheduler.is_loaded(i.id) => repeated.push((n, i.id)),
             _ => {}
         }
@@ -202,35 +209,177 @@ async fn store_and_hand_off(
         .collect())
 }
 
+/// What became of a stored timer its slot's owner was asked to adopt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adoption {
+    /// The owner holds it, or will read it with its bucket; an overdue one has fired.
+    Adopted,
+    /// The row is gone: its bucket was fired and deleted (or the timer never existed).
+    Gone,
+}
+
+/// Asks the owner of `id`'s slot (this member or another) to adopt the stored timer `id`:
+/// see [`adopt_here`].
+async fn adopt(
+    store: &Arc<dyn TimerStore>,
+    scheduler: &Arc<Scheduler>,
+    member: &Member,
+    id: TimerId,
+) -> Result<Adoption> {
+    crate::failpoint::hit_async("api.adopt").await?;
+    let answer = match member.remote_owner_soon(id, None).await? {
+        Some((owner, addr)) => forward(
+            member,
+            owner,
+            &addr,
+            v1::GetTimerRequest {
+                timer_id: id.to_string(),
+            },
+            true,
+            |mut c, r| async move { c.get_timer(r).await },
+        )
+        .await
+        .map(|_| ()),
+        None => match adopt_here(store, scheduler, id).await? {
+            Some(_) => Ok(()),
+            None => Err(not_found(id)),
+        },
+    };
+    match answer {
+        Ok(()) => Ok(Adoption::Adopted),
+        Err(Error::NotFound(_)) => Ok(Adoption::Gone),
+        Err(Error::Forwarded(s)) if s.code() == tonic::Code::NotFound => Ok(Adoption::Gone),
+        Err(e) => Err(e),
+    }
+}
+
+/// On the running owner of `id`'s slot: makes sure the stored, pending timer `id` fires.
+/// A timer whose bucket the range has not read yet is left to the load. One whose bucket
+/// it read (or deleted) already is handed to it; if it is overdue, the answer waits until
+/// it has fired, because the range's recorded progress may already claim its due time
+/// (the row landed after the load), and a member taking over after a crash would skip it.
+/// `None`: no such row.
+async fn adopt_here(
+    store: &Arc<dyn TimerStore>,
+    scheduler: &Arc<Scheduler>,
+    id: TimerId,
+) -> Result<Option<StoredTimer>> {
+    let Some(stored) = store.get(id).await? else {
+        return Ok(None);
+    };
+    if stored.state != StoredState::Pending || !scheduler.is_loaded(id) {
+        return Ok(Some(stored));
+    }
+    let due_ms = stored.timer.spec.fire_at_ms;
+    scheduler.hand_off(vec![stored.timer.clone()], None);
+    let deadline = tokio::time::Instant::now() + ADOPT_FIRE_WAIT;
+    loop {
+        match scheduler.status(id).await {
+            None => {
+                return Err(Error::Unavailable(format!(
+                    "timer {id}: its range here did not take it (the range is stopping); retry"
+                )));
+            }
+            Some(MemState::Fired | MemState::Cancelled) => return Ok(Some(stored)),
+            Some(_) if due_ms > now_ms() => return Ok(Some(stored)),
+            Some(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(Error::Unavailable(format!(
+                    "timer {id} was handed to its range here but has not fired within {:?} \
+                     (is the sink reachable?); retry",
+                    ADOPT_FIRE_WAIT
+                )));
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// How long an adoption waits for an overdue timer to fire.
+const ADOPT_FIRE_WAIT: Duration = Duration::from_secs(3);
+
 /// The answer for a new timer whose slot range stopped being this member's to fire while
-/// its row was written: withdrawn (so a retry, even with the same idempotency key, stores it
-/// anew where a running range sees it), and the outcome is unknown to the caller.
-async fn withdraw(
+/// its row was written (its owner may have read the bucket before the row landed).
+///
+/// First the owner is asked to adopt it: then the caller hears its id. If that fails
+/// (the owner cannot be reached, or the row is gone because the owner deleted its bucket
+/// unaware of it), the timer is withdrawn: its key released, its row cancelled, so a
+/// retry, even with the same idempotency key, stores it anew, and the caller is told the
+/// outcome is unknown. Unless a repeated call of the same key confirmed it meanwhile
+/// ([`settle_repeat`]): that call had the owner adopt it and answered with its id, so
+/// this one does too.
+async fn settle_moved(
     store: &Arc<dyn TimerStore>,
     scheduler: &Arc<Scheduler>,
     member: &Member,
     id: TimerId,
     spec: &TimerSpec,
-) -> Error {
+) -> Result<TimerId> {
     let why = format!(
         "timer {id} was stored while its slot range moved away from this node (or came due \
          during a slow write), so its owner may not have read it"
     );
-    match store.abandon(id, spec.idempotency_key.as_deref()).await {
-        Ok(()) => {
-            unload_withdrawn(store, scheduler, member, id).await;
-            Error::Unavailable(format!(
-                "{why}; it was withdrawn (cancelled, its idempotency key released): retry the \
-                 call to store it anew (it fires twice only if its owner fired it already)"
-            ))
+    match adopt(store, scheduler, member, id).await {
+        Ok(Adoption::Adopted) => {
+            m::moved_write("adopted");
+            return Ok(id);
+        }
+        Ok(Adoption::Gone) => {
+            tracing::info!(timer_id = %id, "api: a timer stored while its range moved was not in the store any more; withdrawing it");
         }
         Err(e) => {
+            tracing::info!(timer_id = %id, error = %e, "api: the owner did not adopt a timer stored while its range moved; withdrawing it");
+        }
+    }
+    match store.abandon(id, spec.idempotency_key.as_deref()).await {
+        Ok(Abandoned::Withdrawn) => {
+            m::moved_write("withdrawn");
+            unload_withdrawn(store, scheduler, member, id).await;
+            Err(Error::Unavailable(format!(
+                "{why}; it was withdrawn (cancelled, its idempotency key released): retry the \
+                 call to store it anew (it fires twice only if its owner fired it already)"
+            )))
+        }
+        Ok(Abandoned::Kept) => {
+            m::moved_write("confirmed");
+            Ok(id)
+        }
+        Err(e) => {
+            m::moved_write("unknown");
             tracing::warn!(timer_id = %id, error = %e, "api: could not withdraw a timer whose range moved away");
-            Error::Unavailable(format!(
+            Err(Error::Unavailable(format!(
                 "{why}, and withdrawing it failed ({e}): it may or may not fire; retry the call \
                  with a new idempotency key to be sure it fires"
-            ))
+            )))
         }
+    }
+}
+
+/// The answer for a call whose idempotency key `key` names an earlier timer `id`, on a
+/// cluster member: the earlier call may still be under way on another member, and may yet
+/// withdraw its timer ([`settle_moved`]). So the owner adopts `id` first, then the key's
+/// claim is confirmed, which no withdraw can follow; only then is `id` the answer. A key
+/// whose confirmation fails was released by a withdraw: the caller retries and stores the
+/// timer anew. A row that is gone fired and was cleaned up (its id is the answer).
+async fn settle_repeat(
+    store: &Arc<dyn TimerStore>,
+    scheduler: &Arc<Scheduler>,
+    member: &Member,
+    id: TimerId,
+    key: &str,
+) -> Result<TimerId> {
+    match adopt(store, scheduler, member, id).await {
+        Ok(Adoption::Gone) => Ok(id),
+        Ok(Adoption::Adopted) => match store.confirm_key(key, id).await? {
+            true => Ok(id),
+            false => Err(Error::Unavailable(format!(
+                "idempotency key {key:?} named timer {id}, which its first call withdrew \
+                 meanwhile (its slot range moved while it was stored); retry to store it anew"
+            ))),
+        },
+        Err(e) => Err(Error::Unavailable(format!(
+            "idempotency key {key:?} names timer {id}, whose owner could not confirm it holds \
+             it ({e}); retry the call"
+        ))),
     }
 }
 
@@ -253,6 +402,7 @@ async fn unload_withdrawn(
             v1::CancelTimeoutRequest {
                 timer_id: id.to_string(),
             },
+            false,
             |mut c, r| async move { c.cancel_timeout(r).await },
         )
         .await
@@ -423,6 +573,9 @@ impl TimerService for TimerApi {
         request: Request<v1::GetTimerRequest>,
     ) -> std::result::Result<Response<v1::GetTimerResponse>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
+        // A member asking this one, as the owner, to adopt a timer stored while its range
+        // moved (see `adopt_here`); harmless for any caller.
+        let adopt = request.metadata().contains_key(ADOPT);
         let budget = wait_budget(&request);
         let req = request.into_inner();
         let r = async {
@@ -438,11 +591,17 @@ impl TimerService for TimerApi {
                     v1::GetTimerRequest {
                         timer_id: req.timer_id.clone(),
                     },
+                    adopt,
                     |mut c, r| async move { c.get_timer(r).await },
                 )
                 .await;
             }
-            let Some(stored) = self.store.get(id).await? else {
+            let stored = if adopt {
+                adopt_here(&self.store, &self.scheduler, id).await?
+            } else {
+                self.store.get(id).await?
+            };
+            let Some(stored) = stored else {
                 return Err(not_found(id));
             };
             let state = match stored.state {
@@ -539,6 +698,7 @@ impl TimerService for TimerApi {
                     v1::CancelTimeoutRequest {
                         timer_id: req.timer_id.clone(),
                     },
+                    false,
                     |mut c, r| async move { c.cancel_timeout(r).await },
                 )
                 .await;
@@ -564,6 +724,7 @@ async fn forward<Req, Resp, F, Fut>(
     owner: u64,
     addr: &str,
     request: Req,
+    adopt: bool,
     call: F,
 ) -> Result<Resp>
 where
@@ -579,6 +740,11 @@ where
     request
         .metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    if adopt {
+        request
+            .metadata_mut()
+            .insert(ADOPT, tonic::metadata::MetadataValue::from_static("1"));
+    }
     match call(client, request).await {
         Ok(r) => Ok(r.into_inner()),
         Err(s)

@@ -23,6 +23,10 @@ use crate::{Error, Result};
 /// Metadata a member adds to a call it forwards to the owner: a forwarded call is never
 /// forwarded again (two members whose maps disagree for a moment cannot bounce it).
 pub const FORWARDED: &str = "timerdb-forwarded";
+/// Metadata of a `GetTimer` a member sends the owner of a timer it stored while the
+/// timer's slot range moved: the owner makes sure the stored timer fires (it adopts it)
+/// before it answers.
+pub const ADOPT: &str = "timerdb-adopt";
 
 /// A fire or ownership write needs at least this much lease left: the check and the act
 /// are not one instant.

@@ -26,6 +26,7 @@ const BUCKETS_DELETED: &str = "timerdb_scheduler_buckets_deleted_total";
 const SKIPPED_AS_FIRED: &str = "timerdb_scheduler_timers_skipped_as_fired_total";
 const KEY_LOSERS: &str = "timerdb_store_idempotency_losers_dropped_total";
 const UNREADABLE: &str = "timerdb_store_unreadable_rows_total";
+const MOVED_WRITES: &str = "timerdb_cluster_moved_writes_total";
 const STORE_ERRORS: &str = "timerdb_store_errors_total";
 const FENCED: &str = "timerdb_store_fenced_writes_total";
 const LOW_WATER_LAG: &str = "timerdb_scheduler_low_water_lag_seconds";
@@ -140,6 +141,10 @@ fn describe() {
         "Stored rows of a call that lost its idempotency key to another call, dropped at load instead of fired"
     );
     describe_counter!(
+        MOVED_WRITES,
+        "New timers stored while their slot range moved away, by outcome: adopted by the new owner, withdrawn, confirmed by a repeated call, unknown"
+    );
+    describe_counter!(
         UNREADABLE,
         "Stored timer rows that could not be decoded, skipped at load (logged with their id)"
     );
@@ -215,6 +220,12 @@ pub fn skipped_as_fired(n: usize) {
 /// A loaded row lost its idempotency key to another call's timer and is not fired.
 pub fn key_loser_dropped() {
     counter!(KEY_LOSERS).increment(1);
+}
+
+/// A timer stored while its slot range moved away was settled with `outcome`
+/// (`adopted`, `withdrawn`, `confirmed` or `unknown`).
+pub fn moved_write(outcome: &'static str) {
+    counter!(MOVED_WRITES, "outcome" => outcome).increment(1);
 }
 
 /// A stored row could not be decoded and was skipped.

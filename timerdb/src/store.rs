@@ -25,6 +25,15 @@ pub struct Inserted {
     pub created: bool,
 }
 
+/// Outcome of [`TimerStore::abandon`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abandoned {
+    /// The key was released (if it named the timer) and the row cancelled.
+    Withdrawn,
+    /// A repeated call confirmed the key's claim first: the timer stays and fires.
+    Kept,
+}
+
 /// A timer as read back from the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredTimer {
@@ -327,11 +336,23 @@ pub trait TimerStore: Send + Sync + 'static {
     async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>>;
 
     /// Withdraws a timer just created whose caller is told the outcome is unknown (a
-    /// cluster member whose slot range moved away while the row was written): marks the
-    /// row cancelled, so no later load fires it, and releases `key` if it still names `id`,
-    /// so a retry with that key stores the timer anew instead of being answered with a row
-    /// that no range may ever read.
-    async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<()>;
+    /// cluster member whose slot range moved away while the row was written, and whose
+    /// owner could not be asked to adopt it): releases `key` if it still names `id`, so a
+    /// retry with that key stores the timer anew instead of being answered with a row that
+    /// no range may ever read, then marks the row cancelled, so no later load fires it.
+    ///
+    /// Unless the key's claim by `id` was confirmed ([`TimerStore::confirm_key`]): a retry
+    /// had the owner adopt the timer and answered with its id, so nothing is changed and
+    /// [`Abandoned::Kept`] is returned. Release and confirmation exclude each other (one
+    /// conditional write each), so a retry is never answered with a withdrawn id.
+    async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<Abandoned>;
+
+    /// Marks `key`'s claim by `id` confirmed: a repeated call found `id` holding the key and
+    /// made sure the timer's owner has it, and is about to answer with `id`; from now on
+    /// [`TimerStore::abandon`] leaves the timer alone. `false` (nothing changed) when `key`
+    /// no longer names `id`: its writer withdrew it, and the repeated call must not answer
+    /// with it.
+    async fn confirm_key(&self, key: &str, id: TimerId) -> Result<bool>;
 
     /// Marks a pending timer cancelled, durably.
     async fn cancel(&self, id: TimerId) -> Result<CancelOutcome>;

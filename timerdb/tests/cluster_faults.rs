@@ -365,14 +365,15 @@ async fn a_member_cut_off_from_the_others_stops_at_lease_end_and_rejoins() {
     bridge.cut();
     c.wait_settled(survivor, 2).await;
     let taken_over = cut_at.elapsed();
-    // Lease (1 s) and a margin after the cut: nothing more fires on the cut-off member.
-    tokio::time::sleep(Duration::from_millis(1_500).saturating_sub(cut_at.elapsed())).await;
+    // Lease (1 s), the gauges' refresh (every second) and a margin after the cut: the
+    // member reports no lease, and nothing more fires on it.
+    tokio::time::sleep(Duration::from_millis(2_300).saturating_sub(cut_at.elapsed())).await;
     let text = c.metrics_text(victim as u16).await;
     let fired_at_lease_end = metric(&text, "timerdb_scheduler_timers_fired_total");
     assert_eq!(
         metric(&text, "timerdb_cluster_lease_left_seconds"),
         0.0,
-        "cut off for 1.5 s, the member holds no lease"
+        "cut off for 2.3 s, the member holds no lease"
     );
     tokio::time::sleep(Duration::from_millis(6_000).saturating_sub(cut_at.elapsed())).await;
     let text = c.metrics_text(victim as u16).await;

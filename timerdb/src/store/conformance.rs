@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{CancelOutcome, Inserted, Progress, TimerStore};
+use super::{Abandoned, CancelOutcome, Inserted, Progress, TimerStore};
 use crate::timer::{StoredState, TimerSpec, now_ms};
 
 /// A timer spec due at `fire_at_ms`, its content varied by `n` (topic, partition, key,
@@ -56,6 +56,7 @@ macro_rules! timer_store_conformance {
             idempotency_key_returns_the_first_id: 86_400,
             idempotency_key_expires_after_retention: 1,
             an_abandoned_timer_never_fires_and_frees_its_key: 86_400,
+            a_confirmed_key_keeps_its_timer_from_a_withdraw: 86_400,
             low_water_mark_is_the_minimum_over_slots: 86_400,
             a_newer_claim_fences_the_older_owner: 86_400,
             progress_is_kept_per_range: 86_400,
@@ -288,14 +289,19 @@ pub async fn an_abandoned_timer_never_fires_and_frees_its_key(store: Arc<dyn Tim
     let mut a = spec(fire, 1);
     a.idempotency_key = Some("journey-7".into());
     let first = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
-    store.abandon(first.id, Some("journey-7")).await.unwrap();
+    assert_eq!(
+        store.abandon(first.id, Some("journey-7")).await.unwrap(),
+        Abandoned::Withdrawn
+    );
     let got = store.get(first.id).await.unwrap().expect("row kept");
     assert_eq!(got.state, StoredState::Cancelled);
     let again = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
     assert!(again.created, "the key was released");
     assert_ne!(again.id, first.id);
-    // The first id no longer holds the key: withdrawing it again changes nothing.
+    // The first id no longer holds the key: withdrawing it again changes nothing, and
+    // neither can a confirmation of it.
     store.abandon(first.id, Some("journey-7")).await.unwrap();
+    assert!(!store.confirm_key("journey-7", first.id).await.unwrap());
     let third = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
     assert_eq!((third.id, third.created), (again.id, false));
     let bucket = store
@@ -311,6 +317,34 @@ pub async fn an_abandoned_timer_never_fires_and_frees_its_key(store: Arc<dyn Tim
         store.get(b.id).await.unwrap().map(|t| t.state),
         Some(StoredState::Cancelled)
     );
+}
+
+/// Once a repeated call confirmed a key's claim, a withdraw of its timer changes nothing:
+/// the row stays pending, the key keeps naming it, and its bucket still yields it.
+/// Confirming again, or confirming a key nobody holds, is harmless.
+pub async fn a_confirmed_key_keeps_its_timer_from_a_withdraw(store: Arc<dyn TimerStore>) {
+    let l = store.layout();
+    let fire = now_ms() + 60_000;
+    let mut a = spec(fire, 1);
+    a.idempotency_key = Some("cart-9".into());
+    let first = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
+    assert!(store.confirm_key("cart-9", first.id).await.unwrap());
+    assert!(store.confirm_key("cart-9", first.id).await.unwrap());
+    assert_eq!(
+        store.abandon(first.id, Some("cart-9")).await.unwrap(),
+        Abandoned::Kept
+    );
+    let got = store.get(first.id).await.unwrap().expect("row kept");
+    assert_eq!(got.state, StoredState::Pending);
+    let again = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
+    assert_eq!((again.id, again.created), (first.id, false));
+    let bucket = store
+        .load_bucket(l.all_slots(), l.bucket_start(fire))
+        .await
+        .unwrap();
+    let ids: Vec<_> = bucket.timers.iter().map(|t| t.id).collect();
+    assert_eq!(ids, vec![first.id], "the confirmed timer fires, once");
+    assert!(!store.confirm_key("nobody-holds-this", first.id).await.unwrap());
 }
 
 /// A slot's marks move under the epoch that claimed it last, and under no older one.
@@ -367,10 +401,16 @@ pub async fn idempotency_key_expires_after_retention(store: Arc<dyn TimerStore>)
     let mut a = spec(now_ms() + 60_000, 1);
     a.idempotency_key = Some("short-lived".into());
     let first = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
+    // A confirmed claim expires with its key too.
+    let mut b = spec(now_ms() + 60_000, 2);
+    b.idempotency_key = Some("short-lived-confirmed".into());
+    let first_b = insert_ok(&*store, std::slice::from_ref(&b)).await[0];
+    store.confirm_key("short-lived-confirmed", first_b.id).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let second = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
-    assert!(second.created);
-    assert_ne!(first.id, second.id);
+    let second = insert_ok(&*store, &[a, b]).await;
+    assert!(second.iter().all(|i| i.created), "{second:?}");
+    assert_ne!(first.id, second[0].id);
+    assert_ne!(first_b.id, second[1].id);
 }
 
 /// Low-water marks are kept per slot and read back as the minimum of a range. A new store

@@ -22,7 +22,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CancelOutcome, Homing, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore,
+    Abandoned, CancelOutcome, Homing, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore,
 };
 use crate::metrics as m;
 use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec, now_ms};
@@ -134,7 +134,8 @@ enum WriteOp {
         oneshot::Sender<Result<Vec<Inserted>>>,
     ),
     Cancel(TimerId, oneshot::Sender<Result<CancelOutcome>>),
-    Abandon(TimerId, Option<String>, oneshot::Sender<Result<()>>),
+    Abandon(TimerId, Option<String>, oneshot::Sender<Result<Abandoned>>),
+    ConfirmKey(String, TimerId, oneshot::Sender<Result<bool>>),
     DeleteBucket(SlotRange, u64, oneshot::Sender<Result<()>>),
     SetLowWater(SlotRange, u64, oneshot::Sender<Result<()>>),
     Claim(SlotRange, u64, oneshot::Sender<Result<()>>),
@@ -154,6 +155,8 @@ enum Reply {
     Unit(oneshot::Sender<Result<()>>),
     Outcome(oneshot::Sender<Result<()>>, Result<()>),
     Count(oneshot::Sender<Result<usize>>, usize),
+    Abandoned(oneshot::Sender<Result<Abandoned>>, Abandoned),
+    Flag(oneshot::Sender<Result<bool>>, bool),
 }
 
 impl Reply {
@@ -165,6 +168,8 @@ impl Reply {
             Reply::Unit(tx) => drop(tx.send(Ok(()))),
             Reply::Outcome(tx, r) => drop(tx.send(r)),
             Reply::Count(tx, n) => drop(tx.send(Ok(n))),
+            Reply::Abandoned(tx, v) => drop(tx.send(Ok(v))),
+            Reply::Flag(tx, v) => drop(tx.send(Ok(v))),
         }
     }
 
@@ -175,6 +180,8 @@ impl Reply {
             Reply::Cancel(tx, _) => drop(tx.send(Err(err()))),
             Reply::Unit(tx) | Reply::Outcome(tx, _) => drop(tx.send(Err(err()))),
             Reply::Count(tx, _) => drop(tx.send(Err(err()))),
+            Reply::Abandoned(tx, _) => drop(tx.send(Err(err()))),
+            Reply::Flag(tx, _) => drop(tx.send(Err(err()))),
         }
     }
 }
@@ -525,6 +532,19 @@ impl Writer {
                         replies.push(Reply::Cancel(reply, outcome));
                     }
                     WriteOp::Abandon(id, key, reply) => {
+                        // A key entry is the id (16 bytes), the claim time (8), and a 25th
+                        // byte of 1 once a repeated call confirmed the claim.
+                        let confirmed = match &key {
+                            Some(k) => idem.get(k.as_str())?.is_some_and(|v| {
+                                let v = v.value();
+                                v[..16] == id.to_bytes() && v.get(24) == Some(&1)
+                            }),
+                            None => false,
+                        };
+                        if confirmed {
+                            replies.push(Reply::Abandoned(reply, Abandoned::Kept));
+                            continue;
+                        }
                         let row = row_key(id);
                         let current = timers.get(row.as_slice())?.map(|v| v.value().to_vec());
                         if let Some(mut v) = current
@@ -542,7 +562,20 @@ impl Writer {
                                 idem.remove(k.as_str())?;
                             }
                         }
-                        replies.push(Reply::Unit(reply));
+                        replies.push(Reply::Abandoned(reply, Abandoned::Withdrawn));
+                    }
+                    WriteOp::ConfirmKey(k, id, reply) => {
+                        let current = idem.get(k.as_str())?.map(|v| v.value().to_vec());
+                        let names_id = match current {
+                            Some(mut v) if v.len() >= 24 && v[..16] == id.to_bytes() => {
+                                v.truncate(24);
+                                v.push(1);
+                                idem.insert(k.as_str(), v.as_slice())?;
+                                true
+                            }
+                            _ => false,
+                        };
+                        replies.push(Reply::Flag(reply, names_id));
                     }
                     WriteOp::DeleteBucket(slots, bucket, reply) => {
                         let (lo, hi) = bucket_keys(bucket);
@@ -709,9 +742,15 @@ impl TimerStore for EmbeddedStore {
         self.write(WriteOp::Cancel(id, tx), rx).await
     }
 
-    async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<()> {
+    async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<Abandoned> {
         let (tx, rx) = oneshot::channel();
         self.write(WriteOp::Abandon(id, key.map(str::to_string), tx), rx)
+            .await
+    }
+
+    async fn confirm_key(&self, key: &str, id: TimerId) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::ConfirmKey(key.to_string(), id, tx), rx)
             .await
     }
 

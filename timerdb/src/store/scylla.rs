@@ -25,7 +25,7 @@ use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, Row};
 
 use super::{
-    CancelOutcome, Homing, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore,
+    Abandoned, CancelOutcome, Homing, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore,
 };
 use crate::metrics as m;
 use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec, now_ms};
@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         3,
         "slot epochs (fenced low-water marks of cluster members)",
         include_str!("../../migrations/scylla/0003_slot_epochs.cql"),
+    ),
+    (
+        4,
+        "confirmed idempotency claims (a withdraw and a repeated call's answer exclude each other)",
+        include_str!("../../migrations/scylla/0004_confirmed_keys.cql"),
     ),
 ];
 
@@ -207,6 +212,8 @@ struct Statements {
     claim_idempotency: PreparedStatement,
     read_idempotency: PreparedStatement,
     release_idempotency: PreparedStatement,
+    read_key_ttl: PreparedStatement,
+    confirm_idempotency: PreparedStatement,
     delete_timer: PreparedStatement,
     get_timer: PreparedStatement,
     cancel_timer: PreparedStatement,
@@ -323,7 +330,16 @@ pub async fn migrate_upto(session: &Session, url: &ScyllaUrl, upto: i32) -> Resu
             continue;
         }
         for statement in split_statements(cql) {
-            ddl(statement.replace("{keyspace}", ks)).await?;
+            match ddl(statement.replace("{keyspace}", ks)).await {
+                // An `ADD` that a run stopped before recording its version applied already
+                // (Cassandra and ScyllaDB have no `ADD IF NOT EXISTS` in common).
+                Err(e) if statement.starts_with("ALTER TABLE") && column_exists(&e) => {
+                    tracing::info!(keyspace = %ks, version, "store.migrate: column exists already");
+                }
+                r => {
+                    r?;
+                }
+            }
         }
         session
             .query_unpaged(
@@ -393,7 +409,15 @@ impl ScyllaStore {
             ))
             .await?,
             release_idempotency: prep(format!(
-                "DELETE FROM {ks}.idempotency WHERE key = ? IF timer_id = ?"
+                "DELETE FROM {ks}.idempotency WHERE key = ? IF timer_id = ? AND confirmed = null"
+            ))
+            .await?,
+            read_key_ttl: prep(format!(
+                "SELECT timer_id, TTL(timer_id) FROM {ks}.idempotency WHERE key = ?"
+            ))
+            .await?,
+            confirm_idempotency: prep(format!(
+                "UPDATE {ks}.idempotency USING TTL ? SET confirmed = true WHERE key = ? IF timer_id = ?"
             ))
             .await?,
             delete_timer: prep(format!(
@@ -953,7 +977,15 @@ fn lwt_outcome(
     r: &scylla::response::query_result::QueryRowsResult,
     column: &str,
 ) -> Result<(bool, Option<CqlValue>)> {
-    let index = r.column_specs().iter().position(|c| c.name() == column);
+    let (applied, mut values) = lwt_outcome_of(r, &[column])?;
+    Ok((applied, values.pop().flatten()))
+}
+
+/// As [`lwt_outcome`], for several columns (in the order of `columns`).
+fn lwt_outcome_of(
+    r: &scylla::response::query_result::QueryRowsResult,
+    columns: &[&str],
+) -> Result<(bool, Vec<Option<CqlValue>>)> {
     let mut row = r
         .first_row::<Row>()
         .map_err(|e| unavailable("reading transaction outcome", e))?;
@@ -963,8 +995,21 @@ fn lwt_outcome(
         .and_then(|c| c.as_ref())
         .and_then(|v| v.as_boolean())
         .ok_or_else(|| Error::Internal("transaction outcome without [applied]".into()))?;
-    let value = index.and_then(|i| row.columns.get_mut(i).and_then(Option::take));
-    Ok((applied, value))
+    let values = columns
+        .iter()
+        .map(|column| {
+            let index = r.column_specs().iter().position(|c| c.name() == *column);
+            index.and_then(|i| row.columns.get_mut(i).and_then(Option::take))
+        })
+        .collect();
+    Ok((applied, values))
+}
+
+/// Whether a failed `ALTER TABLE … ADD` says the column exists (Cassandra: "… already
+/// exists"; ScyllaDB: "… conflicts with an existing column").
+fn column_exists(e: &Error) -> bool {
+    let text = e.to_string();
+    text.contains("already exist") || text.contains("conflicts with an existing column")
 }
 
 async fn init_layout(session: &Session, ks: &str, requested: Layout) -> Result<Layout> {
@@ -1132,15 +1177,26 @@ impl TimerStore for ScyllaStore {
         })
     }
 
-    async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<()> {
+    async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<Abandoned> {
         // The key first: stopped between the two (a crash, a failed call), the retry then
         // stores the timer anew and the old row fires at most as a duplicate. The other
         // order would leave a retry answered with a cancelled row that never fires.
+        // The release applies only while no repeated call confirmed the claim (one
+        // lightweight transaction against the confirmation's, so exactly one wins).
         if let Some(key) = key {
-            self.session
+            let r = self
+                .session
                 .execute_unpaged(&self.st.release_idempotency, (key, id.to_bytes().to_vec()))
                 .await
+                .map_err(|e| unavailable("releasing idempotency key", e))?
+                .into_rows_result()
                 .map_err(|e| unavailable("releasing idempotency key", e))?;
+            let (applied, held) = lwt_outcome_of(&r, &["timer_id", "confirmed"])?;
+            let holder = held[0].as_ref().and_then(|v| v.as_blob());
+            let confirmed = held[1].as_ref().and_then(|v| v.as_boolean());
+            if !applied && holder == Some(&id.to_bytes().to_vec()) && confirmed == Some(true) {
+                return Ok(Abandoned::Kept);
+            }
         }
         crate::failpoint::hit_async("scylla.between_key_release_and_cancel").await?;
         // Then the row, so a range that loads it later does not fire it as well.
@@ -1148,7 +1204,44 @@ impl TimerStore for ScyllaStore {
             .execute_unpaged(&self.st.cancel_timer, self.row_key(id))
             .await
             .map_err(|e| unavailable("withdrawing timer", e))?;
-        Ok(())
+        Ok(Abandoned::Withdrawn)
+    }
+
+    async fn confirm_key(&self, key: &str, id: TimerId) -> Result<bool> {
+        let what = "confirming idempotency key";
+        // The confirmation lives no longer than the claim (a second less than what is left
+        // of it): a lone `confirmed` cell would keep the key's row, and so its later claims,
+        // alive past the retention.
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.read_key_ttl, (key,))
+            .await
+            .map_err(|e| unavailable(what, e))?
+            .into_rows_result()
+            .map_err(|e| unavailable(what, e))?;
+        let Some((holder, ttl)) = rows
+            .maybe_first_row::<(Option<Vec<u8>>, Option<i32>)>()
+            .map_err(|e| unavailable(what, e))?
+        else {
+            return Ok(false);
+        };
+        if holder.as_deref() != Some(id.to_bytes().as_slice()) {
+            return Ok(false);
+        }
+        let ttl = ttl.map_or(self.retention.as_secs().clamp(1, i32::MAX as u64) as i32, |t| {
+            (t - 1).max(1)
+        });
+        let r = self
+            .session
+            .execute_unpaged(
+                &self.st.confirm_idempotency,
+                (ttl, key, id.to_bytes().to_vec()),
+            )
+            .await
+            .map_err(|e| unavailable(what, e))?
+            .into_rows_result()
+            .map_err(|e| unavailable(what, e))?;
+        Ok(lwt_outcome(&r, "timer_id")?.0)
     }
 
     async fn load_page(
