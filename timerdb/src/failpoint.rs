@@ -15,6 +15,7 @@ pub const NAMES: &[&str] = &[
     "api.before_store",
     "api.after_store",
     "api.cancel_between_phases",
+    "api.adopt",
     "embedded.before_commit",
     "scylla.between_index_and_rows",
     "scylla.before_claim",

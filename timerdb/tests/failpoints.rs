@@ -669,15 +669,17 @@ mod cluster {
     }
 
     /// A member stores a near-term timer in a slot of its own, then its range moves away
-    /// (a drain) while the write is still under way: the timer is not acknowledged, since
-    /// its row may land after the next owner read that bucket and nothing here fires it.
+    /// (a drain) while the write is still under way, and the new owner cannot be asked to
+    /// adopt it (failpoint): the timer is not acknowledged, since its row may land after
+    /// the next owner read that bucket and nothing here fires it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_range_moved_away_during_the_write_acknowledges_nothing() {
         let Some(s) = services() else { return };
         let _one = ONE_AT_A_TIME.lock().await;
         let topic = unique("fp_cluster");
         create_topic(&s.kafka, &topic, 1).await;
-        let c = with_node_1_failing("api.after_store=1*return(delay:3000)").await;
+        let c =
+            with_node_1_failing("api.after_store=1*return(delay:3000);api.adopt=1*return").await;
         let addr = c.nodes[0].clone();
         let call = tokio::spawn(async move {
             let mut client = Client::connect(&addr).await.unwrap();
@@ -696,7 +698,8 @@ mod cluster {
     }
 
     /// The same, slower: the row lands (3 s after the call) after the slot's new owner read
-    /// its bucket, so no range will ever fire it. The caller is told UNAVAILABLE and
+    /// its bucket, so no range will ever fire it (the owner cannot be asked to adopt it,
+    /// by a failpoint). The caller is told UNAVAILABLE and
     /// retries with the same idempotency key on another member: the retry must store the
     /// timer anew (the first row was withdrawn), not answer with the row nobody reads.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,7 +708,8 @@ mod cluster {
         let _one = ONE_AT_A_TIME.lock().await;
         let topic = unique("fp_retry");
         create_topic(&s.kafka, &topic, 1).await;
-        let c = with_node_1_failing("api.before_store=1*return(delay:3000)").await;
+        let c =
+            with_node_1_failing("api.before_store=1*return(delay:3000);api.adopt=1*return").await;
         let consumer = consumer(&s.kafka, &[&topic]);
         let fire_at = now_ms() + 2_500;
         let timer = NewTimer::new(fire_at, &topic, 0)
@@ -756,7 +760,8 @@ mod cluster {
 
     /// The row lands in a slot of the member's own, its range moves away (a drain), and
     /// the slot's new owner reads the row's bucket while the member, still inside the
-    /// call, waits; then the member withdraws the row and answers UNAVAILABLE. The owner
+    /// call, waits; then the member, unable to have the owner adopt it (failpoint),
+    /// withdraws the row and answers UNAVAILABLE. The owner
     /// must drop the copy it holds, so the caller's retry (same key, a new row) fires once
     /// and not twice.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -765,7 +770,8 @@ mod cluster {
         let _one = ONE_AT_A_TIME.lock().await;
         let topic = unique("fp_unload");
         create_topic(&s.kafka, &topic, 1).await;
-        let c = with_node_1_failing("api.after_store=1*return(delay:4000)").await;
+        let c =
+            with_node_1_failing("api.after_store=1*return(delay:4000);api.adopt=1*return").await;
         let consumer = consumer(&s.kafka, &[&topic]);
         // Read by its new owner (2 s of look-ahead) about 2 s before the withdrawal, and
         // due 1 s after it.
@@ -834,7 +840,8 @@ mod cluster {
         );
     }
 
-    /// The member dies while it withdraws such a timer, after releasing the key and before
+    /// The member dies while it withdraws such a timer (not adopted, by a failpoint),
+    /// after releasing the key and before
     /// cancelling the row; the caller, answered by a broken connection, retries with the
     /// same key on another member. The retry stores the timer anew and it fires (released
     /// after the cancel instead, the retry would be answered with the cancelled row).
@@ -845,7 +852,7 @@ mod cluster {
         let topic = unique("fp_withdraw_crash");
         create_topic(&s.kafka, &topic, 1).await;
         let c = with_node_1_failing(
-            "api.before_store=1*return(delay:3000);\
+            "api.before_store=1*return(delay:3000);api.adopt=1*return;\
              scylla.between_key_release_and_cancel=1*return(abort)",
         )
         .await;
@@ -893,5 +900,123 @@ mod cluster {
         for r in &got {
             assert!(r.header_ms("timerdb-fired-at") >= fire_at, "fired early");
         }
+    }
+
+    /// Every payload of `want` that arrives within 30 s of the call (and 3 s more, for a
+    /// late repeat): (timer id, fired-at header) per delivery.
+    async fn deliveries(
+        consumer: &rdkafka::consumer::StreamConsumer,
+        payload: &[u8],
+        id: &str,
+    ) -> Vec<(String, u64)> {
+        let mut got = collect(consumer, Duration::from_secs(30), |m| {
+            m.iter().any(|r| r.timer_id() == id)
+        })
+        .await;
+        got.extend(collect(consumer, Duration::from_secs(3), |_| false).await);
+        got.iter()
+            .filter(|r| r.payload == payload)
+            .map(|r| (r.timer_id(), r.header_ms("timerdb-fired-at")))
+            .collect()
+    }
+
+    /// The row lands (3 s after the call) after the slot's new owner read its bucket, and
+    /// the timer is overdue by then: the member asks the new owner to adopt it, the owner
+    /// fires it, and only then is the caller told its id. It fires exactly once, not early.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_landing_after_its_new_owner_read_the_bucket_is_adopted_and_fires_once() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_adopt");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = with_node_1_failing("api.before_store=1*return(delay:3000)").await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        let fire_at = now_ms() + 2_500;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("adopted")
+            .idempotency_key("adopt-1");
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let call = tokio::spawn(async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        admin(&c, &["drain", "1", "--no-wait"]);
+        let id = call
+            .await
+            .unwrap()
+            .expect("the call itself answers")
+            .remove(0)
+            .unwrap_or_else(|e| panic!("the adopted timer is acknowledged: {e:?}\n{}", c.logs()));
+        let fired = deliveries(&consumer, b"adopted", &id).await;
+        assert_eq!(
+            fired.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            vec![id.as_str()],
+            "the acknowledged timer fires once\n{}",
+            c.logs()
+        );
+        assert!(fired[0].1 >= fire_at, "fired early");
+        assert!(
+            c.metrics_text(1)
+                .await
+                .contains("timerdb_cluster_moved_writes_total{outcome=\"adopted\"} 1"),
+            "node 1 counts the adoption"
+        );
+    }
+
+    /// The loss this guards against: a keyed write is slow (6 s), its caller's deadline
+    /// (1.5 s) passes, its range moves away meanwhile, and the caller retries on another
+    /// member, which finds the key held by the first id. The retry is answered with that
+    /// id only after the owner adopted the timer and the key's claim was confirmed; when
+    /// the first member then fails to have the timer adopted (failpoint) it must not
+    /// withdraw it: the id the retry was told fires, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_told_the_first_id_is_never_withdrawn_under_it() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_confirm");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c =
+            with_node_1_failing("api.after_store=1*return(delay:6000);api.adopt=1*return").await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        let fire_at = now_ms() + 8_000;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("confirmed")
+            .idempotency_key("confirm-1");
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let started = std::time::Instant::now();
+        let abandoned = tokio::time::timeout(Duration::from_millis(1_500), async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        let drain = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            admin(&c, &["drain", "1", "--no-wait"]);
+        };
+        let (first_answer, ()) = tokio::join!(abandoned, drain);
+        assert!(first_answer.is_err(), "the first call is still under way");
+        let id = retry_until_acknowledged(&c.nodes[1], &timer).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(6_000),
+            "the retry was answered before the first call decided ({:?})",
+            started.elapsed()
+        );
+        let fired = deliveries(&consumer, b"confirmed", &id).await;
+        assert_eq!(
+            fired.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            vec![id.as_str()],
+            "the id the retry was told fires, once\n{}",
+            c.logs()
+        );
+        assert!(fired[0].1 >= fire_at, "fired early");
+        assert!(
+            c.metrics_text(1)
+                .await
+                .contains("timerdb_cluster_moved_writes_total{outcome=\"confirmed\"} 1"),
+            "node 1 found the claim confirmed and kept the timer\n{}",
+            c.logs()
+        );
     }
 }

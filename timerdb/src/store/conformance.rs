@@ -344,7 +344,12 @@ pub async fn a_confirmed_key_keeps_its_timer_from_a_withdraw(store: Arc<dyn Time
         .unwrap();
     let ids: Vec<_> = bucket.timers.iter().map(|t| t.id).collect();
     assert_eq!(ids, vec![first.id], "the confirmed timer fires, once");
-    assert!(!store.confirm_key("nobody-holds-this", first.id).await.unwrap());
+    assert!(
+        !store
+            .confirm_key("nobody-holds-this", first.id)
+            .await
+            .unwrap()
+    );
 }
 
 /// A slot's marks move under the epoch that claimed it last, and under no older one.
@@ -405,7 +410,10 @@ pub async fn idempotency_key_expires_after_retention(store: Arc<dyn TimerStore>)
     let mut b = spec(now_ms() + 60_000, 2);
     b.idempotency_key = Some("short-lived-confirmed".into());
     let first_b = insert_ok(&*store, std::slice::from_ref(&b)).await[0];
-    store.confirm_key("short-lived-confirmed", first_b.id).await.unwrap();
+    store
+        .confirm_key("short-lived-confirmed", first_b.id)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let second = insert_ok(&*store, &[a, b]).await;
     assert!(second.iter().all(|i| i.created), "{second:?}");

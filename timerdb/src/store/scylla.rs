@@ -25,7 +25,8 @@ use scylla::statement::{Consistency, SerialConsistency};
 use scylla::value::{CqlValue, Row};
 
 use super::{
-    Abandoned, CancelOutcome, Homing, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer, TimerStore,
+    Abandoned, CancelOutcome, Homing, Inserted, LoadedPage, Progress, StoreOptions, StoredTimer,
+    TimerStore,
 };
 use crate::metrics as m;
 use crate::timer::{Layout, SlotRange, StoredState, Timer, TimerId, TimerSpec, now_ms};
@@ -1228,9 +1229,10 @@ impl TimerStore for ScyllaStore {
         if holder.as_deref() != Some(id.to_bytes().as_slice()) {
             return Ok(false);
         }
-        let ttl = ttl.map_or(self.retention.as_secs().clamp(1, i32::MAX as u64) as i32, |t| {
-            (t - 1).max(1)
-        });
+        let ttl = ttl.map_or(
+            self.retention.as_secs().clamp(1, i32::MAX as u64) as i32,
+            |t| (t - 1).max(1),
+        );
         let r = self
             .session
             .execute_unpaged(
