@@ -49,7 +49,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     };
 
     let total = cfg.total();
-    let tracker = Arc::new(Tracker::new(run_id, total, topics.clone(), cfg.partitions));
+    let tracker = Arc::new(
+        Tracker::new(run_id, total, topics.clone(), cfg.partitions).with_retries(cfg.retry),
+    );
     let consumer = match &cfg.source {
         Source::Jsonl(path) => consume::tail_jsonl(path, tracker.clone())?,
         Source::Kafka(brokers) => {

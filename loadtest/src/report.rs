@@ -370,11 +370,12 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "checked   delivered {}  LOST {}  EARLY {}  duplicates {}  corrupt {}  unexpected {}  (unacked delivered {}, other runs {})",
+            "checked   delivered {}  LOST {}  EARLY {}  duplicates {} (under two ids {})  corrupt {}  unexpected {}  (unacked delivered {}, other runs {})",
             c.delivered,
             c.lost,
             c.early,
             c.duplicates,
+            c.two_ids,
             c.corrupt,
             c.unexpected,
             c.unacked_delivered,

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::cluster::{ADOPT, FORWARDED, Member};
 use crate::config::Limits;
 use crate::metrics as m;
-use crate::scheduler::{CancelProbe, MemState, Scheduler};
+use crate::scheduler::{Adoption as SchedAdoption, CancelProbe, MemState, Scheduler};
 use crate::sink::Sink;
 use crate::store::{Abandoned, CancelOutcome, StoredTimer, TimerStore};
 use crate::timer::{StoredState, Timer, TimerId, TimerSpec, now_ms};
@@ -160,6 +160,9 @@ async fn store_and_hand_off(
     crate::failpoint::hit_async("api.after_store").await?;
     let mut fresh = Vec::with_capacity(inserted.len());
     let mut repeated = Vec::new();
+    // Items a cluster member settles after the hand-off (each may ask another member).
+    let mut moved: Vec<(usize, TimerId, TimerSpec)> = Vec::new();
+    let mut repeats: Vec<(usize, TimerId, String)> = Vec::new();
     // Read once for the whole batch, after the write.
     let acting = member.as_ref().map(|m| m.acting_ranges());
     for ((n, i), spec) in at.into_iter().zip(inserted).zip(to_store) {
@@ -169,7 +172,7 @@ async fn store_and_hand_off(
                     && let (Some(m), Some(acting)) = (&member, &acting)
                     && !m.still_acting(i.id, acting) =>
             {
-                results[n] = Some(settle_moved(&store, &scheduler, m, i.id, &spec).await);
+                moved.push((n, i.id, spec));
                 continue;
             }
             Ok(i) if i.created => fresh.push(Timer {
@@ -179,9 +182,9 @@ async fn store_and_hand_off(
             }),
             // A cluster member answers a repeated key with its first id only once that
             // timer's owner holds it and no withdraw of it can follow.
-            Ok(i) if let Some(m) = &member => {
-                let key = spec.idempotency_key.as_deref().unwrap_or_default();
-                results[n] = Some(settle_repeat(&store, &scheduler, m, i.id, key).await);
+            Ok(i) if member.is_some() => {
+                let key = spec.idempotency_key.unwrap_or_default();
+                repeats.push((n, i.id, key));
                 continue;
             }
             Ok(i) if scheduler.is_loaded(i.id) => repeated.push((n, i.id)),
@@ -191,6 +194,26 @@ async fn store_and_hand_off(
     }
     m::scheduled(fresh.len());
     scheduler.hand_off(fresh, Some(guard.clone()));
+    if let Some(m) = &member {
+        let (store, scheduler) = (&store, &scheduler);
+        let settled = futures::future::join_all(
+            moved
+                .iter()
+                .map(|(n, id, spec)| async move {
+                    (*n, settle_moved(store, scheduler, m, *id, spec).await)
+                })
+                .map(futures::future::Either::Left)
+                .chain(repeats.iter().map(|(n, id, key)| {
+                    futures::future::Either::Right(async move {
+                        (*n, settle_repeat(store, scheduler, m, *id, key).await)
+                    })
+                })),
+        )
+        .await;
+        for (n, r) in settled {
+            results[n] = Some(r);
+        }
+    }
     // A repeated idempotency key whose timer is due inside the loaded window: hand it off
     // again (the range admits each id once), in case the first call's hand-off never came.
     // A read that fails fails only its item (the others are handed off already).
@@ -214,7 +237,8 @@ async fn store_and_hand_off(
 enum Adoption {
     /// The owner holds it, or will read it with its bucket; an overdue one has fired.
     Adopted,
-    /// The row is gone: its bucket was fired and deleted (or the timer never existed).
+    /// The row is gone: its bucket was deleted (after the owner fired what it had read of
+    /// it), or the timer never existed.
     Gone,
 }
 
@@ -240,7 +264,7 @@ async fn adopt(
         )
         .await
         .map(|_| ()),
-        None => match adopt_here(store, scheduler, id).await? {
+        None => match adopt_here(store, scheduler, id, None).await? {
             Some(_) => Ok(()),
             None => Err(not_found(id)),
         },
@@ -253,35 +277,69 @@ async fn adopt(
     }
 }
 
-/// On the running owner of `id`'s slot: makes sure the stored, pending timer `id` fires.
-/// A timer whose bucket the range has not read yet is left to the load. One whose bucket
-/// it read (or deleted) already is handed to it; if it is overdue, the answer waits until
-/// it has fired, because the range's recorded progress may already claim its due time
-/// (the row landed after the load), and a member taking over after a crash would skip it.
-/// `None`: no such row.
+/// On the running owner of `id`'s slot: makes sure the stored timer `id` fires, if it is
+/// pending (see [`Scheduler::adopt`]). A timer whose bucket the range has not read yet is
+/// left to the load. One whose bucket it read already is taken into memory; if it is
+/// overdue, the answer waits until it has fired, because the range's recorded progress
+/// may already claim its due time (the row landed after the load), and a member taking
+/// over after a crash would skip it. One the progress of an earlier owner claims
+/// delivered is refused: no range would fire it. `None`: no such row. `budget` caps the
+/// wait for a fire (the asking member's deadline).
 async fn adopt_here(
     store: &Arc<dyn TimerStore>,
     scheduler: &Arc<Scheduler>,
     id: TimerId,
+    budget: Option<Duration>,
 ) -> Result<Option<StoredTimer>> {
-    let Some(stored) = store.get(id).await? else {
+    let started = tokio::time::Instant::now();
+    let Some(mut stored) = store.get(id).await? else {
         return Ok(None);
     };
-    if stored.state != StoredState::Pending || !scheduler.is_loaded(id) {
+    if stored.state != StoredState::Pending {
         return Ok(Some(stored));
     }
-    let due_ms = stored.timer.spec.fire_at_ms;
-    scheduler.hand_off(vec![stored.timer.clone()], None);
-    let deadline = tokio::time::Instant::now() + ADOPT_FIRE_WAIT;
-    loop {
-        match scheduler.status(id).await {
-            None => {
-                return Err(Error::Unavailable(format!(
-                    "timer {id}: its range here did not take it (the range is stopping); retry"
-                )));
+    let not_running = || {
+        Error::Unavailable(format!(
+            "timer {id}: no range here runs its slot any more (it is moving); retry"
+        ))
+    };
+    let mut verdict = scheduler
+        .adopt(stored.timer.clone(), false)
+        .await
+        .ok_or_else(not_running)?;
+    if verdict == SchedAdoption::BucketDeleted {
+        // The range fired and deleted this bucket: a row still there now was written
+        // after that delete, and was never read. Gone now: it was read and fired.
+        match store.get(id).await? {
+            Some(again) if again.state == StoredState::Pending => {
+                stored = again;
+                verdict = scheduler
+                    .adopt(stored.timer.clone(), true)
+                    .await
+                    .ok_or_else(not_running)?;
             }
+            other => return Ok(other),
+        }
+    }
+    match verdict {
+        SchedAdoption::Covered => {
+            return Err(Error::Unavailable(format!(
+                "timer {id} is stored in a bucket whose recorded progress, written by an \
+                 earlier owner of its slot, claims it delivered; it cannot be adopted"
+            )));
+        }
+        SchedAdoption::Unloaded | SchedAdoption::Known(_) | SchedAdoption::Admitted => {}
+        SchedAdoption::BucketDeleted => return Err(not_running()),
+    }
+    let due_ms = stored.timer.spec.fire_at_ms;
+    let deadline = started + budget.map_or(ADOPT_FIRE_WAIT, |b| b.min(ADOPT_FIRE_WAIT));
+    loop {
+        if matches!(verdict, SchedAdoption::Unloaded) || due_ms > now_ms() {
+            return Ok(Some(stored));
+        }
+        match scheduler.status(id).await {
+            None => return Err(not_running()),
             Some(MemState::Fired | MemState::Cancelled) => return Ok(Some(stored)),
-            Some(_) if due_ms > now_ms() => return Ok(Some(stored)),
             Some(_) if tokio::time::Instant::now() >= deadline => {
                 return Err(Error::Unavailable(format!(
                     "timer {id} was handed to its range here but has not fired within {:?} \
@@ -367,7 +425,13 @@ async fn settle_repeat(
     id: TimerId,
     key: &str,
 ) -> Result<TimerId> {
-    match adopt(store, scheduler, member, id).await {
+    // No owner has read a bucket this far out yet: only the confirmation is needed.
+    let adopted = if member.surely_unread(id) {
+        Ok(Adoption::Adopted)
+    } else {
+        adopt(store, scheduler, member, id).await
+    };
+    match adopted {
         Ok(Adoption::Gone) => Ok(id),
         Ok(Adoption::Adopted) => match store.confirm_key(key, id).await? {
             true => Ok(id),
@@ -574,8 +638,9 @@ impl TimerService for TimerApi {
     ) -> std::result::Result<Response<v1::GetTimerResponse>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
         // A member asking this one, as the owner, to adopt a timer stored while its range
-        // moved (see `adopt_here`); harmless for any caller.
-        let adopt = request.metadata().contains_key(ADOPT);
+        // moved (see `adopt_here`); only ever sent as a forwarded call.
+        let adopt = forwarded && request.metadata().contains_key(ADOPT);
+        let started = tokio::time::Instant::now();
         let budget = wait_budget(&request);
         let req = request.into_inner();
         let r = async {
@@ -597,7 +662,8 @@ impl TimerService for TimerApi {
                 .await;
             }
             let stored = if adopt {
-                adopt_here(&self.store, &self.scheduler, id).await?
+                let left = budget.map(|b| b.saturating_sub(started.elapsed()));
+                adopt_here(&self.store, &self.scheduler, id, left).await?
             } else {
                 self.store.get(id).await?
             };

@@ -193,6 +193,12 @@ impl Member {
         acting.iter().any(|r| r.contains(slot))
     }
 
+    /// Whether no member can have read `id`'s bucket yet, on any clock within the drift
+    /// (a minute beyond [`Member::still_acting`]'s bound).
+    pub fn surely_unread(&self, id: TimerId) -> bool {
+        id.bucket_ms > now_ms() + self.unread_beyond_ms + 60_000
+    }
+
     /// The refusal for a near-term timer this member cannot home (it runs no range right
     /// now: it is joining, draining, or its ranges are moving). Nothing is written.
     pub fn refuse_near(&self, spec: &TimerSpec, homing: &Homing) -> Option<Error> {

@@ -36,6 +36,7 @@ const SLOTS_OWNED: &str = "timerdb_cluster_slots_owned";
 const SLOTS_UNOWNED: &str = "timerdb_cluster_slots_unowned";
 const IS_LEADER: &str = "timerdb_cluster_is_leader";
 const MEMBERS: &str = "timerdb_cluster_members";
+const CLOCK_OFFSET: &str = "timerdb_cluster_clock_offset_seconds";
 
 /// Starts the Prometheus endpoint on `addr` (`GET /metrics`) and describes every metric.
 pub fn install(addr: SocketAddr) -> Result<()> {
@@ -86,6 +87,11 @@ fn describe() {
     describe_gauge!(SLOTS_UNOWNED, "Cluster member: slots its map gives nobody");
     describe_gauge!(IS_LEADER, "Cluster member: 1 while it is the Raft leader");
     describe_gauge!(MEMBERS, "Cluster member: members in its map, by state");
+    describe_gauge!(
+        CLOCK_OFFSET,
+        Unit::Seconds,
+        "Cluster member: its wall clock minus the leader's, measured at its last lease renewal (members must agree within the lease drift)"
+    );
     // Every counter exists from the start (at 0), so dashboards and alert rules find it
     // before the first event.
     for name in [
@@ -247,6 +253,12 @@ pub fn fenced(what: &'static str) {
 pub fn ranges(slots_running: usize, low_water_lag: Duration) {
     gauge!(RANGES_RUNNING).set(slots_running as f64);
     gauge!(LOW_WATER_LAG).set(low_water_lag.as_secs_f64());
+}
+
+/// This member's wall clock minus the leader's, as measured at its last lease renewal
+/// (0 on the leader).
+pub fn clock_offset(member_minus_leader_ms: i64) {
+    gauge!(CLOCK_OFFSET).set(member_minus_leader_ms as f64 / 1000.0);
 }
 
 /// What a cluster member knows of itself and the map.

@@ -117,6 +117,23 @@ pub enum MemState {
     Cancelled,
 }
 
+/// What a range made of a stored timer it was asked to adopt ([`Scheduler::adopt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adoption {
+    /// It holds the timer already, in this state.
+    Known(MemState),
+    /// Taken into memory now: it fires at its time.
+    Admitted,
+    /// Its bucket is not read yet: the load will read the row.
+    Unloaded,
+    /// Its bucket was fired and deleted here: only a row written after that delete is
+    /// still in the store (read it again, then adopt with `force`).
+    BucketDeleted,
+    /// The progress an earlier owner recorded claims it delivered (its row landed after
+    /// that owner read its bucket): this range would never fire it.
+    Covered,
+}
+
 /// First step of a cancel, taken in memory before the durable write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelProbe {
@@ -187,6 +204,9 @@ enum Msg {
     BeginCancel(TimerId, oneshot::Sender<CancelProbe>),
     EndCancel(TimerId, Option<CancelOutcome>),
     Status(TimerId, oneshot::Sender<Option<MemState>>),
+    /// Adopt a stored timer (see [`Scheduler::adopt`]): (timer, its bucket is loaded,
+    /// admit it even if its bucket was deleted here, reply).
+    Adopt(Timer, bool, bool, oneshot::Sender<Adoption>),
     /// Stop; with a cutoff (ms), record no progress or low-water mark at or past it.
     Shutdown(oneshot::Sender<()>, Option<u64>),
 }
@@ -551,6 +571,17 @@ impl Scheduler {
         if let Some(tx) = self.sender_for(id) {
             let _ = tx.send(Msg::EndCancel(id, outcome));
         }
+    }
+
+    /// Asks the range running `timer`'s slot to make sure the stored, pending `timer` fires
+    /// (a member stored it while the range moved here, and this range may have read its
+    /// bucket before the row landed). `None`: no range here runs the slot.
+    pub async fn adopt(&self, timer: Timer, force: bool) -> Option<Adoption> {
+        let loaded = self.is_loaded(timer.id);
+        let tx = self.sender_for(timer.id)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Msg::Adopt(timer, loaded, force, reply)).ok()?;
+        rx.await.ok()
     }
 
     /// What memory knows of a timer, if it is held there.

@@ -301,6 +301,7 @@ async fn report_metrics(scheduler: Arc<Scheduler>, cluster: Option<timerdb_raft:
                 .iter()
                 .filter(|o| o.owner.is_none())
                 .count();
+            crate::metrics::clock_offset(node.clock_offset().map_or(0, |c| -c.offset_ms));
             crate::metrics::cluster(
                 lease_left,
                 applied.map.slots_of(node.id()).len(),

@@ -10,8 +10,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::{
-    CancelProbe, MemState, MemoryUse, Msg, RangeHandle, RangeStats, SchedulerConfig, Writes,
-    timer_bytes,
+    Adoption, CancelProbe, MemState, MemoryUse, Msg, RangeHandle, RangeStats, SchedulerConfig,
+    Writes, timer_bytes,
 };
 use crate::Result;
 use crate::metrics as m;
@@ -625,16 +625,22 @@ impl RangeTask {
             }
             Msg::EndCancel(id, outcome) => self.end_cancel(id, outcome),
             Msg::Status(id, reply) => {
-                let entry = self
-                    .buckets
-                    .get(&id.bucket_ms)
-                    .and_then(|b| b.entries.get(&id));
-                let _ = reply.send(entry.map(|e| match e.state {
-                    State::Pending => MemState::Pending,
-                    State::InFlight => MemState::Firing,
-                    State::Fired => MemState::Fired,
-                    State::Cancelling { .. } | State::Cancelled => MemState::Cancelled,
-                }));
+                let _ = reply.send(self.mem_state(id));
+            }
+            Msg::Adopt(t, loaded, force, reply) => {
+                let verdict = if let Some(state) = self.mem_state(t.id) {
+                    Adoption::Known(state)
+                } else if self.resume.covers(self.layout, t.id.bucket_ms, &t) {
+                    Adoption::Covered
+                } else if !loaded {
+                    Adoption::Unloaded
+                } else if self.deleted.contains(&t.id.bucket_ms) && !force {
+                    Adoption::BucketDeleted
+                } else {
+                    self.admit(t);
+                    Adoption::Admitted
+                };
+                let _ = reply.send(verdict);
             }
             Msg::Shutdown(reply, cutoff) => {
                 self.stop_loader.store(true, Ordering::SeqCst);
@@ -678,6 +684,20 @@ impl RangeTask {
             self.in_memory.timers.load(Ordering::Relaxed),
             self.in_memory.bytes.load(Ordering::Relaxed),
         );
+    }
+
+    /// What memory knows of timer `id`, if it holds it.
+    fn mem_state(&self, id: TimerId) -> Option<MemState> {
+        let entry = self
+            .buckets
+            .get(&id.bucket_ms)
+            .and_then(|b| b.entries.get(&id))?;
+        Some(match entry.state {
+            State::Pending => MemState::Pending,
+            State::InFlight => MemState::Firing,
+            State::Fired => MemState::Fired,
+            State::Cancelling { .. } | State::Cancelled => MemState::Cancelled,
+        })
     }
 
     /// Adds a pending timer unless its id is already known (loaded and handed off, fired,
