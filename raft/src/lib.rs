@@ -16,7 +16,7 @@ pub mod node;
 pub mod store;
 
 pub use map::{ClusterMap, Command, NodeId, Refusal};
-pub use node::{ClusterConfig, ClusterNode, OwnedRange};
+pub use node::{ClockOffset, ClusterConfig, ClusterNode, OwnedRange};
 
 /// What applying a command answered: done, or refused with the map unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

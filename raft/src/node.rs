@@ -39,6 +39,25 @@ pub struct ClusterConfig {
     pub lease: LeaseSettings,
     /// Raft election timeout range; the leader's heartbeat is a third of its low end.
     pub election_timeout_ms: (u64, u64),
+    /// Added to every wall-clock reading this member reports to others (tests use it to
+    /// play a member whose clock is off; 0 in service).
+    pub wall_clock_offset_ms: i64,
+}
+
+/// The leader's wall clock minus a member's, as the member measured it at a lease renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockOffset {
+    /// Leader's clock minus this member's, ms.
+    pub offset_ms: i64,
+    /// Error bound of the measurement (half the renewal's round trip), ms.
+    pub error_ms: u64,
+}
+
+impl ClockOffset {
+    /// Whether the clocks surely differ by more than `drift_ms`, whatever the error.
+    pub fn beyond(&self, drift_ms: u64) -> bool {
+        self.offset_ms.unsigned_abs() > drift_ms + self.error_ms
+    }
 }
 
 impl ClusterConfig {
@@ -52,6 +71,7 @@ impl ClusterConfig {
             slots: 256,
             lease: LeaseSettings::default(),
             election_timeout_ms: (400, 800),
+            wall_clock_offset_ms: 0,
         }
     }
 }
@@ -95,6 +115,12 @@ struct Inner {
     /// Leader only: when each member last renewed its lease while keeping up with the
     /// log, and the index the leader granted it last.
     last_seen: Mutex<HashMap<NodeId, (Instant, u64)>>,
+    /// The leader's clock minus this member's, measured at the last renewal the leader
+    /// answered, and its error bound (half that round trip); ms.
+    clock: Mutex<Option<ClockOffset>>,
+    /// Leader only: members whose clocks were reported off by more than the drift (each
+    /// warned about once until it is back within it).
+    skewed: Mutex<std::collections::HashSet<NodeId>>,
     /// Leader only: members a rejoin is being proposed for.
     rejoining: Mutex<std::collections::HashSet<NodeId>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -136,6 +162,8 @@ impl ClusterNode {
                 lost: Mutex::new(HashMap::new()),
                 noted: std::sync::atomic::AtomicU64::new(u64::MAX),
                 last_seen: Mutex::new(HashMap::new()),
+                clock: Mutex::new(None),
+                skewed: Mutex::new(Default::default()),
                 rejoining: Mutex::new(Default::default()),
                 tasks: Mutex::new(Vec::new()),
             }),
@@ -203,6 +231,28 @@ impl ClusterNode {
     /// The server of `timerdb.internal.v1.Cluster` for this member.
     pub fn cluster_service(&self) -> pb::cluster_server::ClusterServer<ClusterService> {
         pb::cluster_server::ClusterServer::new(ClusterService { node: self.clone() })
+    }
+
+    /// This member's wall clock, as it reports it to others.
+    fn wall_ms(&self) -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        (now + self.inner.config.wall_clock_offset_ms).max(0) as u64
+    }
+
+    /// How far the leader's wall clock is from this member's, as measured at the last
+    /// lease renewal (`None` before one, or on the leader itself: it is the reference).
+    pub fn clock_offset(&self) -> Option<ClockOffset> {
+        *self.inner.clock.lock().unwrap()
+    }
+
+    /// Leader: the members whose clocks were last reported further off its own than the
+    /// lease drift allows (empty on other members).
+    pub fn skewed_members(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self.inner.skewed.lock().unwrap().iter().copied().collect();
+        v.sort_unstable();
+        v
     }
 
     /// Until when this member's lease holds, if it holds now.
@@ -291,6 +341,37 @@ impl ClusterNode {
     /// counts as alive only if its own map has caught up with the index granted to it
     /// before (`member_applied`): one that cannot apply the log never holds a lease, and
     /// its slots must move.
+    /// Leader: takes in the clock offset `member` measured against this leader's clock,
+    /// and warns (once, until it is back within bounds) when it is surely further off
+    /// than the drift the cluster's leases allow: the lease argument, the homing of
+    /// near-term timers and the recorded progress all assume members' wall clocks agree
+    /// within it (the cluster does not act on it: fix the member's time sync).
+    fn note_clock(&self, member: NodeId, clock: ClockOffset) {
+        let drift = self.inner.map.borrow().map.lease.drift_ms;
+        let mut skewed = self.inner.skewed.lock().unwrap();
+        if clock.beyond(drift) {
+            if skewed.insert(member) {
+                tracing::warn!(
+                    member,
+                    offset_ms = -clock.offset_ms,
+                    error_ms = clock.error_ms,
+                    drift_ms = drift,
+                    "cluster.clock: member {member}'s wall clock is {} ms off the leader's \
+                     (± {} ms), more than the {drift} ms of drift the cluster allows; timers it \
+                     fires may be early or late by that much: fix its time sync (NTP)",
+                    -clock.offset_ms,
+                    clock.error_ms
+                );
+            }
+        } else if skewed.remove(&member) {
+            tracing::info!(
+                member,
+                offset_ms = -clock.offset_ms,
+                "cluster.clock: member {member}'s clock is back within the drift"
+            );
+        }
+    }
+
     async fn grant(&self, member: NodeId, member_applied: u64) -> Result<u64> {
         self.inner
             .raft
@@ -362,14 +443,34 @@ impl ClusterNode {
                 let asked = Instant::now();
                 let my_index = node.inner.map.borrow().index;
                 let granted = match client {
-                    None => node.grant(node.id(), my_index).await.ok(),
+                    None => {
+                        *node.inner.clock.lock().unwrap() = None;
+                        node.grant(node.id(), my_index).await.ok()
+                    }
                     Some(mut client) => {
+                        let measured = node.clock_offset();
+                        let sent_wall = node.wall_ms();
                         let call = client.heartbeat(pb::HeartbeatRequest {
                             node_id: node.id(),
                             applied_index: my_index,
+                            wall_ms: sent_wall,
+                            clock_offset_ms: measured.map_or(0, |c| c.offset_ms),
+                            clock_error_ms: measured.map_or(0, |c| c.error_ms),
                         });
                         match tokio::time::timeout(timeout, call).await {
-                            Ok(Ok(r)) => Some(r.into_inner().applied_index),
+                            Ok(Ok(r)) => {
+                                let r = r.into_inner();
+                                if r.leader_wall_ms != 0 {
+                                    let half = asked.elapsed().as_millis() as u64 / 2;
+                                    let offset = ClockOffset {
+                                        offset_ms: r.leader_wall_ms as i64
+                                            - (sent_wall + half) as i64,
+                                        error_ms: half + 1,
+                                    };
+                                    *node.inner.clock.lock().unwrap() = Some(offset);
+                                }
+                                Some(r.applied_index)
+                            }
                             Ok(Err(s)) => {
                                 tracing::debug!(leader, error = %s.message(), "cluster.lease: renewal refused");
                                 None
@@ -687,10 +788,20 @@ impl pb::cluster_server::Cluster for ClusterService {
         request: tonic::Request<pb::HeartbeatRequest>,
     ) -> std::result::Result<tonic::Response<pb::HeartbeatReply>, tonic::Status> {
         let r = request.into_inner();
+        if r.wall_ms != 0 {
+            self.node.note_clock(
+                r.node_id,
+                ClockOffset {
+                    offset_ms: r.clock_offset_ms,
+                    error_ms: r.clock_error_ms,
+                },
+            );
+        }
         match self.node.grant(r.node_id, r.applied_index).await {
             Ok(applied_index) => Ok(tonic::Response::new(pb::HeartbeatReply {
                 applied_index,
                 leader_id: self.node.id(),
+                leader_wall_ms: self.node.wall_ms(),
             })),
             Err(e) => Err(tonic::Status::failed_precondition(e.to_string())),
         }

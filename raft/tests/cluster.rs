@@ -23,10 +23,18 @@ struct Cluster {
     _dir: tempfile::TempDir,
     addrs: Vec<(NodeId, String)>,
     members: Vec<Option<Member>>,
+    /// Each member's wall-clock offset (ms), by id - 1.
+    clock_offsets: Vec<i64>,
 }
 
 impl Cluster {
     async fn start(n: u64) -> Cluster {
+        Self::start_with_clocks(&vec![0; n as usize]).await
+    }
+
+    /// One member per entry of `clock_offsets`, its wall clock that far off (ms).
+    async fn start_with_clocks(clock_offsets: &[i64]) -> Cluster {
+        let n = clock_offsets.len();
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -45,6 +53,7 @@ impl Cluster {
             _dir: dir,
             addrs,
             members: Vec::new(),
+            clock_offsets: clock_offsets.to_vec(),
         };
         for (i, l) in listeners.into_iter().enumerate() {
             let m = c.member(i as u64 + 1, l).await;
@@ -61,6 +70,7 @@ impl Cluster {
         let addr = self.addrs[id as usize - 1].1.clone();
         let mut config = ClusterConfig::new(id, addr, self.raft_dir(id));
         config.initial_members = self.addrs.clone();
+        config.wall_clock_offset_ms = self.clock_offsets[id as usize - 1];
         let node = ClusterNode::start(config).await.unwrap();
         let (raft, cluster) = (node.raft_service(), node.cluster_service());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -286,4 +296,57 @@ async fn a_follower_forwards_commands_and_a_refusal_names_its_reason() {
         "{e}"
     );
     assert!(e.to_string().contains("no member 9"), "{e}");
+}
+
+/// Member 3's wall clock runs 1.5 s ahead (the lease drift allowed is 0.2 s): every member
+/// measures the leader's clock against its own at each lease renewal, and the leader names
+/// the members that are surely further off than the drift (member 3, or, should member 3
+/// lead, the other two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_clock_is_off_is_measured_and_named_by_the_leader() {
+    let c = Cluster::start_with_clocks(&[0, 0, 1_500]).await;
+    c.wait_for("every slot owned", |m| m.fully_owned()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        let leader = c.running().find(|n| n.is_leader()).map(|n| n.id());
+        if let Some(l) = leader
+            && !c.node(l).skewed_members().is_empty()
+            && c.running()
+                .filter(|n| n.id() != l)
+                .all(|n| n.clock_offset().is_some())
+        {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no clock measured or named");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let expected: Vec<NodeId> = if leader == 3 { vec![1, 2] } else { vec![3] };
+    assert_eq!(c.node(leader).skewed_members(), expected);
+    let own = |id: NodeId| c.clock_offsets[id as usize - 1];
+    for n in c.running().filter(|n| n.id() != leader) {
+        let m = n.clock_offset().unwrap();
+        let truth = own(leader) - own(n.id());
+        assert!(
+            (m.offset_ms - truth).unsigned_abs() <= m.error_ms + 50,
+            "member {} measured {m:?}, the truth is {truth} ms",
+            n.id()
+        );
+    }
+    assert!(
+        c.node(leader).clock_offset().is_none(),
+        "the leader is the reference"
+    );
+}
+
+#[test]
+fn a_clock_is_named_only_when_surely_beyond_the_drift() {
+    use timerdb_raft::ClockOffset;
+    let at = |offset_ms, error_ms| ClockOffset {
+        offset_ms,
+        error_ms,
+    };
+    assert!(!at(150, 10).beyond(200));
+    assert!(!at(-250, 60).beyond(200));
+    assert!(at(-261, 60).beyond(200));
+    assert!(at(1_500, 5).beyond(200));
 }
