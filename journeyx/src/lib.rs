@@ -6,13 +6,15 @@
 //! - [`catalog`]: every published journey version and segment;
 //! - [`engine`]: the pure step, event + user state → new state + commands;
 //! - [`clock`]: local time in the user's time zone;
-//! - [`store`]: user records, published journeys and segments (embedded: redb).
+//! - [`store`]: user records, published journeys and segments (embedded: redb);
+//! - [`runtime`]: the Kafka consumer, the effects, the offsets.
 
 pub mod catalog;
 pub mod clock;
 pub mod engine;
 pub mod model;
 pub mod predicate;
+pub mod runtime;
 pub mod store;
 
 /// What journeyx refuses or fails at.

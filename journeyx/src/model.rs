@@ -471,11 +471,17 @@ impl Journey {
                         "journey {j}, node {}, action {ai}: `exit` must be the node's last action",
                         n.id
                     )),
+                    Action::Webhook(w) if w.url.starts_with("https://") => problems.push(format!(
+                        "journey {j}, node {}, action {ai}: webhook url `{}`: journeyx posts plain \
+                         http:// only; put a TLS-terminating proxy beside it and name that",
+                        n.id, w.url
+                    )),
                     Action::Webhook(w)
-                        if !(w.url.starts_with("http://") || w.url.starts_with("https://")) =>
+                        if !w.url.starts_with("http://")
+                            || w.url.parse::<hyper::Uri>().is_err() =>
                     {
                         problems.push(format!(
-                            "journey {j}, node {}, action {ai}: webhook url `{}` is not http:// or https://",
+                            "journey {j}, node {}, action {ai}: webhook url `{}` is not an http:// URL",
                             n.id, w.url
                         ))
                     }

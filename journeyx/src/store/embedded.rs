@@ -26,6 +26,81 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     /// Publishing reads the catalog and then writes: one at a time.
     publish: tokio::sync::Mutex<()>,
+    /// User saves, to the writer thread (group commit).
+    saves: Option<std::sync::mpsc::Sender<Save>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedStore {
+    /// Lets the writer finish what it was given, so the file is closed when this returns
+    /// (the store can be opened again at once).
+    fn drop(&mut self) {
+        self.saves.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// One conditional save for the writer thread.
+struct Save {
+    key: String,
+    expected: u64,
+    json: Vec<u8>,
+    reply: tokio::sync::oneshot::Sender<Result<Saved>>,
+}
+
+/// Saves waiting when the writer starts a commit go into it together: one durable commit
+/// (one fsync) for all of them, so saves from many queues cost far less than one commit
+/// each. A user's saves are in order anyway (one queue per user).
+fn writer(db: Arc<Database>, saves: std::sync::mpsc::Receiver<Save>) {
+    while let Ok(first) = saves.recv() {
+        let mut group = vec![first];
+        while group.len() < 4_096
+            && let Ok(more) = saves.try_recv()
+        {
+            group.push(more);
+        }
+        match apply(&db, &group) {
+            Ok(outcomes) => {
+                for (s, o) in group.into_iter().zip(outcomes) {
+                    let _ = s.reply.send(Ok(o));
+                }
+            }
+            Err(e) => {
+                for s in group {
+                    let _ = s.reply.send(Err(failed("commit", &e)));
+                }
+            }
+        }
+    }
+}
+
+/// Applies `group` in one write transaction: each save only if its record is still at
+/// its expected version (a conflict leaves that record alone and the others go on).
+fn apply(db: &Database, group: &[Save]) -> Result<Vec<Saved>> {
+    let txn = db.begin_write().map_err(|e| failed("write", e))?;
+    let mut out = Vec::with_capacity(group.len());
+    {
+        let mut t = txn.open_table(USERS).map_err(|e| failed("write", e))?;
+        for s in group {
+            let current = match t.get(s.key.as_str()).map_err(|e| failed("read", e))? {
+                None => 0,
+                Some(v) => decode_user(v.value())?.version,
+            };
+            if current != s.expected {
+                out.push(Saved::Conflict);
+                continue;
+            }
+            let mut value = (s.expected + 1).to_be_bytes().to_vec();
+            value.extend_from_slice(&s.json);
+            t.insert(s.key.as_str(), value.as_slice())
+                .map_err(|e| failed("write", e))?;
+            out.push(Saved::Written(s.expected + 1));
+        }
+    }
+    txn.commit().map_err(|e| failed("commit", e))?;
+    Ok(out)
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> Error {
@@ -59,9 +134,18 @@ impl EmbeddedStore {
         })
         .await
         .map_err(|e| failed("opening", e))??;
+        let db = Arc::new(db);
+        let (saves, rx) = std::sync::mpsc::channel();
+        let for_writer = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("journeyx-store-writer".into())
+            .spawn(move || writer(for_writer, rx))
+            .map_err(|e| failed("starting the writer", e))?;
         Ok(EmbeddedStore {
-            db: Arc::new(db),
+            db,
             publish: tokio::sync::Mutex::new(()),
+            saves: Some(saves),
+            writer: Some(writer),
         })
     }
 
@@ -118,34 +202,21 @@ impl StateStore for EmbeddedStore {
         expected: u64,
         record: &User,
     ) -> Result<Saved> {
-        let key = user_key(app, user);
         let json = serde_json::to_vec(record).map_err(|e| failed("encoding a user", e))?;
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(|e| failed("write", e))?;
-            let outcome = {
-                let mut t = txn.open_table(USERS).map_err(|e| failed("write", e))?;
-                let current = match t.get(key.as_str()).map_err(|e| failed("read", e))? {
-                    None => 0,
-                    Some(v) => decode_user(v.value())?.version,
-                };
-                if current != expected {
-                    Saved::Conflict
-                } else {
-                    let mut value = (expected + 1).to_be_bytes().to_vec();
-                    value.extend_from_slice(&json);
-                    t.insert(key.as_str(), value.as_slice())
-                        .map_err(|e| failed("write", e))?;
-                    Saved::Written(expected + 1)
-                }
-            };
-            if outcome == Saved::Conflict {
-                txn.abort().map_err(|e| failed("abort", e))?;
-            } else {
-                txn.commit().map_err(|e| failed("commit", e))?;
-            }
-            Ok(outcome)
-        })
-        .await
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.saves
+            .as_ref()
+            .expect("open until dropped")
+            .send(Save {
+                key: user_key(app, user),
+                expected,
+                json,
+                reply,
+            })
+            .map_err(|_| failed("save", "the writer stopped"))?;
+        answer
+            .await
+            .map_err(|_| failed("save", "the writer stopped"))?
     }
 
     async fn publish_journey(&self, journey: &Journey) -> Result<bool> {

@@ -1,0 +1,442 @@
+//! The runtime around the pure engine: reads events from Kafka ([`kafka`]), runs each
+//! through [`engine::step`](crate::engine::step) against the user's stored record, carries
+//! out the commands, then writes the record (conditional on its version), then lets the
+//! offset be committed ([`offsets`]). Reprocessing an event after a crash or a rebalance
+//! therefore changes nothing visible: every effect carries an idempotency key derived from
+//! the event, and a user never skips or repeats a node.
+
+pub mod http;
+pub mod kafka;
+pub mod offsets;
+pub mod webhook;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::catalog::Catalog;
+use crate::engine::{self, Command, Count, Event, User};
+use crate::store::{Saved, StateStore};
+use crate::{Error, Result};
+
+/// Header carrying a message's idempotency key (also in its JSON).
+pub const IDEMPOTENCY_HEADER: &str = "journeyx-idempotency-key";
+/// Header of a dead-lettered event: why it was refused.
+pub const DEAD_LETTER_REASON: &str = "journeyx-error";
+
+/// Where the runtime reads and writes, and how.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Kafka bootstrap servers.
+    pub kafka: String,
+    /// Consumer group of the journeyx processes sharing the events topic.
+    pub group: String,
+    pub events_topic: String,
+    pub messages_topic: String,
+    /// Where malformed events go (with the reason in a header); `None`: counted and
+    /// logged only.
+    pub dead_letter_topic: Option<String>,
+    /// The TimerDB node (`host:port` or URL) timers are set on.
+    pub timerdb: String,
+    /// Queues each process spreads its events over by user (events of one user stay in
+    /// order in one queue; the queues run concurrently).
+    pub queues: usize,
+    /// One webhook attempt's time limit, and how many attempts.
+    pub webhook_timeout: Duration,
+    pub webhook_attempts: u32,
+}
+
+impl Settings {
+    /// The defaults, on Kafka at `kafka` and TimerDB at `timerdb`.
+    pub fn new(kafka: impl Into<String>, timerdb: impl Into<String>) -> Self {
+        Self {
+            kafka: kafka.into(),
+            group: "journeyx".into(),
+            events_topic: "journeyx-events".into(),
+            messages_topic: "journeyx-messages".into(),
+            dead_letter_topic: Some("journeyx-dead-letters".into()),
+            timerdb: timerdb.into(),
+            queues: 64,
+            webhook_timeout: Duration::from_secs(5),
+            webhook_attempts: 4,
+        }
+    }
+}
+
+/// Per (journey, version, node, what) counters since this process started.
+pub type Counters = BTreeMap<(String, u32, String, Count), u64>;
+
+/// The shared part of a running journeyx process.
+pub struct Runtime {
+    settings: Settings,
+    store: Arc<dyn StateStore>,
+    catalog: RwLock<Arc<Catalog>>,
+    producer: FutureProducer,
+    timers: timerdb_client::Client,
+    webhooks: webhook::Webhooks,
+    counters: Mutex<Counters>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+/// Tries an effect until it succeeds, pausing longer each time (up to 5 s): a store or
+/// service that is down holds the user's queue, it never skips the event. An
+/// [`Error::Invalid`] (the service refused the request itself) is not tried again.
+async fn until_done<T, F, Fut>(what: &str, f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    f.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times(),
+    )
+    .when(|e| !matches!(e, Error::Invalid(_)))
+    .notify(|e, pause| {
+        tracing::warn!(error = %e, "journeyx: {what} failed; trying again in {pause:?}");
+        metrics::counter!("journeyx_retries_total", "what" => what.to_owned()).increment(1);
+    })
+    .await
+}
+
+impl Runtime {
+    /// Connects the producer and the TimerDB client (lazily) and reads the catalog.
+    pub async fn new(settings: Settings, store: Arc<dyn StateStore>) -> Result<Arc<Self>> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.kafka)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "2")
+            .create()
+            .map_err(|e| Error::Invalid(format!("kafka producer for {}: {e}", settings.kafka)))?;
+        let timers = timerdb_client::Client::connect_lazy(&settings.timerdb)
+            .map_err(|e| Error::Invalid(format!("timerdb {}: {e}", settings.timerdb)))?;
+        let catalog = store.catalog().await?;
+        Ok(Arc::new(Self {
+            webhooks: webhook::Webhooks::new(settings.webhook_timeout, settings.webhook_attempts),
+            settings,
+            store,
+            catalog: RwLock::new(Arc::new(catalog)),
+            producer,
+            timers,
+            counters: Mutex::new(Counters::new()),
+        }))
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
+    /// The published journeys and segments as this process sees them.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.read().expect("catalog lock").clone()
+    }
+
+    /// Reads the catalog again (after a publish, here or by another process).
+    pub async fn reload_catalog(&self) -> Result<()> {
+        let fresh = Arc::new(self.store.catalog().await?);
+        *self.catalog.write().expect("catalog lock") = fresh;
+        Ok(())
+    }
+
+    /// The counters moved since this process started.
+    pub fn counters(&self) -> Counters {
+        self.counters.lock().expect("counters lock").clone()
+    }
+
+    /// Why `event` cannot be processed at all (it goes to the dead-letter topic), if so.
+    pub fn refusal(&self, event: &Event) -> Option<String> {
+        if event.user_id.is_empty() {
+            return Some("the event has no user_id".into());
+        }
+        if event.event_id.is_empty() {
+            return Some("the event has no event_id".into());
+        }
+        if self.catalog().journey_ids(&event.app_id).is_empty() {
+            return Some(format!(
+                "no journey is published for app_id {:?}",
+                event.app_id
+            ));
+        }
+        None
+    }
+
+    /// Processes one event that arrived on `partition` of the events topic: the step,
+    /// its effects, then the user's record. Returns when all of it is durable; a record
+    /// saved meanwhile by another process (a rebalance) makes it start over from a fresh
+    /// read (the effects repeat with the same keys).
+    pub async fn handle(&self, partition: i32, event: &Event) {
+        metrics::counter!("journeyx_events_total").increment(1);
+        loop {
+            let read = match until_done("loading a user", || {
+                self.store.load_user(&event.app_id, &event.user_id)
+            })
+            .await
+            {
+                Ok(read) => read,
+                Err(e) => {
+                    // An unreadable record: the event cannot be applied to it.
+                    tracing::error!(app = %event.app_id, user = %event.user_id, error = %e, "journeyx: skipping an event");
+                    metrics::counter!("journeyx_event_errors_total").increment(1);
+                    return;
+                }
+            };
+            let catalog = self.catalog();
+            let mut outcome = engine::step(&catalog, &read.user, event);
+            let mut changed = outcome.changed;
+            let mut set_now = HashMap::new();
+            for command in &outcome.commands {
+                changed |= self
+                    .execute(partition, command, &mut outcome.user, &mut set_now)
+                    .await;
+            }
+            if changed {
+                let saved = until_done("saving a user", || {
+                    self.store
+                        .save_user(&event.app_id, &event.user_id, read.version, &outcome.user)
+                })
+                .await;
+                let saved = match saved {
+                    Ok(saved) => saved,
+                    Err(e) => {
+                        tracing::error!(app = %event.app_id, user = %event.user_id, error = %e, "journeyx: a user's record could not be saved");
+                        metrics::counter!("journeyx_event_errors_total").increment(1);
+                        return;
+                    }
+                };
+                if saved == Saved::Conflict {
+                    metrics::counter!("journeyx_state_conflicts_total").increment(1);
+                    continue;
+                }
+            }
+            let mut counters = self.counters.lock().expect("counters lock");
+            for c in outcome.counts {
+                metrics::counter!(
+                    "journeyx_node_total",
+                    "journey" => c.journey_id.clone(),
+                    "version" => c.version.to_string(),
+                    "node" => c.node_id.clone(),
+                    "count" => count_name(c.count),
+                )
+                .increment(1);
+                *counters
+                    .entry((c.journey_id, c.version, c.node_id, c.count))
+                    .or_default() += 1;
+            }
+            return;
+        }
+    }
+
+    /// Carries out one command; `true` if it changed the user's record (a timer's id).
+    /// `set_now` keeps the ids of timers set for this event (token → id), so a timer set
+    /// and left within one event is cancelled too.
+    async fn execute(
+        &self,
+        partition: i32,
+        command: &Command,
+        user: &mut User,
+        set_now: &mut HashMap<String, String>,
+    ) -> bool {
+        let failed = |what: &str, e: Error| {
+            tracing::error!(error = %e, "journeyx: {what} was refused; going on without it");
+            metrics::counter!("journeyx_effect_errors_total", "what" => what.to_owned())
+                .increment(1);
+        };
+        match command {
+            Command::Send(message) => {
+                let value = message.record(now_ms()).to_string();
+                let sent = until_done("producing a message", || async {
+                    let record = FutureRecord::to(&self.settings.messages_topic)
+                        .key(&message.user_id)
+                        .payload(&value)
+                        .headers(OwnedHeaders::new().insert(Header {
+                            key: IDEMPOTENCY_HEADER,
+                            value: Some(message.idempotency_key.as_bytes()),
+                        }));
+                    self.producer
+                        .send(record, Duration::from_secs(30))
+                        .await
+                        .map(|_| ())
+                        .map_err(|(e, _)| Error::Store(format!("kafka: {e}")))
+                })
+                .await;
+                match sent {
+                    Ok(()) => metrics::counter!("journeyx_messages_total").increment(1),
+                    Err(e) => failed("a message", e),
+                }
+                false
+            }
+            Command::Webhook {
+                url,
+                body,
+                idempotency_key,
+                journey_id,
+                node_id,
+            } => {
+                if let Err(e) = self.webhooks.post(url, body, idempotency_key).await {
+                    tracing::warn!(journey = %journey_id, node = %node_id, error = %e, "journeyx: webhook gave up");
+                    metrics::counter!("journeyx_webhook_failures_total", "journey" => journey_id.clone())
+                        .increment(1);
+                }
+                false
+            }
+            Command::SetTimer {
+                journey_id,
+                fire,
+                fire_at_ms,
+            } => {
+                let payload = serde_json::to_vec(fire).expect("events serialize");
+                let id = until_done("setting a timer", || {
+                    let mut client = self.timers.clone();
+                    let timer = timerdb_client::NewTimer::new(
+                        *fire_at_ms,
+                        &self.settings.events_topic,
+                        partition,
+                    )
+                    .key(fire.user_id.clone().into_bytes())
+                    .payload(payload.clone())
+                    .idempotency_key(fire.event_id.clone());
+                    async move { client.set_timeout(timer).await.map_err(timerdb_error) }
+                })
+                .await;
+                let id = match id {
+                    Ok(id) => id,
+                    Err(e) => {
+                        failed("a timer", e);
+                        return false;
+                    }
+                };
+                set_now.insert(fire.event_id.clone(), id.clone());
+                let pending = user
+                    .journeys
+                    .get_mut(journey_id)
+                    .and_then(|s| s.timer.as_mut())
+                    .filter(|t| t.token == fire.event_id);
+                match pending {
+                    Some(t) if t.timer_id.as_deref() != Some(id.as_str()) => {
+                        t.timer_id = Some(id);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            Command::CancelTimer { timer, .. } => {
+                let Some(id) = timer
+                    .timer_id
+                    .as_ref()
+                    .or_else(|| set_now.get(&timer.token))
+                else {
+                    // Never set: its fire, should one come, no longer matches the state.
+                    return false;
+                };
+                let cancelled = until_done("cancelling a timer", || {
+                    let mut client = self.timers.clone();
+                    let id = id.clone();
+                    async move {
+                        match client.cancel(&id).await {
+                            Ok(_) => Ok(()),
+                            // Fired already, or cleaned up: its fire is ignored.
+                            Err(timerdb_client::Error::Status(s))
+                                if matches!(
+                                    s.code(),
+                                    tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                                ) =>
+                            {
+                                Ok(())
+                            }
+                            Err(e) => Err(timerdb_error(e)),
+                        }
+                    }
+                })
+                .await;
+                if let Err(e) = cancelled {
+                    failed("a timer's cancel", e);
+                }
+                false
+            }
+        }
+    }
+
+    /// Sends a refused event to the dead-letter topic (if one is set), with the reason.
+    pub async fn dead_letter(&self, key: Option<&[u8]>, payload: Option<&[u8]>, reason: &str) {
+        metrics::counter!("journeyx_dead_letters_total").increment(1);
+        tracing::warn!(reason, "journeyx: event refused");
+        let Some(topic) = &self.settings.dead_letter_topic else {
+            return;
+        };
+        let sent = until_done("dead-lettering an event", || async {
+            let mut record = FutureRecord::to(topic).headers(OwnedHeaders::new().insert(Header {
+                key: DEAD_LETTER_REASON,
+                value: Some(reason.as_bytes()),
+            }));
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            if let Some(p) = payload {
+                record = record.payload(p);
+            }
+            self.producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| Error::Store(format!("kafka: {e}")))
+        })
+        .await;
+        if let Err(e) = sent {
+            tracing::error!(error = %e, "journeyx: an event could not be dead-lettered");
+        }
+    }
+}
+
+/// A TimerDB error as journeyx's: a refusal of the request itself is [`Error::Invalid`]
+/// (not tried again), anything else may pass.
+fn timerdb_error(e: timerdb_client::Error) -> Error {
+    match &e {
+        timerdb_client::Error::Status(s)
+            if matches!(
+                s.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::OutOfRange
+                    | tonic::Code::PermissionDenied
+            ) =>
+        {
+            Error::Invalid(format!("timerdb: {e}"))
+        }
+        _ => Error::Store(format!("timerdb: {e}")),
+    }
+}
+
+/// The label of a counter.
+pub fn count_name(c: Count) -> &'static str {
+    match c {
+        Count::Entered => "entered",
+        Count::Exited => "exited",
+        Count::Converted => "converted",
+        Count::Capped => "capped",
+        Count::Errors => "errors",
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,593 @@
+//! `journeyx run` end to end: the real binary, a real Kafka broker (deploy/local, address in
+//! `TIMERDB_KAFKA`) and a real TimerDB node (started in this process on its embedded
+//! store, firing to that Kafka). The messages topic is checked exactly (every field but
+//! `sent_at_ms`) against what the pure engine says the same events must produce.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use journeyx::catalog::Catalog;
+use journeyx::engine::{self, Command as Effect, Event, User};
+use journeyx::model::Journey;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+
+/// Kafka's address, or `None` (a skip) when it is not configured outside CI.
+fn kafka() -> Option<String> {
+    match std::env::var("TIMERDB_KAFKA") {
+        Ok(k) if !k.is_empty() => Some(k),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("TIMERDB_KAFKA is not set: run deploy/local/up (CI=true needs Kafka)")
+        }
+        _ => {
+            eprintln!("SKIPPED: TIMERDB_KAFKA is not set (deploy/local/up starts Kafka)");
+            None
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000
+    )
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+/// The topics of one test.
+struct Topics {
+    events: String,
+    messages: String,
+    dead: String,
+}
+
+async fn create_topics(kafka: &str, prefix: &str) -> Topics {
+    let t = Topics {
+        events: unique(&format!("{prefix}-events")),
+        messages: unique(&format!("{prefix}-messages")),
+        dead: unique(&format!("{prefix}-dead")),
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .unwrap();
+    let topics = [
+        NewTopic::new(&t.events, 3, TopicReplication::Fixed(1)),
+        NewTopic::new(&t.messages, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(&t.dead, 1, TopicReplication::Fixed(1)),
+    ];
+    for r in admin
+        .create_topics(&topics, &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    t
+}
+
+/// A TimerDB node in this process, on its own embedded store, firing to `kafka`.
+async fn timerdb(dir: &Path, kafka: &str) -> timerdb::server::NodeHandle {
+    let config = timerdb::config::Config::load(timerdb::config::Overrides {
+        listen: Some("127.0.0.1:0".into()),
+        metrics_listen: Some("off".into()),
+        store: Some(format!("embedded://{}", dir.join("timerdb").display())),
+        sink: Some(format!("kafka://{kafka}")),
+        ..Default::default()
+    })
+    .unwrap();
+    timerdb::server::start(config).await.unwrap()
+}
+
+/// `journeyx run` as a child process.
+struct Journeyx {
+    child: Child,
+    http: String,
+}
+
+impl Journeyx {
+    fn start(
+        kafka: &str,
+        timerdb: &str,
+        store: &Path,
+        t: &Topics,
+        group: &str,
+        http: &str,
+        publish: &[PathBuf],
+    ) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_journeyx"));
+        cmd.args(["run", "--kafka", kafka, "--timerdb", timerdb])
+            .arg("--store")
+            .arg(store)
+            .args(["--events-topic", &t.events, "--messages-topic", &t.messages])
+            .args([
+                "--dead-letter-topic",
+                &t.dead,
+                "--group",
+                group,
+                "--http",
+                http,
+            ])
+            .env("RUST_LOG", "info,journeyx=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for p in publish {
+            cmd.arg("--publish").arg(p);
+        }
+        let child = cmd.spawn().unwrap();
+        let j = Self {
+            child,
+            http: http.to_owned(),
+        };
+        j.wait_ready();
+        j
+    }
+
+    /// Until its HTTP API answers.
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&self.http).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "journeyx never listened on {}",
+                self.http
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_journeyx"))
+            .args(args)
+            .args(["--http", &self.http])
+            .output()
+            .unwrap()
+    }
+
+    fn kill_9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Journeyx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn producer(kafka: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .unwrap()
+}
+
+async fn produce(p: &FutureProducer, topic: &str, key: Option<&str>, value: &[u8]) {
+    let mut r = FutureRecord::to(topic).payload(value);
+    if let Some(k) = key {
+        r = r.key(k);
+    }
+    p.send(r, Duration::from_secs(10)).await.unwrap();
+}
+
+fn event(id: &str, user: &str, name: &str, props: Value) -> Event {
+    Event {
+        event_id: id.into(),
+        app_id: "demo".into(),
+        user_id: user.into(),
+        name: name.into(),
+        ts_ms: now_ms(),
+        properties: props.as_object().cloned().unwrap_or_default(),
+        tz: None,
+    }
+}
+
+/// One record read back: key, JSON value, headers.
+#[derive(Debug, Clone)]
+struct Record {
+    value: Value,
+    headers: BTreeMap<String, String>,
+}
+
+/// Reads `topic` from the start until `done` holds for what was read, or `wait` passes;
+/// with `settle`, goes on after that while records keep coming (up to a second apart),
+/// so a repeat right behind is read too.
+async fn read(
+    kafka: &str,
+    topic: &str,
+    wait: Duration,
+    settle: bool,
+    done: impl Fn(&[Record]) -> bool,
+) -> Vec<Record> {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + wait;
+    let mut out = Vec::new();
+    while Instant::now() < deadline && (settle || !done(&out)) {
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(1_000), c.recv()).await else {
+            if done(&out) {
+                break;
+            }
+            continue;
+        };
+        let value = m
+            .payload()
+            .map(|p| {
+                serde_json::from_slice(p)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(p).into()))
+            })
+            .unwrap_or(Value::Null);
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Record { value, headers });
+    }
+    out
+}
+
+/// What the engine says `events` (per user, in order) must send, with each timer firing
+/// unless a later event of the user came first: the messages without `sent_at_ms`.
+fn expected(catalog: &Catalog, per_user: &BTreeMap<String, Vec<Event>>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for events in per_user.values() {
+        let mut user = User::default();
+        let mut queue: Vec<Event> = events.clone();
+        let mut i = 0;
+        while i < queue.len() {
+            let o = engine::step(catalog, &user, &queue[i]);
+            user = o.user;
+            for c in o.commands {
+                match c {
+                    Effect::Send(m) => {
+                        out.insert(serde_json::to_value(&m).unwrap().to_string());
+                    }
+                    // The fire comes after the user's other events (they are sent at once,
+                    // the timer waits seconds).
+                    Effect::SetTimer { fire, .. } => queue.push(fire),
+                    _ => {}
+                }
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+fn without_sent_at(r: &Record) -> String {
+    let mut v = r.value.clone();
+    v.as_object_mut().unwrap().remove("sent_at_ms");
+    v.to_string()
+}
+
+/// The example onboarding journey, driven through Kafka and TimerDB: welcome at once, the
+/// reminder only after the 2 s wait and only for users who did not buy meanwhile; every
+/// message exactly as the engine computes it, with its idempotency key in the header.
+/// Malformed events (not JSON, an app with no journey, no user id) go to the dead-letter
+/// topic with the reason and do not hold up the events behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered() {
+    let Some(kafka) = kafka() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let t = create_topics(&kafka, "jx").await;
+    let node = timerdb(dir.path(), &kafka).await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let jx = Journeyx::start(
+        &kafka,
+        &node.addr.to_string(),
+        &dir.path().join("jx"),
+        &t,
+        &unique("group"),
+        &http,
+        &[example("onboarding.yaml")],
+    );
+    let p = producer(&kafka);
+    // Bad events first, on every partition's way: they must not hold anything up.
+    produce(&p, &t.events, Some("u-bad"), b"{not json").await;
+    let mut unknown_app =
+        serde_json::to_value(event("e-x", "u-x", "signed_up", json!({}))).unwrap();
+    unknown_app["app_id"] = "nobody".into();
+    produce(
+        &p,
+        &t.events,
+        Some("u-x"),
+        unknown_app.to_string().as_bytes(),
+    )
+    .await;
+    let mut no_user = serde_json::to_value(event("e-y", "", "signed_up", json!({}))).unwrap();
+    no_user["user_id"] = "".into();
+    produce(&p, &t.events, None, no_user.to_string().as_bytes()).await;
+
+    let mut per_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
+    for n in 0..6 {
+        let user = format!("u{n}");
+        let mut evs = vec![event(&format!("e-{n}-a"), &user, "signed_up", json!({}))];
+        if n % 2 == 1 {
+            evs.push(event(
+                &format!("e-{n}-b"),
+                &user,
+                "purchased",
+                json!({"amount": 12}),
+            ));
+        }
+        for e in &evs {
+            produce(
+                &p,
+                &t.events,
+                Some(&user),
+                serde_json::to_string(e).unwrap().as_bytes(),
+            )
+            .await;
+        }
+        per_user.insert(user, evs);
+    }
+    let sent_at = now_ms();
+    let mut catalog = Catalog::default();
+    catalog
+        .publish(
+            Journey::parse(
+                "onboarding",
+                &std::fs::read_to_string(example("onboarding.yaml")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let want = expected(&catalog, &per_user);
+    assert_eq!(want.len(), 6 + 3, "six welcomes, three reminders");
+
+    let more = read(&kafka, &t.messages, Duration::from_secs(40), true, |r| {
+        r.len() >= want.len()
+    })
+    .await;
+    let got_set: BTreeSet<String> = more.iter().map(without_sent_at).collect();
+    assert_eq!(
+        got_set, want,
+        "the messages topic holds exactly what the engine computes"
+    );
+    assert_eq!(more.len(), want.len(), "no message twice: {more:#?}");
+    for r in &more {
+        assert_eq!(
+            r.headers
+                .get("journeyx-idempotency-key")
+                .map(String::as_str),
+            r.value["idempotency_key"].as_str(),
+            "the key is in the header too"
+        );
+        if r.value["template"] == "reminder_v1" {
+            assert!(
+                r.value["sent_at_ms"].as_u64().unwrap() >= sent_at + 2_000 - 500,
+                "a reminder before its 2 s wait: {r:?}"
+            );
+        }
+    }
+    let dead = read(&kafka, &t.dead, Duration::from_secs(10), true, |r| {
+        r.len() >= 3
+    })
+    .await;
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|r| r.headers["journeyx-error"].as_str())
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    for why in [
+        "the value is not an event",
+        "no journey is published for app_id \"nobody\"",
+        "the event has no user_id",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(why)),
+            "{why:?} in {reasons:?}"
+        );
+    }
+
+    // The CLI, beside the running process.
+    let out = jx.cli(&["user", "demo", "u0", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let u: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u["user"]["journeys"]["onboarding"]["node"], "done");
+    assert_eq!(u["user"]["journeys"]["onboarding"]["active"], false);
+    let out = jx.cli(&["stats", "onboarding", "--json"]);
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let converted: u64 = s["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["count"] == "converted")
+        .map(|c| c["n"].as_u64().unwrap())
+        .sum();
+    assert_eq!(converted, 6, "{s}");
+    let out = jx.cli(&["user", "demo", "nobody-here"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no record of user nobody-here"));
+    drop(jx);
+    node.shutdown().await.unwrap();
+}
+
+/// `journeyx run` is killed with SIGKILL mid-stream and started again on the same store
+/// and consumer group: every message the engine computes is on the messages topic, a
+/// message repeats only with an idempotency key seen before (the same message), and no
+/// user skipped or repeated a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_then_restart_sends_every_message_and_repeats_only_known_keys() {
+    let Some(kafka) = kafka() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let t = create_topics(&kafka, "jx-kill").await;
+    let node = timerdb(dir.path(), &kafka).await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let group = unique("group");
+    let store = dir.path().join("jx");
+    let start = |publish: &[PathBuf]| {
+        Journeyx::start(
+            &kafka,
+            &node.addr.to_string(),
+            &store,
+            &t,
+            &group,
+            &http,
+            publish,
+        )
+    };
+    let mut jx = start(&[example("onboarding.yaml")]);
+    let p = producer(&kafka);
+    let mut per_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
+    let mut sends = Vec::new();
+    for n in 0..3_000 {
+        let user = format!("k{n}");
+        let mut evs = vec![event(&format!("k-{n}-a"), &user, "signed_up", json!({}))];
+        if n % 3 == 0 {
+            evs.push(event(
+                &format!("k-{n}-b"),
+                &user,
+                "purchased",
+                json!({"amount": 5}),
+            ));
+        }
+        for e in &evs {
+            let value = serde_json::to_string(e).unwrap();
+            let (p, topic, user) = (p.clone(), t.events.clone(), user.clone());
+            sends.push(async move {
+                let r = FutureRecord::to(&topic).key(&user).payload(&value);
+                p.send(r, Duration::from_secs(30)).await.unwrap();
+            });
+        }
+        per_user.insert(user, evs);
+    }
+    // One user's events in order: sent one after another per user is enough, as each
+    // user's events share a key and so a partition, and the producer keeps their order.
+    futures::future::join_all(sends).await;
+    let mut catalog = Catalog::default();
+    catalog
+        .publish(
+            Journey::parse(
+                "onboarding",
+                &std::fs::read_to_string(example("onboarding.yaml")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let want = expected(&catalog, &per_user);
+    let before = read(&kafka, &t.messages, Duration::from_secs(60), false, |r| {
+        r.len() >= want.len() / 3
+    })
+    .await;
+    jx.kill_9();
+    assert!(
+        before.len() < want.len(),
+        "killed after all {} messages: the test needs more events",
+        before.len()
+    );
+    let jx = start(&[]);
+    let all = read(&kafka, &t.messages, Duration::from_secs(90), true, |r| {
+        r.iter().map(without_sent_at).collect::<BTreeSet<_>>().len() >= want.len()
+    })
+    .await;
+    let distinct: BTreeSet<String> = all.iter().map(without_sent_at).collect();
+    let mut templates: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &all {
+        *templates
+            .entry(r.value["template"].to_string())
+            .or_default() += 1;
+    }
+    for missing in want.difference(&distinct).take(3) {
+        let m: Value = serde_json::from_str(missing).unwrap();
+        let out = jx.cli(&["user", "demo", m["user_id"].as_str().unwrap(), "--json"]);
+        eprintln!(
+            "missing {m}\n  its user: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert_eq!(
+        distinct.len(),
+        want.len(),
+        "every message, and only those (read {} by template: {templates:?})",
+        all.len()
+    );
+    assert_eq!(distinct, want);
+    let mut by_key: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in &all {
+        by_key
+            .entry(r.value["idempotency_key"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(without_sent_at(r));
+    }
+    assert!(
+        by_key.values().all(|v| v.len() == 1),
+        "a repeat is the same message under the same key"
+    );
+    let repeats = all.len() - distinct.len();
+    eprintln!(
+        "killed after {} of {} messages; {repeats} sent again after the restart",
+        before.len(),
+        want.len()
+    );
+    for n in (0..3_000).step_by(250) {
+        let out = jx.cli(&["user", "demo", &format!("k{n}"), "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let u: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let st = &u["user"]["journeys"]["onboarding"];
+        assert_eq!(
+            (st["node"].as_str(), st["active"].as_bool()),
+            (Some("done"), Some(false)),
+            "k{n}: {u}"
+        );
+        assert_eq!(st["entries"], 1, "k{n} entered once: {u}");
+    }
+    drop(jx);
+    node.shutdown().await.unwrap();
+}
