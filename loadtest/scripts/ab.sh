@@ -8,7 +8,7 @@
 # Settings (env): A, B (node binaries), RATES, RUNS, DURATION, FIRE, BATCH, DATA_DIR, PORT, OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# shellcheck source=../scripts/lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 source loadtest/scripts/lib.sh
 
 A=${A:?set A to the first node binary}
@@ -41,7 +41,7 @@ trap stop_and_clean EXIT
 } | tee "$OUT/summary.txt"
 
 for rate in $RATES; do
-  for run in $(seq 1 "$RUNS"); do
+  for _ in $(seq 1 "$RUNS"); do
     for side in A B; do
       stop_and_clean
       mkdir -p "$DATA_DIR"
@@ -60,6 +60,6 @@ stop_and_clean
 for side in A B; do
   echo "== $side" | tee -a "$OUT/summary.txt"
   mkdir -p "$OUT/by-side/$side"
-  for d in "$OUT"/"$side"-rate-*; do ln -sfn "$(realpath "$d")" "$OUT/by-side/$side/${d##*/$side-}"; done
+  for d in "$OUT"/"$side"-rate-*; do ln -sfn "$(realpath "$d")" "$OUT/by-side/$side/${d##*/"$side"-}"; done
   python3 loadtest/scripts/summarize.py "$OUT/by-side/$side" | tee -a "$OUT/summary.txt"
 done

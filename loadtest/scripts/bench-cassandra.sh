@@ -14,7 +14,7 @@
 # measurement, as a share of one core).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# shellcheck source=../scripts/lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 source loadtest/scripts/lib.sh
 
 RATES=${RATES:-"5000 10000"}
@@ -83,6 +83,7 @@ print("store ops: " + ", ".join(parts))
   stop_node
 }
 if [[ -n "$WARMUP" ]]; then
+  # shellcheck disable=SC2086 # split into words on purpose
   set -- $SLOTS $RATES
   echo "== warm-up, not reported: $WARMUP" | tee -a "$OUT/summary.txt"
   run "$1" "${@: -1}" "$WARMUP" "$OUT/warmup" >/dev/null

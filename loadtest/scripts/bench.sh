@@ -11,7 +11,7 @@
 # OUT (report dir).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# shellcheck source=../scripts/lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 source loadtest/scripts/lib.sh
 
 MODE=${1:-rates}
@@ -68,7 +68,7 @@ case "$MODE" in
   rates)
     for rate in $RATES; do
       start_node
-      for run in $(seq 1 "$RUNS"); do
+      for _ in $(seq 1 "$RUNS"); do
         load "rate-$rate" steady --rate "$rate" --duration "$DURATION" --fire "$FIRE"
       done
       stop_node

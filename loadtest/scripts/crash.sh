@@ -12,7 +12,7 @@
 # PORT, OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# shellcheck source=../scripts/lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 source loadtest/scripts/lib.sh
 
 RATES=${RATES:-"10000 100000"}

@@ -22,7 +22,7 @@
 # go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# shellcheck source=../scripts/lib.sh
+# shellcheck source=SCRIPTDIR/lib.sh
 source loadtest/scripts/lib.sh
 
 MODES=${MODES:-"kill drain"}

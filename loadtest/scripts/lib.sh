@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the benchmark scripts (sourced, not run).
 
 # Where cargo puts its output, as cargo itself reports it: honours CARGO_TARGET_DIR and
@@ -7,6 +8,7 @@ target_dir() {
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])'
 }
 TARGET_DIR=$(target_dir)
+# shellcheck disable=SC2034 # read by the scripts that source this
 RELEASE=$TARGET_DIR/release
 
 # Stops the node the script started in the background ($NODE_PID), if any.
