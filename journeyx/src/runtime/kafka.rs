@@ -146,7 +146,9 @@ pub async fn run(rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) -> Result<()
                             tracing::warn!(error = %e, "journeyx: committing offsets failed; will try again");
                         }
                         if reported.elapsed() >= PROGRESS_EVERY {
-                            tracing::info!(finished, in_flight, "journeyx: events processed in the last {PROGRESS_EVERY:?}");
+                            if finished > 0 || in_flight > 0 {
+                                tracing::info!(finished, in_flight, "journeyx: events processed in the last {PROGRESS_EVERY:?}");
+                            }
                             (finished, reported) = (0, tokio::time::Instant::now());
                         }
                     }
