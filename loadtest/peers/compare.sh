@@ -2,9 +2,20 @@
 # TimerDB against its peers at the same rates, delays and payload size, in one go: BullMQ
 # delayed jobs (Redis) and, with PEERS="bullmq rocketmq", RocketMQ 5 timer messages at each
 # timer precision in ROCKETMQ_PRECISIONS (rocketmq/run.sh). Prints per peer and rate both
-# systems' acknowledged rate and p99 fire lateness, and the TimerDB/peer ratios, then the
+# systems' acknowledged rate and p99 lateness, and the TimerDB/peer ratios, then the
 # highest rate each sustained (nothing lost or early, >= 95 % of the target acknowledged,
-# p99 lateness <= P99_MS; and the same with p99 <= KEEP_UP_MS, i.e. still keeping up).
+# p99 lateness <= P99_MS; and the same with p99 <= KEEP_UP_MS, i.e. still keeping up), and
+# per system and rate p50/p99/max lateness, lost/early/duplicates, and the server
+# processes' CPU seconds and peak RSS over the run (compare-resources.txt).
+#
+# Like for like: TimerDB fires into Kafka (TIMERDB_SINK=kafka, the default; deploy/local's
+# Kafka at $TIMERDB_KAFKA, started if not running and left running) and its lateness is the
+# loadtest consumer's receive time - due time (the report's recv_lateness_ms), as for the
+# peers' consumers; the Kafka broker's CPU and RSS count on TimerDB's side. Server processes:
+# TimerDB + Kafka; redis-server; RocketMQ broker + name server (rocketmq/run.sh). The Kafka
+# broker is shared with whatever else uses deploy/local, so its CPU over a run includes any
+# other load on it. TIMERDB_SINK=jsonl: the old set-up (JSON-lines file on tmpfs, lateness
+# = the node's fired-at - due, no Kafka). BUILD=0: use the binaries already built.
 #
 #   loadtest/peers/compare.sh
 #   RATES="5000 10000 20000" DURATION=20 loadtest/peers/compare.sh
@@ -34,6 +45,10 @@ OUT=${OUT:-$TARGET_DIR/loadtest-reports/compare-$(date +%Y%m%d-%H%M%S)}
 PEERS=${PEERS:-bullmq}
 ROCKETMQ_PRECISIONS=${ROCKETMQ_PRECISIONS:-"1000 100"}
 ROCKETMQ_FLUSH=${ROCKETMQ_FLUSH:-SYNC_FLUSH}
+TIMERDB_SINK=${TIMERDB_SINK:-kafka}
+TOPIC_PREFIX=${TOPIC_PREFIX:-peercmp}
+TOPICS=${TOPICS:-4}
+PARTITIONS=${PARTITIONS:-8}
 has_peer() { [[ " $PEERS " == *" $1 "* ]]; }
 # Result files are $OUT/<label>-<rate>.json; one label per peer setting.
 LABELS=()
@@ -50,13 +65,25 @@ out, p99_max, rates = Path(sys.argv[1]), float(sys.argv[2]), [int(r) for r in sy
 keep_up = float(sys.argv[4])
 labels = sys.argv[5].split()
 
+def resources(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
 def timerdb(rate):
+    """Receive lateness (consumer clock - due) with the Kafka sink, else the node's fired-at - due."""
     files = sorted((out / f"timerdb-{rate}").glob("*.json"))
     if not files:
         return None
     r = json.loads(files[0].read_text())
-    return dict(acked_rate=r["acked_rate"], p99=r["lateness_ms"]["p99"],
-                bad=r["counts"]["lost"] + r["counts"]["early"])
+    lat = r.get("recv_lateness_ms") or r["lateness_ms"]
+    c = r["counts"]
+    return dict(acked_rate=r["acked_rate"], p99=lat["p99"], p50=lat["p50"], max=lat["max"],
+                bad=c["lost"] + c["early"], lost=c["lost"], early=c["early"], dup=c["duplicates"],
+                failed=c["failed"] + c["rejected"] + r.get("unsent", 0),
+                recv=bool(r.get("recv_lateness_ms")),
+                res=resources(out / f"timerdb-{rate}.resources.json"))
 
 def peer(label, rate):
     """One JSON object per run, the last line of <label>-<rate>.json (bench.mjs, TimerPeer)."""
@@ -64,7 +91,10 @@ def peer(label, rate):
         r = json.loads((out / f"{label}-{rate}.json").read_text().strip().splitlines()[-1])
     except (OSError, ValueError, IndexError):
         return None
-    return dict(acked_rate=r["acked_rate"], p99=r["lateness_ms"]["p99"], bad=r["lost"] + r["early"])
+    lat = r["lateness_ms"]
+    return dict(acked_rate=r["acked_rate"], p99=lat["p99"], p50=lat["p50"], max=lat["max"],
+                bad=r["lost"] + r["early"], lost=r["lost"], early=r["early"], dup=r["duplicates"],
+                failed=r.get("failed", 0), res=resources(out / f"{label}-{rate}.resources.json"))
 
 def name(label):
     if label.startswith("rocketmq-p"):
@@ -112,6 +142,42 @@ for n, label in enumerate(labels):
           f"TimerDB {d['timerdb']}/s, {P} {d['peer']}/s, ratio {ratio(d['timerdb'], d['peer'])}")
     print(f"... and also p99 lateness <= {p99_max:g} ms: TimerDB {p['timerdb']}/s, {P} {p['peer']}/s, "
           f"ratio {ratio(p['timerdb'], p['peer'])}")
+
+def res_cols(res):
+    """CPU seconds over the run (share of one core) and peak RSS of the server processes."""
+    if not res:
+        return f"{'n/a':>16} {'n/a':>9}  n/a"
+    t = res["total"]
+    parts = ", ".join(f"{n} {v['cpu_s']:.1f}s/{v['peak_rss_bytes'] / 2**20:.0f}M"
+                      for n, v in res.items() if isinstance(v, dict) and "pid" in v)
+    la = res.get("load_avg", {})
+    return (f"{t['cpu_s']:>7.1f} ({t['cpu_pct']:>4.0f}%) {t['peak_rss_bytes'] / 2**20:>9.0f}  "
+            f"{la.get('start') or 0:.1f}/{la.get('max') or 0:.1f}  {parts}")
+
+systems = [("TimerDB" + ("+Kafka" if any((timerdb(r) or {}).get("recv") for r in rates) else ""), None)] + \
+    [(name(l), l) for l in labels]
+lines = [f"{'system':<16} {'rate':>6} | {'acked/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} | "
+         f"{'lost':>6} {'early':>5} {'dup':>4} {'failed':>6} | {'CPU s (core%)':>16} {'peak RSS MiB':>9}  "
+         f"load start/max  per process (CPU s/peak RSS)"]
+for P, label in systems:
+    best = 0
+    for rate in rates:
+        r = timerdb(rate) if label is None else peer(label, rate)
+        if r is None:
+            lines.append(f"{P:<16} {rate:>6} | missing result")
+            continue
+        if delivered(r, rate, 0 if label is None else floor_ms(label)):
+            best = rate
+        lines.append(f"{P:<16} {rate:>6} | {r['acked_rate']:>8.0f} {r['p50']:>7.0f} {r['p99']:>7.0f} {r['max']:>7.0f} | "
+                     f"{r['lost']:>6} {r['early']:>5} {r['dup']:>4} {r['failed']:>6} | {res_cols(r['res'])}")
+    lines.append(f"{P:<16} highest rate kept up with: {best}/s")
+print()
+print("\n".join(lines))
+(out / "compare-resources.txt").write_text("\n".join(lines) + "\n")
+print(f"lateness: receive time at the consumer - due time" + ("" if systems[0][0].endswith("Kafka") else
+      " (TimerDB: the node's fired-at - due, JSON-lines sink)") + "; CPU s: user + system seconds of the "
+      "server processes from the start of sending to the end of the drain; peak RSS: the largest sampled "
+      "sum of their RSS; load: the machine's 1-minute load average.")
 print(f"ratios are TimerDB/peer: p99 ratio < 1 means TimerDB fires closer to the epoch; rate ratio > 1 "
       "means TimerDB took timers faster. Undelivered means the peer's consumer had not received the "
       "timer when the drain ended (it fell behind), not that the broker dropped it. RocketMQ@Nms "
@@ -134,7 +200,20 @@ if has_peer bullmq && [[ ! -d loadtest/peers/bullmq/node_modules ]]; then
   # file could list them and npm 11's `npm ci` refused every lock made with them.
   (cd loadtest/peers/bullmq && npm ci --no-audit --no-fund)
 fi
-cargo build --release -p timerdb -p timerdb-loadtest
+if [[ ${BUILD:-1} == 1 ]]; then cargo build --release -p timerdb -p timerdb-loadtest; fi
+KAFKA_PID=
+if [[ $TIMERDB_SINK == kafka ]]; then
+  # deploy/local's Kafka (started if not running; left running): `up` prints the exports.
+  if [[ -z ${TIMERDB_KAFKA:-} ]]; then eval "$(deploy/local/up)"; fi
+  KAFKA_PID=$(cat "${TIMERDB_LOCAL_DIR:-/tmp/timerdb-local}/kafka.pid")
+  for ((t = 0; t < TOPICS; t++)); do
+    deploy/local/kafka-tool topics --create --if-not-exists --topic "$TOPIC_PREFIX-$t" \
+      --partitions "$PARTITIONS" >/dev/null
+  done
+elif [[ $TIMERDB_SINK != jsonl ]]; then
+  echo "TIMERDB_SINK must be kafka or jsonl" >&2
+  exit 2
+fi
 
 mkdir -p "$OUT"
 rm -rf "$DATA_DIR"
@@ -142,6 +221,7 @@ mkdir -p "$DATA_DIR/redis"
 NODE_PID=
 REDIS_PID=
 cleanup() {
+  resources_stop
   [[ -n "$NODE_PID" ]] && kill "$NODE_PID" 2>/dev/null && wait "$NODE_PID" 2>/dev/null
   [[ -n "$REDIS_PID" ]] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null
   rm -rf "$DATA_DIR"
@@ -157,25 +237,46 @@ fi
 for rate in $RATES; do
   rm -rf "$DATA_DIR/timerdb"
   mkdir -p "$DATA_DIR/timerdb"
-  : >"$DATA_DIR/timerdb/fired.jsonl"
+  if [[ $TIMERDB_SINK == kafka ]]; then
+    sink=(--sink "kafka://$TIMERDB_KAFKA")
+    source_args=(--kafka "$TIMERDB_KAFKA" --topic-prefix "$TOPIC_PREFIX" --topics "$TOPICS"
+      --partitions "$PARTITIONS")
+    servers=(timerdb=PID kafka="$KAFKA_PID")
+  else
+    : >"$DATA_DIR/timerdb/fired.jsonl"
+    sink=(--sink "jsonl://$DATA_DIR/timerdb/fired.jsonl")
+    source_args=(--jsonl "$DATA_DIR/timerdb/fired.jsonl")
+    servers=(timerdb=PID)
+  fi
   "$RELEASE/timerdb" serve --listen "127.0.0.1:$TIMERDB_PORT" --metrics-listen off \
-    --store "embedded://$DATA_DIR/timerdb/data" --sink "jsonl://$DATA_DIR/timerdb/fired.jsonl" \
-    >"$OUT/timerdb-$rate.log" 2>&1 &
+    --store "embedded://$DATA_DIR/timerdb/data" "${sink[@]}" >"$OUT/timerdb-$rate.log" 2>&1 &
   NODE_PID=$!
-  echo "== rate $rate: TimerDB"
-  "$RELEASE/timerdb-loadtest" steady --target "127.0.0.1:$TIMERDB_PORT" \
-    --jsonl "$DATA_DIR/timerdb/fired.jsonl" --server-pid "$NODE_PID" --rate "$rate" \
+  for _ in $(seq 1 100); do
+    grep -q "timerdb ready" "$OUT/timerdb-$rate.log" && break
+    sleep 0.2
+  done
+  echo "== rate $rate: TimerDB ($TIMERDB_SINK sink)"
+  resources_start "$OUT/timerdb-$rate.resources.json" "${servers[@]/PID/$NODE_PID}"
+  "$RELEASE/timerdb-loadtest" steady --target "127.0.0.1:$TIMERDB_PORT" "${source_args[@]}" \
+    --server-pid "$NODE_PID" --rate "$rate" \
     --duration "${DURATION}s" --fire "${FIRE_MIN_MS}ms..${FIRE_MAX_MS}ms" \
     --payload-bytes "$PAYLOAD_BYTES" --batch "$BATCH" --no-progress \
     --report-dir "$OUT/timerdb-$rate" || true
+  resources_stop
+  for f in "$OUT/timerdb-$rate"/*.json; do
+    [[ -f $f ]] && resources_merge "$f" "$OUT/timerdb-$rate.resources.json"
+  done
   kill "$NODE_PID"
   wait "$NODE_PID" 2>/dev/null || true
   NODE_PID=
   if has_peer bullmq; then
     echo "== rate $rate: BullMQ"
+    resources_start "$OUT/bullmq-$rate.resources.json" redis="$REDIS_PID"
     node loadtest/peers/bullmq/bench.mjs --redis "127.0.0.1:$REDIS_PORT" --rate "$rate" \
       --duration "$DURATION" --fire-min-ms "$FIRE_MIN_MS" --fire-max-ms "$FIRE_MAX_MS" \
       --payload-bytes "$PAYLOAD_BYTES" --batch "$BATCH" | tee "$OUT/bullmq-$rate.json" || true
+    resources_stop
+    resources_merge "$OUT/bullmq-$rate.json" "$OUT/bullmq-$rate.resources.json"
   fi
 done
 if has_peer rocketmq; then
