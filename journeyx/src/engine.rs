@@ -205,6 +205,24 @@ pub fn key(parts: &[&str]) -> String {
     format!("{:032x}", h.finish_128())
 }
 
+/// Whether `user` of `app` is in segment `id` (a segment not published holds nobody).
+pub fn in_segment(catalog: &Catalog, app: &str, user: &User, id: &str) -> bool {
+    catalog
+        .segment(app, id)
+        .is_some_and(|s| s.where_.matches(&user_view(user)))
+}
+
+/// The user's properties, with `tags` as a list (what segments and `user` conditions
+/// test).
+fn user_view(user: &User) -> Map<String, Value> {
+    let mut v = user.properties.clone();
+    v.insert(
+        "tags".into(),
+        Value::Array(user.tags.iter().cloned().map(Value::String).collect()),
+    );
+    v
+}
+
 struct Step<'a> {
     catalog: &'a Catalog,
     event: &'a Event,
@@ -341,20 +359,11 @@ impl<'a> Step<'a> {
     }
 
     fn in_segment(&self, id: &str) -> bool {
-        self.catalog
-            .segment(&self.event.app_id, id)
-            .is_some_and(|s| s.where_.matches(&self.user_view()))
+        in_segment(self.catalog, &self.event.app_id, &self.user, id)
     }
 
-    /// The user's properties, with `tags` as a list (what segments and `user` conditions
-    /// test).
     fn user_view(&self) -> Map<String, Value> {
-        let mut v = self.user.properties.clone();
-        v.insert(
-            "tags".into(),
-            Value::Array(self.user.tags.iter().cloned().map(Value::String).collect()),
-        );
-        v
+        user_view(&self.user)
     }
 
     fn enter(&mut self, j: &Journey) {

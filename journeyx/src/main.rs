@@ -56,6 +56,20 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Enters the users already in a journey's entry segment (they would otherwise wait
+    /// for their next event): the running process emits one `journeyx.enter` event per
+    /// such user, at most `--rate` per second, and resumes where a stopped load left off.
+    Load {
+        journey: String,
+        /// Events per second, at most.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u32,
+        /// Starts over from the first user instead of where the last load stopped.
+        #[arg(long)]
+        from_start: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Shows a journey's counters (entered, exited, converted, capped, errors) per version
     /// and node, since the running process started.
     Stats {
@@ -126,6 +140,12 @@ fn main() -> ExitCode {
             tokio_main(call(api, format!("/api/users/{app}/{user}")))
         }
         Command::Stats { journey, api } => tokio_main(call(api, format!("/api/stats/{journey}"))),
+        Command::Load {
+            journey,
+            rate,
+            from_start,
+            api,
+        } => tokio_main(load(journey, rate, from_start, api)),
     }
 }
 
@@ -327,4 +347,63 @@ fn journeyx_file(name: &str, text: &str) -> journeyx::Result<&'static str> {
     } else {
         journeyx::model::Journey::parse(name, text).map(|_| "journey")
     }
+}
+
+async fn load(journey: String, rate: u32, from_start: bool, api: ApiArgs) -> Result<(), String> {
+    let path = format!("/api/load/{journey}");
+    let (status, v) = request(
+        &api.http,
+        "POST",
+        &format!("{path}?rate={rate}&from_start={from_start}"),
+        String::new(),
+    )
+    .await?;
+    if status >= 300 {
+        return Err(v["error"]
+            .as_str()
+            .map_or_else(|| v.to_string(), str::to_owned));
+    }
+    let bar = (!api.json).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed} loading {prefix}: {msg}")
+                .expect("a valid template"),
+        );
+        b.set_prefix(journey.clone());
+        b.enable_steady_tick(Duration::from_millis(100));
+        b
+    });
+    let last = loop {
+        let (status, v) = request(&api.http, "GET", &path, String::new()).await?;
+        if status >= 300 {
+            return Err(v["error"]
+                .as_str()
+                .map_or_else(|| v.to_string(), str::to_owned));
+        }
+        if let Some(b) = &bar {
+            b.set_message(format!(
+                "{} users read, {} entered",
+                v["scanned"], v["emitted"]
+            ));
+        }
+        if v["done"] == true {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if let Some(b) = bar {
+        b.finish();
+    }
+    if let Some(e) = last["error"].as_str() {
+        return Err(format!("the load of {journey} stopped: {e}"));
+    }
+    if api.json {
+        println!("{last}");
+    } else {
+        println!(
+            "{journey}: {} users read, {} in segment {} entered (at most {rate}/s)",
+            last["scanned"], last["emitted"], last["segment"]
+        );
+    }
+    Ok(())
 }

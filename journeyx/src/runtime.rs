@@ -7,6 +7,7 @@
 
 pub mod http;
 pub mod kafka;
+pub mod loader;
 pub mod offsets;
 pub mod webhook;
 
@@ -80,6 +81,8 @@ pub struct Runtime {
     timers: timerdb_client::Client,
     webhooks: webhook::Webhooks,
     counters: Mutex<Counters>,
+    /// The loads started in this process, by journey.
+    loads: Mutex<HashMap<String, Arc<loader::Progress>>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -133,6 +136,7 @@ impl Runtime {
             producer,
             timers,
             counters: Mutex::new(Counters::new()),
+            loads: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -374,6 +378,23 @@ impl Runtime {
         }
     }
 
+    /// Produces `event` onto the events topic, keyed by its user (so onto the partition of
+    /// the user's other events).
+    pub async fn produce_event(&self, event: &Event) -> Result<()> {
+        let value = serde_json::to_vec(event).expect("events serialize");
+        until_done("producing an event", || async {
+            let record = FutureRecord::to(&self.settings.events_topic)
+                .key(&event.user_id)
+                .payload(&value);
+            self.producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| Error::Store(format!("kafka: {e}")))
+        })
+        .await
+    }
+
     /// Sends a refused event to the dead-letter topic (if one is set), with the reason.
     pub async fn dead_letter(&self, key: Option<&[u8]>, payload: Option<&[u8]>, reason: &str) {
         metrics::counter!("journeyx_dead_letters_total").increment(1);
@@ -435,7 +456,7 @@ pub fn count_name(c: Count) -> &'static str {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -591,3 +591,131 @@ async fn kill_9_mid_stream_then_restart_sends_every_message_and_repeats_only_kno
     drop(jx);
     node.shutdown().await.unwrap();
 }
+
+/// `journeyx load`: users tagged `vip` before `vip_welcome` (entered from the `vips`
+/// segment) was published are entered by the loader, each once, and nobody else; a second
+/// load resumes at the end and enters nobody, and one from the start sends nothing more
+/// (the journey allows no re-entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loader_enters_the_segment_s_users_once() {
+    let Some(kafka) = kafka() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let t = create_topics(&kafka, "jx-load").await;
+    let node = timerdb(dir.path(), &kafka).await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let tagger = dir.path().join("tagger.yaml");
+    std::fs::write(
+        &tagger,
+        "{id: tagger, version: 1, app_id: demo, entry: {event: upgraded}, start: t, \
+         nodes: [{id: t, actions: [{tag: vip}, exit]}]}",
+    )
+    .unwrap();
+    let jx = Journeyx::start(
+        &kafka,
+        &node.addr.to_string(),
+        &dir.path().join("jx"),
+        &t,
+        &unique("group"),
+        &http,
+        &[
+            example("vips.segment.yaml"),
+            tagger,
+            example("onboarding.yaml"),
+        ],
+    );
+    let p = producer(&kafka);
+    for n in 0..60 {
+        let e = event(&format!("v-{n}"), &format!("v{n}"), "upgraded", json!({}));
+        produce(
+            &p,
+            &t.events,
+            Some(&e.user_id),
+            serde_json::to_string(&e).unwrap().as_bytes(),
+        )
+        .await;
+    }
+    for n in 0..40 {
+        let e = event(&format!("n-{n}"), &format!("n{n}"), "signed_up", json!({}));
+        produce(
+            &p,
+            &t.events,
+            Some(&e.user_id),
+            serde_json::to_string(&e).unwrap().as_bytes(),
+        )
+        .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(jx.cli(&["user", "demo", "v59"]).status.success()
+        && jx.cli(&["user", "demo", "n39"]).status.success())
+    {
+        assert!(Instant::now() < deadline, "the events were not processed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = jx.cli(&["publish", example("vip_welcome.yaml").to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let load = |extra: &[&str]| {
+        let mut args = vec!["load", "vip_welcome", "--rate", "500", "--json"];
+        args.extend_from_slice(extra);
+        let out = jx.cli(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let first = load(&[]);
+    assert_eq!(
+        (first["scanned"].as_u64(), first["emitted"].as_u64()),
+        (Some(100), Some(60)),
+        "{first}"
+    );
+    let vip_messages = |r: &[Record]| {
+        r.iter()
+            .filter(|m| m.value["template"] == "vip_welcome_v1")
+            .map(|m| m.value["user_id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let got = read(&kafka, &t.messages, Duration::from_secs(30), true, |r| {
+        vip_messages(r).len() >= 60
+    })
+    .await;
+    let mut users = vip_messages(&got);
+    users.sort();
+    let want: Vec<String> = {
+        let mut w: Vec<String> = (0..60).map(|n| format!("v{n}")).collect();
+        w.sort();
+        w
+    };
+    assert_eq!(users, want, "each vip welcomed once, nobody else");
+    let again = load(&[]);
+    assert_eq!(
+        again["emitted"].as_u64(),
+        Some(0),
+        "resumed at the end: {again}"
+    );
+    let from_start = load(&["--from-start"]);
+    assert_eq!(from_start["scanned"].as_u64(), Some(100), "{from_start}");
+    let after = read(&kafka, &t.messages, Duration::from_secs(5), true, |r| {
+        r.len() >= got.len()
+    })
+    .await;
+    assert_eq!(
+        vip_messages(&after).len(),
+        60,
+        "no re-entry, so no second welcome"
+    );
+    let out = jx.cli(&["load", "onboarding"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("entered on an event, not a segment"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(jx);
+    node.shutdown().await.unwrap();
+}

@@ -7,6 +7,8 @@
 //! - `GET /api/journeys` → every published journey version;
 //! - `GET /api/users/{app}/{user}` → the user's record, with its version;
 //! - `GET /api/stats/{journey}` → the counters of every version and node of the journey;
+//! - `POST /api/load/{journey}?rate=N&from_start=true` → starts the loader (202) and
+//!   `GET /api/load/{journey}` → its progress;
 //! - `GET /metrics` → the Prometheus text format.
 
 use std::sync::Arc;
@@ -36,6 +38,7 @@ pub fn router(rt: Arc<Runtime>, metrics: Option<PrometheusHandle>) -> Router {
         .route("/api/journeys", get(journeys))
         .route("/api/users/{app}/{user}", get(user))
         .route("/api/stats/{journey}", get(stats))
+        .route("/api/load/{journey}", post(load).get(load_progress))
         .route("/metrics", get(prometheus))
         .with_state(Api { rt, metrics })
 }
@@ -141,6 +144,41 @@ async fn stats(State(api): State<Api>, Path(journey): Path<String>) -> Response 
         })
         .collect();
     Json(json!({"journey": journey, "counters": rows})).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct LoadParams {
+    rate: Option<u32>,
+    #[serde(default)]
+    from_start: bool,
+}
+
+async fn load(
+    State(api): State<Api>,
+    Path(journey): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LoadParams>,
+) -> Response {
+    match super::loader::start(
+        api.rt.clone(),
+        &journey,
+        q.rate.unwrap_or(1_000),
+        q.from_start,
+    )
+    .await
+    {
+        Ok(p) => (StatusCode::ACCEPTED, Json(p.as_ref())).into_response(),
+        Err(e) => store_failure(e),
+    }
+}
+
+async fn load_progress(State(api): State<Api>, Path(journey): Path<String>) -> Response {
+    match super::loader::progress(&api.rt, &journey) {
+        Some(p) => Json(p.as_ref()).into_response(),
+        None => failure(
+            StatusCode::NOT_FOUND,
+            format!("no load of {journey} was started in this process"),
+        ),
+    }
 }
 
 async fn prometheus(State(api): State<Api>) -> Response {
