@@ -66,6 +66,34 @@ fn example(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The DOM of `url` after its scripts ran, in headless Chromium (`None`: a skip, when
+/// Chromium is missing outside CI; scripts/test installs it).
+fn browser_dom(url: &str) -> Option<String> {
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            url,
+        ])
+        .stderr(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(o) => panic!("chromium failed: {:?}", o.status),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("chromium is needed for the page test (apt-get install chromium): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: the page test needs chromium ({e})");
+            None
+        }
+    }
+}
+
 /// The topics of one test.
 struct Topics {
     events: String,
@@ -448,6 +476,23 @@ async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered()
         .map(|c| c["n"].as_u64().unwrap())
         .sum();
     assert_eq!(converted, 6, "{s}");
+    // The page, in a real headless browser: the journey's nodes with their counts.
+    if let Some(dom) = browser_dom(&format!("http://{http}/")) {
+        let node = |id: &str| {
+            let at = dom
+                .find(&format!("data-node=\"{id}\""))
+                .unwrap_or_else(|| panic!("node {id} drawn: {dom}"));
+            dom[at..].split("</g>").next().unwrap().to_owned()
+        };
+        assert!(node("welcome").contains("entered 6"), "{}", node("welcome"));
+        assert!(
+            node("reminder").contains("entered 3"),
+            "{}",
+            node("reminder")
+        );
+        assert!(node("done").contains("converted 6"), "{}", node("done"));
+        assert!(dom.contains("onboarding (app demo, version 1)"), "{dom}");
+    }
     let out = jx.cli(&["user", "demo", "nobody-here"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no record of user nobody-here"));

@@ -9,7 +9,8 @@
 //! - `GET /api/stats/{journey}` → the counters of every version and node of the journey;
 //! - `POST /api/load/{journey}?rate=N&from_start=true` → starts the loader (202) and
 //!   `GET /api/load/{journey}` → its progress;
-//! - `GET /metrics` → the Prometheus text format.
+//! - `GET /metrics` → the Prometheus text format;
+//! - `GET /` → a self-contained page drawing each journey's graph with its live counts.
 
 use std::sync::Arc;
 
@@ -34,6 +35,7 @@ struct Api {
 /// The API's routes over `rt`; `/metrics` renders `metrics` if given.
 pub fn router(rt: Arc<Runtime>, metrics: Option<PrometheusHandle>) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/api/publish", post(publish))
         .route("/api/journeys", get(journeys))
         .route("/api/users/{app}/{user}", get(user))
@@ -110,6 +112,7 @@ async fn journeys(State(api): State<Api>) -> Response {
                 "version": j.version,
                 "nodes": j.nodes.len(),
                 "entry": j.entry,
+                "journey": j,
             })
         })
         .collect();
@@ -179,6 +182,11 @@ async fn load_progress(State(api): State<Api>, Path(journey): Path<String>) -> R
             format!("no load of {journey} was started in this process"),
         ),
     }
+}
+
+/// The page: no external resources, it draws from `/api/journeys` and `/api/stats`.
+async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("page.html"))
 }
 
 async fn prometheus(State(api): State<Api>) -> Response {
