@@ -52,6 +52,11 @@ pub struct User {
     /// Journey id → where the user is in it.
     #[serde(default)]
     pub journeys: BTreeMap<String, JourneyState>,
+    /// The runtime's, not the engine's: per partition of the events topic, the offset of
+    /// the last event applied to this record, so an event read again after a crash or a
+    /// rebalance, behind later ones already applied, is not applied a second time.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub applied: BTreeMap<i32, i64>,
 }
 
 /// A user's place in one journey.

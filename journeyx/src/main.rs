@@ -87,9 +87,11 @@ struct RunArgs {
     /// The TimerDB node timers are set on (`host:port` or URL).
     #[arg(long, env = "JOURNEYX_TIMERDB", default_value = timerdb_client::DEFAULT_SERVER)]
     timerdb: String,
-    /// The state store: a directory for the embedded store.
+    /// The state store: a directory for the embedded store (one process), or
+    /// `scylla://host:port[,host:port]/keyspace[?replication_factor=N]` for ScyllaDB or
+    /// Cassandra, which several processes in one consumer group share.
     #[arg(long, env = "JOURNEYX_STORE", default_value = "journeyx-data")]
-    store: PathBuf,
+    store: String,
     #[arg(long, env = "JOURNEYX_EVENTS_TOPIC", default_value = "journeyx-events")]
     events_topic: String,
     #[arg(
@@ -173,10 +175,19 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(&args.http)
         .await
         .map_err(|e| format!("--http {}: {e}", args.http))?;
-    let store = journeyx::store::embedded::EmbeddedStore::open(&args.store)
-        .await
-        .map_err(|e| format!("--store {}: {e}", args.store.display()))?;
-    let store: Arc<dyn journeyx::store::StateStore> = Arc::new(store);
+    let store: Arc<dyn journeyx::store::StateStore> = if args.store.starts_with("scylla://") {
+        Arc::new(
+            journeyx::store::scylla::ScyllaStateStore::open(&args.store)
+                .await
+                .map_err(|e| format!("--store {}: {e}", args.store))?,
+        )
+    } else {
+        Arc::new(
+            journeyx::store::embedded::EmbeddedStore::open(std::path::Path::new(&args.store))
+                .await
+                .map_err(|e| format!("--store {}: {e}", args.store))?,
+        )
+    };
     for f in &args.publish {
         let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
         let name = f.display().to_string();

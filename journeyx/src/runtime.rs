@@ -182,11 +182,13 @@ impl Runtime {
         None
     }
 
-    /// Processes one event that arrived on `partition` of the events topic: the step,
-    /// its effects, then the user's record. Returns when all of it is durable; a record
-    /// saved meanwhile by another process (a rebalance) makes it start over from a fresh
-    /// read (the effects repeat with the same keys).
-    pub async fn handle(&self, partition: i32, event: &Event) {
+    /// Processes one event that arrived at `offset` of `partition` of the events topic:
+    /// the step, its effects, then the user's record. Returns when all of it is durable; a
+    /// record saved meanwhile by another process (a rebalance) makes it start over from a
+    /// fresh read (the effects repeat with the same keys). An event the record shows as
+    /// applied already (read again after a crash or a rebalance, behind later ones) is
+    /// skipped: applying it again on a record that moved on could re-enter a journey.
+    pub async fn handle(&self, partition: i32, offset: i64, event: &Event) {
         metrics::counter!("journeyx_events_total").increment(1);
         loop {
             let read = match until_done("loading a user", || {
@@ -202,9 +204,21 @@ impl Runtime {
                     return;
                 }
             };
+            if read
+                .user
+                .applied
+                .get(&partition)
+                .is_some_and(|&done| done >= offset)
+            {
+                metrics::counter!("journeyx_events_applied_before_total").increment(1);
+                return;
+            }
             let catalog = self.catalog();
             let mut outcome = engine::step(&catalog, &read.user, event);
-            let mut changed = outcome.changed;
+            // A user with a record records every event applied to it; a user without one
+            // gets one only once an event changes something.
+            let mut changed = outcome.changed || read.version > 0;
+            outcome.user.applied.insert(partition, offset);
             let mut set_now = HashMap::new();
             for command in &outcome.commands {
                 changed |= self

@@ -1,6 +1,7 @@
 //! Where journeyx keeps user records, published journeys and segments, and the loader's
 //! progress: a trait with one conformance suite, and its implementations
-//! ([`embedded`]: redb in one file, the laptop default).
+//! ([`embedded`]: redb in one file, the laptop default; [`scylla`]: ScyllaDB / Cassandra,
+//! shared by several processes).
 
 use async_trait::async_trait;
 
@@ -10,6 +11,7 @@ use crate::engine::User;
 use crate::model::{Journey, Segment};
 
 pub mod embedded;
+pub mod scylla;
 
 #[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;

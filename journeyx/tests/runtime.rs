@@ -149,7 +149,7 @@ impl Journeyx {
     fn start(
         kafka: &str,
         timerdb: &str,
-        store: &Path,
+        store: &std::ffi::OsStr,
         t: &Topics,
         group: &str,
         http: &str,
@@ -351,7 +351,7 @@ async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered()
     let jx = Journeyx::start(
         &kafka,
         &node.addr.to_string(),
-        &dir.path().join("jx"),
+        dir.path().join("jx").as_os_str(),
         &t,
         &unique("group"),
         &http,
@@ -517,7 +517,7 @@ async fn kill_9_mid_stream_then_restart_sends_every_message_and_repeats_only_kno
         Journeyx::start(
             &kafka,
             &node.addr.to_string(),
-            &store,
+            store.as_os_str(),
             &t,
             &group,
             &http,
@@ -658,7 +658,7 @@ async fn the_loader_enters_the_segment_s_users_once() {
     let jx = Journeyx::start(
         &kafka,
         &node.addr.to_string(),
-        &dir.path().join("jx"),
+        dir.path().join("jx").as_os_str(),
         &t,
         &unique("group"),
         &http,
@@ -762,5 +762,148 @@ async fn the_loader_enters_the_segment_s_users_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(jx);
+    node.shutdown().await.unwrap();
+}
+
+/// Two `journeyx run` processes in one consumer group on the shared Cassandra store; the
+/// second starts mid-stream, so partitions move between them (a rebalance): every message
+/// the engine computes arrives, a repeat is the same message under the same key, and the
+/// users sampled entered once and ended at `done`. Both processes did part of the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_users_through_a_rebalance() {
+    let Some(kafka) = kafka() else { return };
+    let Some(scylla) = std::env::var("TIMERDB_SCYLLA")
+        .ok()
+        .filter(|s| !s.is_empty())
+    else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "TIMERDB_SCYLLA is not set: run deploy/local/up (CI=true needs Cassandra)"
+        );
+        eprintln!("SKIPPED: TIMERDB_SCYLLA is not set");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let t = create_topics(&kafka, "jx-reb").await;
+    let node = timerdb(dir.path(), &kafka).await;
+    let store = format!("scylla://{scylla}/{}", unique("jx_reb").replace('-', "_"));
+    let group = unique("group");
+    let (http_a, http_b) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let start = |http: &str, publish: &[PathBuf]| {
+        Journeyx::start(
+            &kafka,
+            &node.addr.to_string(),
+            std::ffi::OsStr::new(&store),
+            &t,
+            &group,
+            http,
+            publish,
+        )
+    };
+    let a = start(&http_a, &[example("onboarding.yaml")]);
+    let p = producer(&kafka);
+    let mut per_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
+    let send = |range: std::ops::Range<u32>, per_user: &mut BTreeMap<String, Vec<Event>>| {
+        let mut sends = Vec::new();
+        for n in range {
+            let user = format!("r{n}");
+            let mut evs = vec![event(&format!("r-{n}-a"), &user, "signed_up", json!({}))];
+            if n % 3 == 0 {
+                evs.push(event(
+                    &format!("r-{n}-b"),
+                    &user,
+                    "purchased",
+                    json!({"amount": 5}),
+                ));
+            }
+            for e in &evs {
+                let value = serde_json::to_string(e).unwrap();
+                let (p, topic, user) = (p.clone(), t.events.clone(), user.clone());
+                sends.push(async move {
+                    let r = FutureRecord::to(&topic).key(&user).payload(&value);
+                    p.send(r, Duration::from_secs(30)).await.unwrap();
+                });
+            }
+            per_user.insert(user, evs);
+        }
+        futures::future::join_all(sends)
+    };
+    send(0..600, &mut per_user).await;
+    read(&kafka, &t.messages, Duration::from_secs(60), false, |r| {
+        r.len() >= 200
+    })
+    .await;
+    let b = start(&http_b, &[]);
+    send(600..1_200, &mut per_user).await;
+    let mut catalog = Catalog::default();
+    catalog
+        .publish(
+            Journey::parse(
+                "onboarding",
+                &std::fs::read_to_string(example("onboarding.yaml")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let want = expected(&catalog, &per_user);
+    let all = read(&kafka, &t.messages, Duration::from_secs(120), true, |r| {
+        r.iter().map(without_sent_at).collect::<BTreeSet<_>>().len() >= want.len()
+    })
+    .await;
+    let distinct: BTreeSet<String> = all.iter().map(without_sent_at).collect();
+    assert_eq!(distinct.len(), want.len(), "every message, and only those");
+    assert_eq!(distinct, want);
+    let mut by_key: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in &all {
+        by_key
+            .entry(r.value["idempotency_key"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(without_sent_at(r));
+    }
+    assert!(
+        by_key.values().all(|v| v.len() == 1),
+        "a repeat is the same message"
+    );
+    let processed = |http: &str| -> u64 {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(http).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find(|l| l.starts_with("journeyx_events_total "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    let (by_a, by_b) = (processed(&http_a), processed(&http_b));
+    eprintln!(
+        "{} messages ({} repeats); process A handled {by_a} events, B {by_b}",
+        all.len(),
+        all.len() - distinct.len()
+    );
+    assert!(
+        by_a > 0 && by_b > 0,
+        "both processes worked: {by_a}, {by_b}"
+    );
+    for n in (0..1_200).step_by(100) {
+        let out = b.cli(&["user", "demo", &format!("r{n}"), "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let u: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let st = &u["user"]["journeys"]["onboarding"];
+        assert_eq!(
+            (st["node"].as_str(), st["entries"].as_u64()),
+            (Some("done"), Some(1)),
+            "r{n}: {u}"
+        );
+    }
+    drop((a, b));
     node.shutdown().await.unwrap();
 }

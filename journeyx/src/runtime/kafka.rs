@@ -26,6 +26,8 @@ use crate::{Error, Result};
 
 /// How often the tracker commits the processed prefix.
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
+/// How often the published journeys are read again from the store.
+const CATALOG_EVERY: Duration = Duration::from_secs(5);
 /// How often the tracker logs how many events it saw finish.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Events one queue holds before the consumer waits for it.
@@ -113,7 +115,7 @@ pub async fn run(rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) -> Result<()
         let (rt, done) = (rt.clone(), done_tx.clone());
         workers.push(tokio::spawn(async move {
             while let Some(w) = rx.recv().await {
-                rt.handle(w.partition, &w.event).await;
+                rt.handle(w.partition, w.offset, &w.event).await;
                 let _ = done.send((w.partition, w.offset));
             }
         }));
@@ -161,6 +163,18 @@ pub async fn run(rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) -> Result<()
         })
     };
 
+    // Journeys published through another process of the group reach this one.
+    let reloads = {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CATALOG_EVERY).await;
+                if let Err(e) = rt.reload_catalog().await {
+                    tracing::warn!(error = %e, "journeyx: reading the published journeys failed");
+                }
+            }
+        })
+    };
     loop {
         let m = tokio::select! {
             m = consumer.recv() => m,
@@ -210,6 +224,7 @@ pub async fn run(rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) -> Result<()
         }
     }
     // Stopping: the queues finish what they hold, the tracker commits it.
+    reloads.abort();
     drop(queues);
     for w in workers {
         let _ = w.await;
