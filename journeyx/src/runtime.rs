@@ -280,21 +280,15 @@ impl Runtime {
         match command {
             Command::Send(message) => {
                 let value = message.record(now_ms()).to_string();
-                let sent = until_done("producing a message", || async {
-                    let record = FutureRecord::to(&self.settings.messages_topic)
-                        .key(&message.user_id)
-                        .payload(&value)
-                        .headers(OwnedHeaders::new().insert(Header {
-                            key: IDEMPOTENCY_HEADER,
-                            value: Some(message.idempotency_key.as_bytes()),
-                        }));
-                    self.producer
-                        .send(record, Duration::from_secs(30))
-                        .await
-                        .map(|_| ())
-                        .map_err(|(e, _)| Error::Store(format!("kafka: {e}")))
-                })
-                .await;
+                let sent = self
+                    .produce(
+                        "producing a message",
+                        &self.settings.messages_topic,
+                        Some(message.user_id.as_bytes()),
+                        Some(value.as_bytes()),
+                        Some((IDEMPOTENCY_HEADER, message.idempotency_key.as_bytes())),
+                    )
+                    .await;
                 match sent {
                     Ok(()) => metrics::counter!("journeyx_messages_total").increment(1),
                     Err(e) => failed("a message", e),
@@ -396,10 +390,39 @@ impl Runtime {
     /// the user's other events).
     pub async fn produce_event(&self, event: &Event) -> Result<()> {
         let value = serde_json::to_vec(event).expect("events serialize");
-        until_done("producing an event", || async {
-            let record = FutureRecord::to(&self.settings.events_topic)
-                .key(&event.user_id)
-                .payload(&value);
+        self.produce(
+            "producing an event",
+            &self.settings.events_topic,
+            Some(event.user_id.as_bytes()),
+            Some(&value),
+            None,
+        )
+        .await
+    }
+
+    /// Produces one record, tried until Kafka takes it.
+    async fn produce(
+        &self,
+        what: &str,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        header: Option<(&str, &[u8])>,
+    ) -> Result<()> {
+        until_done(what, || async {
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic);
+            if let Some((name, value)) = header {
+                record = record.headers(OwnedHeaders::new().insert(Header {
+                    key: name,
+                    value: Some(value),
+                }));
+            }
+            if let Some(k) = key {
+                record = record.key(k);
+            }
+            if let Some(p) = payload {
+                record = record.payload(p);
+            }
             self.producer
                 .send(record, Duration::from_secs(30))
                 .await
@@ -416,24 +439,15 @@ impl Runtime {
         let Some(topic) = &self.settings.dead_letter_topic else {
             return;
         };
-        let sent = until_done("dead-lettering an event", || async {
-            let mut record = FutureRecord::to(topic).headers(OwnedHeaders::new().insert(Header {
-                key: DEAD_LETTER_REASON,
-                value: Some(reason.as_bytes()),
-            }));
-            if let Some(k) = key {
-                record = record.key(k);
-            }
-            if let Some(p) = payload {
-                record = record.payload(p);
-            }
-            self.producer
-                .send(record, Duration::from_secs(30))
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| Error::Store(format!("kafka: {e}")))
-        })
-        .await;
+        let sent = self
+            .produce(
+                "dead-lettering an event",
+                topic,
+                key,
+                payload,
+                Some((DEAD_LETTER_REASON, reason.as_bytes())),
+            )
+            .await;
         if let Err(e) = sent {
             tracing::error!(error = %e, "journeyx: an event could not be dead-lettered");
         }

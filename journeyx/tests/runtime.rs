@@ -330,6 +330,82 @@ fn expected(catalog: &Catalog, per_user: &BTreeMap<String, Vec<Event>>) -> BTree
     out
 }
 
+/// Produces, for users `{prefix}{n}` of `range`, a `signed_up` and, for every third, a
+/// `purchased` (all at once: one user's events keep their order, sharing a key, so a
+/// partition, and one producer), and records them in `per_user`.
+async fn onboarding_traffic(
+    p: &FutureProducer,
+    topic: &str,
+    prefix: &str,
+    range: std::ops::Range<u32>,
+    per_user: &mut BTreeMap<String, Vec<Event>>,
+) {
+    let mut sends = Vec::new();
+    for n in range {
+        let user = format!("{prefix}{n}");
+        let mut evs = vec![event(
+            &format!("{prefix}-{n}-a"),
+            &user,
+            "signed_up",
+            json!({}),
+        )];
+        if n % 3 == 0 {
+            let bought = json!({"amount": 5});
+            evs.push(event(
+                &format!("{prefix}-{n}-b"),
+                &user,
+                "purchased",
+                bought,
+            ));
+        }
+        for e in &evs {
+            let value = serde_json::to_string(e).unwrap();
+            let (p, topic, user) = (p.clone(), topic.to_owned(), user.clone());
+            sends.push(async move {
+                let r = FutureRecord::to(&topic).key(&user).payload(&value);
+                p.send(r, Duration::from_secs(30)).await.unwrap();
+            });
+        }
+        per_user.insert(user, evs);
+    }
+    futures::future::join_all(sends).await;
+}
+
+/// The onboarding example, published.
+fn onboarding_catalog() -> Catalog {
+    let mut catalog = Catalog::default();
+    let text = std::fs::read_to_string(example("onboarding.yaml")).unwrap();
+    catalog
+        .publish(Journey::parse("onboarding", &text).unwrap())
+        .unwrap();
+    catalog
+}
+
+/// Asserts the messages read are exactly `want` (all fields but `sent_at_ms`), any repeat
+/// being the same message under the same key; returns how many repeats there were.
+fn assert_exactly(all: &[Record], want: &BTreeSet<String>) -> usize {
+    let distinct: BTreeSet<String> = all.iter().map(without_sent_at).collect();
+    assert_eq!(
+        distinct.len(),
+        want.len(),
+        "every message, and only those ({} read)",
+        all.len()
+    );
+    assert_eq!(&distinct, want);
+    let mut by_key: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in all {
+        by_key
+            .entry(r.value["idempotency_key"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(without_sent_at(r));
+    }
+    assert!(
+        by_key.values().all(|v| v.len() == 1),
+        "a repeat is the same message under the same key"
+    );
+    all.len() - distinct.len()
+}
+
 fn without_sent_at(r: &Record) -> String {
     let mut v = r.value.clone();
     v.as_object_mut().unwrap().remove("sent_at_ms");
@@ -398,17 +474,7 @@ async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered()
         per_user.insert(user, evs);
     }
     let sent_at = now_ms();
-    let mut catalog = Catalog::default();
-    catalog
-        .publish(
-            Journey::parse(
-                "onboarding",
-                &std::fs::read_to_string(example("onboarding.yaml")).unwrap(),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-    let want = expected(&catalog, &per_user);
+    let want = expected(&onboarding_catalog(), &per_user);
     assert_eq!(want.len(), 6 + 3, "six welcomes, three reminders");
 
     let more = read(&kafka, &t.messages, Duration::from_secs(40), true, |r| {
@@ -527,42 +593,8 @@ async fn kill_9_mid_stream_then_restart_sends_every_message_and_repeats_only_kno
     let mut jx = start(&[example("onboarding.yaml")]);
     let p = producer(&kafka);
     let mut per_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
-    let mut sends = Vec::new();
-    for n in 0..3_000 {
-        let user = format!("k{n}");
-        let mut evs = vec![event(&format!("k-{n}-a"), &user, "signed_up", json!({}))];
-        if n % 3 == 0 {
-            evs.push(event(
-                &format!("k-{n}-b"),
-                &user,
-                "purchased",
-                json!({"amount": 5}),
-            ));
-        }
-        for e in &evs {
-            let value = serde_json::to_string(e).unwrap();
-            let (p, topic, user) = (p.clone(), t.events.clone(), user.clone());
-            sends.push(async move {
-                let r = FutureRecord::to(&topic).key(&user).payload(&value);
-                p.send(r, Duration::from_secs(30)).await.unwrap();
-            });
-        }
-        per_user.insert(user, evs);
-    }
-    // One user's events in order: sent one after another per user is enough, as each
-    // user's events share a key and so a partition, and the producer keeps their order.
-    futures::future::join_all(sends).await;
-    let mut catalog = Catalog::default();
-    catalog
-        .publish(
-            Journey::parse(
-                "onboarding",
-                &std::fs::read_to_string(example("onboarding.yaml")).unwrap(),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-    let want = expected(&catalog, &per_user);
+    onboarding_traffic(&p, &t.events, "k", 0..3_000, &mut per_user).await;
+    let want = expected(&onboarding_catalog(), &per_user);
     let before = read(&kafka, &t.messages, Duration::from_secs(60), false, |r| {
         r.len() >= want.len() / 3
     })
@@ -578,14 +610,10 @@ async fn kill_9_mid_stream_then_restart_sends_every_message_and_repeats_only_kno
         r.iter().map(without_sent_at).collect::<BTreeSet<_>>().len() >= want.len()
     })
     .await;
-    let distinct: BTreeSet<String> = all.iter().map(without_sent_at).collect();
-    let mut templates: BTreeMap<String, usize> = BTreeMap::new();
-    for r in &all {
-        *templates
-            .entry(r.value["template"].to_string())
-            .or_default() += 1;
-    }
-    for missing in want.difference(&distinct).take(3) {
+    for missing in want
+        .difference(&all.iter().map(without_sent_at).collect())
+        .take(3)
+    {
         let m: Value = serde_json::from_str(missing).unwrap();
         let out = jx.cli(&["user", "demo", m["user_id"].as_str().unwrap(), "--json"]);
         eprintln!(
@@ -593,25 +621,7 @@ async fn kill_9_mid_stream_then_restart_sends_every_message_and_repeats_only_kno
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    assert_eq!(
-        distinct.len(),
-        want.len(),
-        "every message, and only those (read {} by template: {templates:?})",
-        all.len()
-    );
-    assert_eq!(distinct, want);
-    let mut by_key: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for r in &all {
-        by_key
-            .entry(r.value["idempotency_key"].as_str().unwrap().to_owned())
-            .or_default()
-            .insert(without_sent_at(r));
-    }
-    assert!(
-        by_key.values().all(|v| v.len() == 1),
-        "a repeat is the same message under the same key"
-    );
-    let repeats = all.len() - distinct.len();
+    let repeats = assert_exactly(&all, &want);
     eprintln!(
         "killed after {} of {} messages; {repeats} sent again after the restart",
         before.len(),
@@ -807,67 +817,19 @@ async fn two_processes_share_users_through_a_rebalance() {
     let a = start(&http_a, &[example("onboarding.yaml")]);
     let p = producer(&kafka);
     let mut per_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
-    let send = |range: std::ops::Range<u32>, per_user: &mut BTreeMap<String, Vec<Event>>| {
-        let mut sends = Vec::new();
-        for n in range {
-            let user = format!("r{n}");
-            let mut evs = vec![event(&format!("r-{n}-a"), &user, "signed_up", json!({}))];
-            if n % 3 == 0 {
-                evs.push(event(
-                    &format!("r-{n}-b"),
-                    &user,
-                    "purchased",
-                    json!({"amount": 5}),
-                ));
-            }
-            for e in &evs {
-                let value = serde_json::to_string(e).unwrap();
-                let (p, topic, user) = (p.clone(), t.events.clone(), user.clone());
-                sends.push(async move {
-                    let r = FutureRecord::to(&topic).key(&user).payload(&value);
-                    p.send(r, Duration::from_secs(30)).await.unwrap();
-                });
-            }
-            per_user.insert(user, evs);
-        }
-        futures::future::join_all(sends)
-    };
-    send(0..600, &mut per_user).await;
+    onboarding_traffic(&p, &t.events, "r", 0..600, &mut per_user).await;
     read(&kafka, &t.messages, Duration::from_secs(60), false, |r| {
         r.len() >= 200
     })
     .await;
     let b = start(&http_b, &[]);
-    send(600..1_200, &mut per_user).await;
-    let mut catalog = Catalog::default();
-    catalog
-        .publish(
-            Journey::parse(
-                "onboarding",
-                &std::fs::read_to_string(example("onboarding.yaml")).unwrap(),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-    let want = expected(&catalog, &per_user);
+    onboarding_traffic(&p, &t.events, "r", 600..1_200, &mut per_user).await;
+    let want = expected(&onboarding_catalog(), &per_user);
     let all = read(&kafka, &t.messages, Duration::from_secs(120), true, |r| {
         r.iter().map(without_sent_at).collect::<BTreeSet<_>>().len() >= want.len()
     })
     .await;
-    let distinct: BTreeSet<String> = all.iter().map(without_sent_at).collect();
-    assert_eq!(distinct.len(), want.len(), "every message, and only those");
-    assert_eq!(distinct, want);
-    let mut by_key: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for r in &all {
-        by_key
-            .entry(r.value["idempotency_key"].as_str().unwrap().to_owned())
-            .or_default()
-            .insert(without_sent_at(r));
-    }
-    assert!(
-        by_key.values().all(|v| v.len() == 1),
-        "a repeat is the same message"
-    );
+    let repeats = assert_exactly(&all, &want);
     let processed = |http: &str| -> u64 {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect(http).unwrap();
@@ -881,9 +843,8 @@ async fn two_processes_share_users_through_a_rebalance() {
     };
     let (by_a, by_b) = (processed(&http_a), processed(&http_b));
     eprintln!(
-        "{} messages ({} repeats); process A handled {by_a} events, B {by_b}",
-        all.len(),
-        all.len() - distinct.len()
+        "{} messages ({repeats} repeats); process A handled {by_a} events, B {by_b}",
+        all.len()
     );
     assert!(
         by_a > 0 && by_b > 0,
