@@ -121,7 +121,7 @@ try:
     try:  # one JSON document (the timerdb-loadtest report)
         obj = json.loads(text)
         obj["server_resources"] = res
-        f.write_text(json.dumps(obj, indent=2) + "\n")
+        f.write_text(json.dumps(obj, indent=2 if "\n" in text.strip() else None) + "\n")
     except ValueError:  # log lines, then one JSON object (the peer adapters)
         lines = text.rstrip("\n").split("\n")
         obj = json.loads(lines[-1])

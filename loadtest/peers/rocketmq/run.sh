@@ -22,6 +22,8 @@
 # FLUSH=ASYNC_FLUSH is RocketMQ's default. A send that waited in the broker's queue longer
 # than SEND_QUEUE_WAIT_MS (RocketMQ's default 200) is refused ("broker busy", counted as
 # failed: the adapter does not retry); on a loaded 2-core machine a few are, even at 200/s.
+# Each result carries "server_resources": CPU seconds and peak RSS of the broker and the name
+# server over the adapter's run (also $OUT/resources-rocketmq-p<precision>-<rate>.json).
 set -euo pipefail
 PEER=$(cd "$(dirname "$0")" && pwd)
 cd "$PEER/../../.."
@@ -77,6 +79,7 @@ stop() { # pid: TERM, then KILL after 20 s
   wait "$pid" 2>/dev/null || true
 }
 cleanup() {
+  resources_stop
   stop "$BROKER_PID"
   stop "$NAMESRV_PID"
   rm -rf "$DATA_DIR"
@@ -138,12 +141,16 @@ EOF
       >"$OUT/broker-$name.log" 2>&1 &
     BROKER_PID=$!
     wait_for "$OUT/broker-$name.log" "boot success" "$BROKER_PID"
+    # The server processes' CPU and RSS over the adapter's run (not the broker's boot).
+    resources_start "$OUT/resources-rocketmq-$name.json" broker="$BROKER_PID" namesrv="$NAMESRV_PID"
     java -Xms512m -Xmx1g -XX:+UseG1GC -Duser.home="$DATA_DIR/home" \
       -Drmq.logback.configurationFile=rmq.client.logback.xml -cp "$CP" timerdb.peer.TimerPeer \
       --namesrv "127.0.0.1:$NAMESRV_PORT" --rate "$rate" --duration "$DURATION" \
       --fire-min-ms "$FIRE_MIN_MS" --fire-max-ms "$FIRE_MAX_MS" --payload-bytes "$PAYLOAD_BYTES" \
       --batch "$BATCH" --queues "$QUEUES" --consume-threads "$CONSUME_THREADS" \
       2>"$OUT/adapter-$name.log" | tee "$OUT/rocketmq-$name.json" || true
+    resources_stop
+    resources_merge "$OUT/rocketmq-$name.json" "$OUT/resources-rocketmq-$name.json"
     stop "$BROKER_PID"
     BROKER_PID=
     cp -r "$DATA_DIR/home/logs" "$OUT/logs-$name" 2>/dev/null || true
@@ -155,7 +162,7 @@ python3 - "$OUT" <<'PY' | tee "$OUT/rocketmq.txt"
 import json, sys
 from pathlib import Path
 print(f"{'precision':>9} {'rate':>7} | {'acked/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} | "
-      f"{'lost':>5} {'early':>5} {'dup':>4} {'failed':>6}")
+      f"{'lost':>5} {'early':>5} {'dup':>4} {'failed':>6} | {'CPU s':>6} {'RSS MiB':>7}")
 for f in sorted(Path(sys.argv[1]).glob("rocketmq-p*.json"), key=lambda p: [int(x) for x in p.stem.split("-p")[1].split("-")]):
     try:
         r = json.loads(f.read_text().strip().splitlines()[-1])
@@ -163,5 +170,6 @@ for f in sorted(Path(sys.argv[1]).glob("rocketmq-p*.json"), key=lambda p: [int(x
         print(f"{f.stem}: no result"); continue
     l = r["lateness_ms"]
     print(f"{r['precision_ms']:>9} {r['rate']:>7} | {r['acked_rate']:>8.0f} {l['p50']:>7.0f} {l['p99']:>7.0f} "
-          f"{l['max']:>7.0f} | {r['lost']:>5} {r['early']:>5} {r['duplicates']:>4} {r['failed']:>6}")
+          f"{l['max']:>7.0f} | {r['lost']:>5} {r['early']:>5} {r['duplicates']:>4} {r['failed']:>6} | "
+          + (f"{t['cpu_s']:>6.1f} {t['peak_rss_bytes'] / 2**20:>7.0f}" if (t := r.get("server_resources", {}).get("total")) else "   n/a     n/a"))
 PY
