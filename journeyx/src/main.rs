@@ -111,7 +111,7 @@ struct RunArgs {
     #[arg(long, env = "JOURNEYX_GROUP", default_value = "journeyx")]
     group: String,
     /// Queues the events are spread over by user (processed concurrently).
-    #[arg(long, env = "JOURNEYX_QUEUES", default_value_t = 64)]
+    #[arg(long, env = "JOURNEYX_QUEUES", default_value_t = 512)]
     queues: usize,
     /// Serves the HTTP API (publish, list, user, stats) and /metrics on this address.
     #[arg(long, env = "JOURNEYX_HTTP", default_value = "127.0.0.1:7480")]

@@ -62,7 +62,7 @@ impl Settings {
             messages_topic: "journeyx-messages".into(),
             dead_letter_topic: Some("journeyx-dead-letters".into()),
             timerdb: timerdb.into(),
-            queues: 64,
+            queues: 512,
             webhook_timeout: Duration::from_secs(5),
             webhook_attempts: 4,
         }
