@@ -1,5 +1,5 @@
 //! The runtime around the pure engine: reads events from Kafka ([`kafka`]), runs each
-//! through [`engine::step`](crate::engine::step) against the user's stored record, carries
+//! through [`engine::step`] against the user's stored record, carries
 //! out the commands, then writes the record (conditional on its version), then lets the
 //! offset be committed ([`offsets`]). Reprocessing an event after a crash or a rebalance
 //! therefore changes nothing visible: every effect carries an idempotency key derived from
