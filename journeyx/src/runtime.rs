@@ -220,6 +220,14 @@ impl Runtime {
             let mut changed = outcome.changed || read.version > 0;
             outcome.user.applied.insert(partition, offset);
             let mut set_now = HashMap::new();
+            // The event's messages go out together, in order (produced in the order of
+            // the commands, so one user's messages keep it on their partition); the other
+            // commands follow one by one (a cancel may need the id a timer set just now).
+            let messages = outcome.commands.iter().filter_map(|c| match c {
+                Command::Send(m) => Some(self.send(m)),
+                _ => None,
+            });
+            futures::future::join_all(messages).await;
             for command in &outcome.commands {
                 changed |= self
                     .execute(partition, command, &mut outcome.user, &mut set_now)
@@ -278,23 +286,8 @@ impl Runtime {
                 .increment(1);
         };
         match command {
-            Command::Send(message) => {
-                let value = message.record(now_ms()).to_string();
-                let sent = self
-                    .produce(
-                        "producing a message",
-                        &self.settings.messages_topic,
-                        Some(message.user_id.as_bytes()),
-                        Some(value.as_bytes()),
-                        Some((IDEMPOTENCY_HEADER, message.idempotency_key.as_bytes())),
-                    )
-                    .await;
-                match sent {
-                    Ok(()) => metrics::counter!("journeyx_messages_total").increment(1),
-                    Err(e) => failed("a message", e),
-                }
-                false
-            }
+            // Sent already, with the event's other messages (`handle`).
+            Command::Send(_) => false,
             Command::Webhook {
                 url,
                 body,
@@ -382,6 +375,28 @@ impl Runtime {
                     failed("a timer's cancel", e);
                 }
                 false
+            }
+        }
+    }
+
+    /// Produces one message to the messages topic, its idempotency key in the header.
+    async fn send(&self, message: &engine::Message) {
+        let value = message.record(now_ms()).to_string();
+        let sent = self
+            .produce(
+                "producing a message",
+                &self.settings.messages_topic,
+                Some(message.user_id.as_bytes()),
+                Some(value.as_bytes()),
+                Some((IDEMPOTENCY_HEADER, message.idempotency_key.as_bytes())),
+            )
+            .await;
+        match sent {
+            Ok(()) => metrics::counter!("journeyx_messages_total").increment(1),
+            Err(e) => {
+                tracing::error!(error = %e, "journeyx: a message was refused; going on without it");
+                metrics::counter!("journeyx_effect_errors_total", "what" => "a message")
+                    .increment(1);
             }
         }
     }
