@@ -15,6 +15,20 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// The catalog a store holds: `segments` first, then every journey version after its
+    /// predecessors (migrations are checked against them), whatever order they were read in.
+    pub fn from_stored(segments: Vec<Segment>, mut journeys: Vec<Journey>) -> Result<Catalog> {
+        let mut catalog = Catalog::default();
+        for s in segments {
+            catalog.publish_segment(s);
+        }
+        journeys.sort_by(|a, b| (&a.app_id, &a.id, a.version).cmp(&(&b.app_id, &b.id, b.version)));
+        for j in journeys {
+            catalog.publish(j)?;
+        }
+        Ok(catalog)
+    }
+
     /// Adds a journey version. A version is immutable once published: publishing the same
     /// version again with other content is refused, the same content is a no-op. The
     /// segments it names must be published already.

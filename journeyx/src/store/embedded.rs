@@ -262,19 +262,15 @@ impl StateStore for EmbeddedStore {
                 Ok((all(SEGMENTS)?, all(JOURNEYS)?))
             })
             .await?;
-        let mut catalog = Catalog::default();
-        for s in segments {
-            let s: Segment =
-                serde_json::from_slice(&s).map_err(|e| failed("decoding a segment", e))?;
-            catalog.publish_segment(s);
-        }
-        // Keys sort by app, journey and version, so each version finds its predecessors.
-        for j in journeys {
-            let j: Journey =
-                serde_json::from_slice(&j).map_err(|e| failed("decoding a journey", e))?;
-            catalog.publish(j)?;
-        }
-        Ok(catalog)
+        let segments = segments
+            .iter()
+            .map(|s| serde_json::from_slice(s).map_err(|e| failed("decoding a segment", e)))
+            .collect::<Result<_>>()?;
+        let journeys = journeys
+            .iter()
+            .map(|j| serde_json::from_slice(j).map_err(|e| failed("decoding a journey", e)))
+            .collect::<Result<_>>()?;
+        Catalog::from_stored(segments, journeys)
     }
 
     async fn users(

@@ -359,27 +359,19 @@ impl StateStore for ScyllaStateStore {
     }
 
     async fn catalog(&self) -> Result<Catalog> {
-        let mut catalog = Catalog::default();
-        for body in self
+        let segments = self
             .bodies(&self.st.all_segments, "reading segments")
             .await?
-        {
-            let s: Segment =
-                serde_json::from_str(&body).map_err(|e| failed("decoding a segment", e))?;
-            catalog.publish_segment(s);
-        }
-        let mut journeys: Vec<Journey> = self
+            .iter()
+            .map(|b| serde_json::from_str(b).map_err(|e| failed("decoding a segment", e)))
+            .collect::<Result<_>>()?;
+        let journeys = self
             .bodies(&self.st.all_journeys, "reading journeys")
             .await?
             .iter()
             .map(|b| serde_json::from_str(b).map_err(|e| failed("decoding a journey", e)))
             .collect::<Result<_>>()?;
-        // Each version after its predecessors (the catalog checks migrations against them).
-        journeys.sort_by(|a, b| (&a.app_id, &a.id, a.version).cmp(&(&b.app_id, &b.id, b.version)));
-        for j in journeys {
-            catalog.publish(j)?;
-        }
-        Ok(catalog)
+        Catalog::from_stored(segments, journeys)
     }
 
     async fn users(
