@@ -139,9 +139,24 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
     )
     .with_member(member.clone());
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<TimerServiceServer<TimerApi>>()
-        .await;
+    // A single node serves from here on; a member once it holds a lease.
+    let readiness = match &cluster {
+        Some(node) => {
+            health_reporter
+                .set_not_serving::<TimerServiceServer<TimerApi>>()
+                .await;
+            Some(tokio::spawn(track_readiness(
+                node.clone(),
+                health_reporter.clone(),
+            )))
+        }
+        None => {
+            health_reporter
+                .set_serving::<TimerServiceServer<TimerApi>>()
+                .await;
+            None
+        }
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(timerdb_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -184,6 +199,11 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
     };
     let stopped = async move {
         let _ = stopped.await;
+        // Stopped for good before the last word on readiness is written.
+        if let Some(tracker) = readiness {
+            tracker.abort();
+            let _ = tracker.await;
+        }
         if let Some((member, timeout, health)) = leaving {
             health
                 .set_not_serving::<TimerServiceServer<TimerApi>>()
@@ -398,6 +418,36 @@ async fn leave_cluster(member: &Member, timeout: std::time::Duration) {
 
 /// A member that left the cluster at its last shutdown asks to be active again, once its
 /// map knows it (gone members are brought back by the leader when they speak again).
+/// Keeps a member's `timerdb.v1.TimerService` health status SERVING while it holds a lease
+/// from the leader, NOT_SERVING otherwise: before the cluster formed, or cut off from a
+/// quorum, a member is not ready (a Kubernetes Service sends calls to the other members;
+/// its fires stopped at lease end anyway). The overall status (service "") stays SERVING
+/// while the process runs: liveness.
+async fn track_readiness(
+    node: timerdb_raft::ClusterNode,
+    health: tonic_health::server::HealthReporter,
+) {
+    let mut serving = None;
+    loop {
+        let ready = node.lease_until().is_some();
+        if serving != Some(ready) {
+            if ready {
+                health.set_serving::<TimerServiceServer<TimerApi>>().await;
+            } else {
+                health
+                    .set_not_serving::<TimerServiceServer<TimerApi>>()
+                    .await;
+            }
+            tracing::info!(
+                ready,
+                "cluster.readiness: holds a lease from the leader: {ready}"
+            );
+            serving = Some(ready);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 async fn rejoin_after_leaving(node: timerdb_raft::ClusterNode) {
     use timerdb_raft::map::{Command, MemberState};
     let me = node.id();

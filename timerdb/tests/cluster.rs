@@ -14,6 +14,8 @@ use timerdb::sink::jsonl::FiredLine;
 use timerdb_client::{Client, NewTimer, TimerState};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
+use tonic_health::pb::health_check_response::ServingStatus::{self, NotServing, Serving};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use common::local_cluster::ONE_AT_A_TIME;
 use common::{now_ms, read_fired, services, unique};
@@ -321,9 +323,41 @@ async fn a_stopped_member_s_timers_fire_on_the_others() {
     for (_, l) in &fired {
         assert!(l.fired_at_ms >= l.fire_at_ms, "{} fired early", l.timer_id);
     }
-    for id in [1, 3] {
-        c.stop(id).await;
+    // Readiness: a member holding a lease serves; alone (members 2 and 3 stopped, no
+    // quorum) its lease lapses and it turns NOT_SERVING, while the process stays live.
+    assert_eq!(serving(&c.addrs[0], SERVICE).await, Serving);
+    c.stop(3).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while serving(&c.addrs[0], SERVICE).await == Serving {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "member 1 still ready 15 s after losing its quorum"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(serving(&c.addrs[0], SERVICE).await, NotServing);
+    assert_eq!(serving(&c.addrs[0], "").await, Serving, "still live");
+    c.stop(1).await;
+}
+
+const SERVICE: &str = "timerdb.v1.TimerService";
+
+/// The health status of `service` on the member at `addr`.
+async fn serving(addr: &str, service: &str) -> ServingStatus {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).unwrap()
 }
 
 /// Runs the `timerdb` CLI; returns stdout, panicking with stderr on failure.
