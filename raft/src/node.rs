@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use openraft::BasicNode;
 use openraft::error::{ClientWriteError, RaftError};
 use timerdb_proto::internal::v1 as pb;
 use timerdb_proto::internal::v1::cluster_client::ClusterClient;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -123,8 +124,21 @@ struct Inner {
     skewed: Mutex<std::collections::HashSet<NodeId>>,
     /// Leader only: members a rejoin is being proposed for.
     rejoining: Mutex<std::collections::HashSet<NodeId>>,
+    /// Leader: lease renewals waiting for the next quorum check ([`ClusterNode::confirm_leadership`]).
+    confirm: mpsc::UnboundedSender<Confirmation>,
+    /// Leader: renewals granted, and the quorum checks run for them (counters).
+    grants: AtomicU64,
+    quorum_checks: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
+
+/// Where a lease renewal waits for the quorum check that confirms the leadership it is
+/// granted on.
+type Confirmation = oneshot::Sender<std::result::Result<(), String>>;
+
+/// Shortest time between two quorum checks run for lease renewals: at most 50 a second,
+/// whatever the member count, for at most this much more latency per renewal.
+const CONFIRM_EVERY: Duration = Duration::from_millis(20);
 
 impl ClusterNode {
     /// Opens the member's Raft store, starts Raft and the member's background duties. The
@@ -152,6 +166,7 @@ impl ClusterNode {
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
+        let (confirm, confirmations) = mpsc::unbounded_channel();
         let node = Self {
             inner: Arc::new(Inner {
                 config,
@@ -165,11 +180,15 @@ impl ClusterNode {
                 clock: Mutex::new(None),
                 skewed: Mutex::new(Default::default()),
                 rejoining: Mutex::new(Default::default()),
+                confirm,
+                grants: AtomicU64::new(0),
+                quorum_checks: AtomicU64::new(0),
                 tasks: Mutex::new(Vec::new()),
             }),
         };
         node.bootstrap().await?;
         let tasks = vec![
+            tokio::spawn(node.clone().confirm_leadership(confirmations)),
             tokio::spawn(node.clone().renew_leases()),
             tokio::spawn(node.clone().leader_duties()),
             tokio::spawn(node.clone().track_gains()),
@@ -336,11 +355,6 @@ impl ClusterNode {
         }
     }
 
-    /// Leader only: renews `member`'s lease. Returns the applied index the renewal is
-    /// good for, after confirming with a quorum that this node still leads. The member
-    /// counts as alive only if its own map has caught up with the index granted to it
-    /// before (`member_applied`): one that cannot apply the log never holds a lease, and
-    /// its slots must move.
     /// Leader: takes in the clock offset `member` measured against this leader's clock,
     /// and warns (once, until it is back within bounds) when it is surely further off
     /// than the drift the cluster's leases allow: the lease argument, the homing of
@@ -372,12 +386,26 @@ impl ClusterNode {
         }
     }
 
+    /// Leader only: renews `member`'s lease. Returns the applied index the renewal is
+    /// good for, after confirming with a quorum that this node still leads (a check begun
+    /// after the renewal arrived, shared with the others waiting for it). The member
+    /// counts as alive only if its own map has caught up with the index granted to it
+    /// before (`member_applied`): one that cannot apply the log never holds a lease, and
+    /// its slots must move.
     async fn grant(&self, member: NodeId, member_applied: u64) -> Result<u64> {
+        let cannot = |e: &dyn std::fmt::Display| {
+            Error::NoLeader(format!("node {} cannot grant leases: {e}", self.id()))
+        };
+        let (confirmed, confirmation) = oneshot::channel();
         self.inner
-            .raft
-            .ensure_linearizable()
+            .confirm
+            .send(confirmed)
+            .map_err(|_| cannot(&"it is shutting down"))?;
+        confirmation
             .await
-            .map_err(|e| Error::NoLeader(format!("node {} cannot grant leases: {e}", self.id())))?;
+            .map_err(|_| cannot(&"it is shutting down"))?
+            .map_err(|e| cannot(&e))?;
+        self.inner.grants.fetch_add(1, Ordering::Relaxed);
         let applied = self.inner.map.borrow().clone();
         {
             let mut seen = self.inner.last_seen.lock().unwrap();
@@ -405,17 +433,63 @@ impl ClusterNode {
         Ok(applied.index)
     }
 
+    /// Leader: runs the quorum checks lease renewals wait on, one at a time and at most
+    /// one per [`CONFIRM_EVERY`]; each answers every renewal that arrived before it began.
+    /// Only a check begun after a renewal arrived may confirm it: the renewal counts from
+    /// when its member asked, and leadership confirmed from a moment after that holds for
+    /// the lease's whole span (docs/design.md). One check per renewal cost the leader
+    /// `members × (members − 1) × 5` calls a second (docs/scaling.md, step 1).
+    async fn confirm_leadership(self, mut asks: mpsc::UnboundedReceiver<Confirmation>) {
+        let mut last: Option<Instant> = None;
+        while let Some(first) = asks.recv().await {
+            if let Some(last) = last {
+                tokio::time::sleep_until(last + CONFIRM_EVERY).await;
+            }
+            let mut waiting = vec![first];
+            while let Ok(more) = asks.try_recv() {
+                waiting.push(more);
+            }
+            last = Some(Instant::now());
+            self.inner.quorum_checks.fetch_add(1, Ordering::Relaxed);
+            let confirmed = self
+                .inner
+                .raft
+                .ensure_linearizable()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            for w in waiting {
+                let _ = w.send(confirmed.clone());
+            }
+        }
+    }
+
+    /// Leader: lease renewals granted so far, and the quorum checks run for them.
+    pub fn lease_work(&self) -> (u64, u64) {
+        (
+            self.inner.grants.load(Ordering::Relaxed),
+            self.inner.quorum_checks.load(Ordering::Relaxed),
+        )
+    }
+
     /// Every heartbeat: ask the leader to renew this member's lease. A renewal counts from
     /// the moment it was asked for, and only if this member's map is at least as recent as
     /// the leader's was when it granted it.
     async fn renew_leases(self) {
-        let period = Duration::from_millis(self.inner.map.borrow().map.lease.heartbeat_ms.max(1));
+        let every = |lease: LeaseSettings| Duration::from_millis(lease.heartbeat_ms.max(1));
+        let mut period = every(self.inner.map.borrow().map.lease);
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut clients: HashMap<String, ClusterClient<tonic::transport::Channel>> = HashMap::new();
         loop {
             ticks.tick().await;
             let lease = self.inner.map.borrow().map.lease;
+            // The settings are the map's: a new cluster's arrive with its first entries.
+            if every(lease) != period {
+                period = every(lease);
+                ticks = tokio::time::interval(period);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            }
             let Some((leader, addr)) = self.leader() else {
                 continue;
             };

@@ -25,6 +25,8 @@ struct Cluster {
     members: Vec<Option<Member>>,
     /// Each member's wall-clock offset (ms), by id - 1.
     clock_offsets: Vec<i64>,
+    /// Lease settings of the new cluster (the default unless a test sets them).
+    lease: Option<timerdb_raft::map::LeaseSettings>,
 }
 
 impl Cluster {
@@ -34,6 +36,13 @@ impl Cluster {
 
     /// One member per entry of `clock_offsets`, its wall clock that far off (ms).
     async fn start_with_clocks(clock_offsets: &[i64]) -> Cluster {
+        Self::start_with(clock_offsets, None).await
+    }
+
+    async fn start_with(
+        clock_offsets: &[i64],
+        lease: Option<timerdb_raft::map::LeaseSettings>,
+    ) -> Cluster {
         let n = clock_offsets.len();
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -54,6 +63,7 @@ impl Cluster {
             addrs,
             members: Vec::new(),
             clock_offsets: clock_offsets.to_vec(),
+            lease,
         };
         for (i, l) in listeners.into_iter().enumerate() {
             let m = c.member(i as u64 + 1, l).await;
@@ -71,6 +81,9 @@ impl Cluster {
         let mut config = ClusterConfig::new(id, addr, self.raft_dir(id));
         config.initial_members = self.addrs.clone();
         config.wall_clock_offset_ms = self.clock_offsets[id as usize - 1];
+        if let Some(lease) = self.lease {
+            config.lease = lease;
+        }
         let node = ClusterNode::start(config).await.unwrap();
         let (raft, cluster) = (node.raft_service(), node.cluster_service());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -146,6 +159,49 @@ fn shares(map: &timerdb_raft::ClusterMap) -> Vec<usize> {
         .keys()
         .map(|id| map.slots_of(*id).len())
         .collect()
+}
+
+/// Five members renewing every 20 ms (250 renewals a second at the leader) share the
+/// leader's quorum checks: at most one per 20 ms, each answering every renewal that
+/// arrived before it began, and every member keeps its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_share_the_leader_s_quorum_checks() {
+    let lease = timerdb_raft::map::LeaseSettings {
+        heartbeat_ms: 20,
+        ..Default::default()
+    };
+    let c = Cluster::start_with(&[0; 5], Some(lease)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.running().any(|n| n.lease_until().is_none()) {
+        assert!(Instant::now() < deadline, "leases never granted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let leader = c.running().find(|n| n.is_leader()).expect("a leader");
+    let (grants_before, checks_before) = leader.lease_work();
+    let started = Instant::now();
+    let until = started + Duration::from_secs(3);
+    while Instant::now() < until {
+        for n in c.running() {
+            assert!(
+                n.lease_until().is_some(),
+                "member {} lost its lease",
+                n.id()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (grants, checks) = leader.lease_work();
+    let (grants, checks) = (grants - grants_before, checks - checks_before);
+    let most = started.elapsed().as_millis() as u64 / 20 + 2;
+    eprintln!("{grants} renewals granted on {checks} quorum checks in 3 s (at most {most})");
+    assert!(
+        checks <= most,
+        "{checks} quorum checks, more than one per 20 ms"
+    );
+    assert!(
+        2 * grants >= 3 * checks,
+        "{grants} renewals on {checks} quorum checks: not shared"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,9 @@ const SLOTS_UNOWNED: &str = "timerdb_cluster_slots_unowned";
 const IS_LEADER: &str = "timerdb_cluster_is_leader";
 const MEMBERS: &str = "timerdb_cluster_members";
 const CLOCK_OFFSET: &str = "timerdb_cluster_clock_offset_seconds";
+const ADOPTED_BY_VALUE: &str = "timerdb_cluster_adopted_by_value_total";
+const LEASE_GRANTS: &str = "timerdb_cluster_lease_grants_total";
+const QUORUM_CHECKS: &str = "timerdb_cluster_quorum_checks_total";
 
 /// Starts the Prometheus endpoint on `addr` (`GET /metrics`) and describes every metric.
 pub fn install(addr: SocketAddr) -> Result<()> {
@@ -148,7 +151,16 @@ fn describe() {
     );
     describe_counter!(
         MOVED_WRITES,
-        "New timers stored while their slot range moved away, by outcome: adopted by the new owner, withdrawn, confirmed by a repeated call, unknown"
+        "New timers stored while their slot range moved away, by outcome: adopted by the new owner, withdrawn, confirmed by a repeated call (and adopted), confirmed_unadopted (its owner never adopted it: it may not fire), unknown"
+    );
+    describe_counter!(
+        ADOPTED_BY_VALUE,
+        "Owner: timers another member carried by value and this one took into memory, their rows gone (deleted unfired with a bucket read before they landed)"
+    );
+    describe_counter!(LEASE_GRANTS, "Leader: lease renewals granted to members");
+    describe_counter!(
+        QUORUM_CHECKS,
+        "Leader: quorum checks run to confirm leadership for lease renewals (one serves every renewal that arrived before it began)"
     );
     describe_counter!(
         UNREADABLE,
@@ -229,9 +241,20 @@ pub fn key_loser_dropped() {
 }
 
 /// A timer stored while its slot range moved away was settled with `outcome`
-/// (`adopted`, `withdrawn`, `confirmed` or `unknown`).
+/// (`adopted`, `withdrawn`, `confirmed`, `confirmed_unadopted` or `unknown`).
 pub fn moved_write(outcome: &'static str) {
     counter!(MOVED_WRITES, "outcome" => outcome).increment(1);
+}
+
+/// The owner took a timer carried by value into memory, its row gone.
+pub fn adopted_by_value() {
+    counter!(ADOPTED_BY_VALUE).increment(1);
+}
+
+/// Leader: lease renewals granted and quorum checks run so far (absolute counts).
+pub fn lease_work(grants: u64, quorum_checks: u64) {
+    counter!(LEASE_GRANTS).absolute(grants);
+    counter!(QUORUM_CHECKS).absolute(quorum_checks);
 }
 
 /// A stored row could not be decoded and was skipped.

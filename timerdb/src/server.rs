@@ -322,6 +322,8 @@ async fn report_metrics(scheduler: Arc<Scheduler>, cluster: Option<timerdb_raft:
                 .filter(|o| o.owner.is_none())
                 .count();
             crate::metrics::clock_offset(node.clock_offset().map_or(0, |c| -c.offset_ms));
+            let (grants, checks) = node.lease_work();
+            crate::metrics::lease_work(grants, checks);
             crate::metrics::cluster(
                 lease_left,
                 applied.map.slots_of(node.id()).len(),
