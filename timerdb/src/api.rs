@@ -12,7 +12,7 @@ use timerdb_proto::v1::timer_service_server::TimerService;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::cluster::{ADOPT, FORWARDED, Member};
+use crate::cluster::{ADOPT, ADOPT_TIMER, FORWARDED, Member};
 use crate::config::Limits;
 use crate::metrics as m;
 use crate::scheduler::{Adoption as SchedAdoption, CancelProbe, MemState, Scheduler};
@@ -89,6 +89,32 @@ impl TimerApi {
         tokio::spawn(store_and_hand_off(store, scheduler, member, specs))
             .await
             .map_err(|e| Error::Internal(format!("store task: {e}")))?
+    }
+
+    /// Checks a timer carried by value for adoption as a new one is checked, and that it
+    /// is what a member's slow write produces: a timer due within its bucket. Its row can
+    /// be gone unfired only once its bucket was deleted: one whose bucket is not over yet
+    /// is not needed (`None`), its row is the one to adopt.
+    async fn check_carried(&self, timer: Timer) -> Result<Option<Timer>> {
+        let width = self.store.layout().bucket_ms;
+        if timer.spec.fire_at_ms >= timer.id.bucket_ms + width {
+            return Err(Error::InvalidArgument(format!(
+                "{ADOPT_TIMER}: timer {} is due at {} ms, after the end of its bucket",
+                timer.id, timer.spec.fire_at_ms
+            )));
+        }
+        if timer.id.bucket_ms + width > now_ms() {
+            return Ok(None);
+        }
+        self.fits_sink(&timer.spec, None)?;
+        if let Some((_, why)) = self
+            .check_targets(std::slice::from_ref(&timer.spec))
+            .await
+            .remove(0)
+        {
+            return Err(Error::InvalidArgument(format!("{ADOPT_TIMER}: {why}")));
+        }
+        Ok(Some(timer))
     }
 
     /// Refuses a timer whose message the sink could never write (it would be retried
@@ -200,7 +226,10 @@ async fn store_and_hand_off(
             moved
                 .iter()
                 .map(|(n, id, spec)| async move {
-                    (*n, settle_moved(store, scheduler, m, *id, spec).await)
+                    (
+                        *n,
+                        settle_moved(store, scheduler, m, *id, created_ms, spec).await,
+                    )
                 })
                 .map(futures::future::Either::Left)
                 .chain(repeats.iter().map(|(n, id, key)| {
@@ -244,11 +273,14 @@ enum Adoption {
 
 /// Asks the owner of `id`'s slot (this member or another) to adopt the stored timer `id`:
 /// see [`adopt_here`].
+/// `carried`, the timer itself, lets the owner adopt it even if its row is gone (sent
+/// along when it fits in a header, [`CARRY_MAX`]).
 async fn adopt(
     store: &Arc<dyn TimerStore>,
     scheduler: &Arc<Scheduler>,
     member: &Member,
     id: TimerId,
+    carried: Option<&Timer>,
 ) -> Result<Adoption> {
     crate::failpoint::hit_async("api.adopt").await?;
     let answer = match member.remote_owner_soon(id, None).await? {
@@ -259,12 +291,12 @@ async fn adopt(
             v1::GetTimerRequest {
                 timer_id: id.to_string(),
             },
-            true,
+            Forwarding::Adopt(carried.and_then(encode_carried)),
             |mut c, r| async move { c.get_timer(r).await },
         )
         .await
         .map(|_| ()),
-        None => match adopt_here(store, scheduler, id, None).await? {
+        None => match adopt_here(store, scheduler, id, None, carried.cloned()).await? {
             Some(_) => Ok(()),
             None => Err(not_found(id)),
         },
@@ -285,40 +317,67 @@ async fn adopt(
 /// over after a crash would skip it. One the progress of an earlier owner claims
 /// delivered is refused: no range would fire it. `None`: no such row. `budget` caps the
 /// wait for a fire (the asking member's deadline).
+///
+/// `carried` is the timer as its writer holds it. If its row is gone, the bucket was
+/// deleted: after the timer fired (or was cancelled), or with the row in it unfired, if
+/// the row landed after the bucket was read. The range tells them apart by what it fired
+/// and cancelled lately, and takes an unfired one into memory from `carried`.
 async fn adopt_here(
     store: &Arc<dyn TimerStore>,
     scheduler: &Arc<Scheduler>,
     id: TimerId,
     budget: Option<Duration>,
+    carried: Option<Timer>,
 ) -> Result<Option<StoredTimer>> {
     let started = tokio::time::Instant::now();
-    let Some(mut stored) = store.get(id).await? else {
-        return Ok(None);
-    };
-    if stored.state != StoredState::Pending {
-        return Ok(Some(stored));
-    }
     let not_running = || {
         Error::Unavailable(format!(
             "timer {id}: no range here runs its slot any more (it is moving); retry"
         ))
     };
-    let mut verdict = scheduler
-        .adopt(stored.timer.clone(), false)
-        .await
-        .ok_or_else(not_running)?;
+    let by_value = |timer: Timer| async {
+        let verdict = scheduler
+            .adopt(timer.clone(), true)
+            .await
+            .ok_or_else(not_running)?;
+        if verdict == SchedAdoption::Admitted {
+            m::adopted_by_value();
+            tracing::info!(timer_id = %id, "api: adopted a timer by value: its row is gone (deleted unfired with its bucket)");
+        }
+        let stored = StoredTimer {
+            timer,
+            state: StoredState::Pending,
+        };
+        Ok::<_, Error>((stored, verdict))
+    };
+    let (mut stored, mut verdict) = match store.get(id).await? {
+        Some(stored) if stored.state != StoredState::Pending => return Ok(Some(stored)),
+        Some(stored) => {
+            let verdict = scheduler
+                .adopt(stored.timer.clone(), false)
+                .await
+                .ok_or_else(not_running)?;
+            (stored, verdict)
+        }
+        None => match carried.clone() {
+            Some(timer) => by_value(timer).await?,
+            None => return Ok(None),
+        },
+    };
     if verdict == SchedAdoption::BucketDeleted {
         // The range fired and deleted this bucket: a row still there now was written
-        // after that delete, and was never read. Gone now: it was read and fired.
-        match store.get(id).await? {
-            Some(again) if again.state == StoredState::Pending => {
+        // after that delete, and was never read. Gone now: it was read and fired, or it
+        // landed after the read and the delete took it unfired (`carried` tells).
+        match (store.get(id).await?, carried) {
+            (Some(again), _) if again.state == StoredState::Pending => {
                 stored = again;
                 verdict = scheduler
                     .adopt(stored.timer.clone(), true)
                     .await
                     .ok_or_else(not_running)?;
             }
-            other => return Ok(other),
+            (None, Some(timer)) => (stored, verdict) = by_value(timer).await?,
+            (other, _) => return Ok(other),
         }
     }
     match verdict {
@@ -328,6 +387,8 @@ async fn adopt_here(
                  earlier owner of its slot, claims it delivered; it cannot be adopted"
             )));
         }
+        // Fired or cancelled already (perhaps its bucket deleted since): nothing to wait for.
+        SchedAdoption::Known(MemState::Fired | MemState::Cancelled) => return Ok(Some(stored)),
         SchedAdoption::Unloaded | SchedAdoption::Known(_) | SchedAdoption::Admitted => {}
         SchedAdoption::BucketDeleted => return Err(not_running()),
     }
@@ -354,6 +415,33 @@ async fn adopt_here(
 
 /// How long an adoption waits for an overdue timer to fire.
 const ADOPT_FIRE_WAIT: Duration = Duration::from_secs(3);
+/// The largest timer (encoded) an adoption carries by value, in a header: a server takes
+/// 16 KiB of headers, and binary metadata grows by a third in base64.
+const CARRY_MAX: usize = 8 * 1024;
+
+/// `timer`, encoded for [`ADOPT_TIMER`]; `None` if it is too large for a header.
+fn encode_carried(timer: &Timer) -> Option<tonic::metadata::BinaryMetadataValue> {
+    postcard::to_allocvec(timer)
+        .ok()
+        .filter(|b| b.len() <= CARRY_MAX)
+        .map(|b| tonic::metadata::BinaryMetadataValue::from_bytes(&b))
+}
+
+/// The timer an adoption carries, checked against the id asked about.
+fn decode_carried(value: &tonic::metadata::BinaryMetadataValue, id: TimerId) -> Result<Timer> {
+    let bytes = value
+        .to_bytes()
+        .map_err(|e| Error::InvalidArgument(format!("{ADOPT_TIMER}: not base64: {e}")))?;
+    let timer: Timer = postcard::from_bytes(&bytes)
+        .map_err(|e| Error::InvalidArgument(format!("{ADOPT_TIMER}: not a timer: {e}")))?;
+    if timer.id != id {
+        return Err(Error::InvalidArgument(format!(
+            "{ADOPT_TIMER} carries timer {}, but the call asks about timer {id}",
+            timer.id
+        )));
+    }
+    Ok(timer)
+}
 
 /// The answer for a new timer whose slot range stopped being this member's to fire while
 /// its row was written (its owner may have read the bucket before the row landed).
@@ -363,20 +451,26 @@ const ADOPT_FIRE_WAIT: Duration = Duration::from_secs(3);
 /// unaware of it), the timer is withdrawn: its key released, its row cancelled, so a
 /// retry, even with the same idempotency key, stores it anew, and the caller is told the
 /// outcome is unknown. Unless a repeated call of the same key confirmed it meanwhile
-/// ([`settle_repeat`]): that call had the owner adopt it and answered with its id, so
-/// this one does too.
+/// ([`settle_repeat`]): that call answered with its id, so this one does too, once the
+/// owner adopted it (by value: its row may be gone unfired).
 async fn settle_moved(
     store: &Arc<dyn TimerStore>,
     scheduler: &Arc<Scheduler>,
-    member: &Member,
+    member: &Arc<Member>,
     id: TimerId,
+    created_ms: u64,
     spec: &TimerSpec,
 ) -> Result<TimerId> {
     let why = format!(
         "timer {id} was stored while its slot range moved away from this node (or came due \
          during a slow write), so its owner may not have read it"
     );
-    match adopt(store, scheduler, member, id).await {
+    let timer = Timer {
+        id,
+        created_ms,
+        spec: spec.clone(),
+    };
+    match adopt(store, scheduler, member, id, Some(&timer)).await {
         Ok(Adoption::Adopted) => {
             m::moved_write("adopted");
             return Ok(id);
@@ -398,7 +492,14 @@ async fn settle_moved(
             )))
         }
         Ok(Abandoned::Kept) => {
-            m::moved_write("confirmed");
+            // A repeated call was told the id already: see to it that it fires, without
+            // holding up this call (and the write's guard) meanwhile.
+            tokio::spawn(keep_adopting(
+                store.clone(),
+                scheduler.clone(),
+                member.clone(),
+                timer,
+            ));
             Ok(id)
         }
         Err(e) => {
@@ -412,12 +513,48 @@ async fn settle_moved(
     }
 }
 
+/// A timer whose key a repeated call confirmed (its caller was told the id) after this
+/// member failed to have it adopted: no withdraw is possible any more, so the owner is
+/// asked again, by value, until it adopts it (for ~10 s; then the loss is logged).
+async fn keep_adopting(
+    store: Arc<dyn TimerStore>,
+    scheduler: Arc<Scheduler>,
+    member: Arc<Member>,
+    timer: Timer,
+) {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match adopt(&store, &scheduler, &member, timer.id, Some(&timer)).await {
+            Ok(Adoption::Adopted) => {
+                m::moved_write("confirmed");
+                return;
+            }
+            outcome if started.elapsed() >= KEEP_ADOPTING => {
+                m::moved_write("confirmed_unadopted");
+                tracing::error!(timer_id = %timer.id, outcome = ?outcome,
+                    "api: a repeated call was told this timer's id, but its owner did not adopt it; it may never fire");
+                return;
+            }
+            _ => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// How long [`keep_adopting`] keeps asking.
+const KEEP_ADOPTING: Duration = Duration::from_secs(10);
+
 /// The answer for a call whose idempotency key `key` names an earlier timer `id`, on a
 /// cluster member: the earlier call may still be under way on another member, and may yet
 /// withdraw its timer ([`settle_moved`]). So the owner adopts `id` first, then the key's
 /// claim is confirmed, which no withdraw can follow; only then is `id` the answer. A key
 /// whose confirmation fails was released by a withdraw: the caller retries and stores the
-/// timer anew. A row that is gone fired and was cleaned up (its id is the answer).
+/// timer anew. A row that is gone is confirmed too: it fired and was cleaned up, or its
+/// bucket's delete took it unfired while its first call is still under way, and that call,
+/// finding the claim confirmed, has the owner adopt it by value.
 async fn settle_repeat(
     store: &Arc<dyn TimerStore>,
     scheduler: &Arc<Scheduler>,
@@ -429,17 +566,21 @@ async fn settle_repeat(
     let adopted = if member.surely_unread(id) {
         Ok(Adoption::Adopted)
     } else {
-        adopt(store, scheduler, member, id).await
+        adopt(store, scheduler, member, id, None).await
     };
     match adopted {
-        Ok(Adoption::Gone) => Ok(id),
-        Ok(Adoption::Adopted) => match store.confirm_key(key, id).await? {
-            true => Ok(id),
-            false => Err(Error::Unavailable(format!(
-                "idempotency key {key:?} named timer {id}, which its first call withdrew \
+        Ok(adoption) => {
+            if adoption == Adoption::Gone {
+                tracing::info!(timer_id = %id, key, "api: a repeated idempotency key names a timer whose row is gone; confirming the claim");
+            }
+            match store.confirm_key(key, id).await? {
+                true => Ok(id),
+                false => Err(Error::Unavailable(format!(
+                    "idempotency key {key:?} named timer {id}, which its first call withdrew \
                  meanwhile (its slot range moved while it was stored); retry to store it anew"
-            ))),
-        },
+                ))),
+            }
+        }
         Err(e) => Err(Error::Unavailable(format!(
             "idempotency key {key:?} names timer {id}, whose owner could not confirm it holds \
              it ({e}); retry the call"
@@ -466,7 +607,7 @@ async fn unload_withdrawn(
             v1::CancelTimeoutRequest {
                 timer_id: id.to_string(),
             },
-            false,
+            Forwarding::Plain,
             |mut c, r| async move { c.cancel_timeout(r).await },
         )
         .await
@@ -640,6 +781,11 @@ impl TimerService for TimerApi {
         // A member asking this one, as the owner, to adopt a timer stored while its range
         // moved (see `adopt_here`); only ever sent as a forwarded call.
         let adopt = forwarded && request.metadata().contains_key(ADOPT);
+        let carried = request
+            .metadata()
+            .get_bin(ADOPT_TIMER)
+            .filter(|_| adopt)
+            .cloned();
         let started = tokio::time::Instant::now();
         let budget = wait_budget(&request);
         let req = request.into_inner();
@@ -656,14 +802,21 @@ impl TimerService for TimerApi {
                     v1::GetTimerRequest {
                         timer_id: req.timer_id.clone(),
                     },
-                    adopt,
+                    match adopt {
+                        true => Forwarding::Adopt(carried),
+                        false => Forwarding::Plain,
+                    },
                     |mut c, r| async move { c.get_timer(r).await },
                 )
                 .await;
             }
             let stored = if adopt {
                 let left = budget.map(|b| b.saturating_sub(started.elapsed()));
-                adopt_here(&self.store, &self.scheduler, id, left).await?
+                let carried = match carried {
+                    Some(v) => self.check_carried(decode_carried(&v, id)?).await?,
+                    None => None,
+                };
+                adopt_here(&self.store, &self.scheduler, id, left, carried).await?
             } else {
                 self.store.get(id).await?
             };
@@ -764,7 +917,7 @@ impl TimerService for TimerApi {
                     v1::CancelTimeoutRequest {
                         timer_id: req.timer_id.clone(),
                     },
-                    false,
+                    Forwarding::Plain,
                     |mut c, r| async move { c.cancel_timeout(r).await },
                 )
                 .await;
@@ -783,6 +936,15 @@ impl TimerService for TimerApi {
     }
 }
 
+/// What a forwarded call asks of the owner beyond the call itself.
+enum Forwarding {
+    /// Nothing.
+    Plain,
+    /// To adopt the timer first ([`ADOPT`]), carrying it by value if it fits
+    /// ([`ADOPT_TIMER`]).
+    Adopt(Option<tonic::metadata::BinaryMetadataValue>),
+}
+
 /// Sends a call to the member that owns its timer, marked as forwarded; the owner's answer
 /// (or error) is this call's.
 async fn forward<Req, Resp, F, Fut>(
@@ -790,7 +952,7 @@ async fn forward<Req, Resp, F, Fut>(
     owner: u64,
     addr: &str,
     request: Req,
-    adopt: bool,
+    asking: Forwarding,
     call: F,
 ) -> Result<Resp>
 where
@@ -806,10 +968,13 @@ where
     request
         .metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    if adopt {
+    if let Forwarding::Adopt(carried) = asking {
         request
             .metadata_mut()
             .insert(ADOPT, tonic::metadata::MetadataValue::from_static("1"));
+        if let Some(timer) = carried {
+            request.metadata_mut().insert_bin(ADOPT_TIMER, timer);
+        }
     }
     match call(client, request).await {
         Ok(r) => Ok(r.into_inner()),

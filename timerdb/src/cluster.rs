@@ -27,6 +27,10 @@ pub const FORWARDED: &str = "timerdb-forwarded";
 /// timer's slot range moved: the owner makes sure the stored timer fires (it adopts it)
 /// before it answers.
 pub const ADOPT: &str = "timerdb-adopt";
+/// Binary metadata beside [`ADOPT`]: the timer itself (postcard), sent by the member that
+/// wrote it, so the owner can adopt it even if its row is gone (deleted unfired with its
+/// bucket, when the row landed after the owner read the bucket).
+pub const ADOPT_TIMER: &str = "timerdb-adopt-timer-bin";
 
 /// A fire or ownership write needs at least this much lease left: the check and the act
 /// are not one instant.

@@ -576,6 +576,11 @@ impl Scheduler {
     /// Asks the range running `timer`'s slot to make sure the stored, pending `timer` fires
     /// (a member stored it while the range moved here, and this range may have read its
     /// bucket before the row landed). `None`: no range here runs the slot.
+    ///
+    /// With `force` the timer is taken into memory whatever its bucket's state, unless the
+    /// range knows it (held, or fired or cancelled lately) or an earlier owner's progress
+    /// covers it: for a row read again after its bucket's delete, or a timer carried by
+    /// value whose row that delete removed unfired.
     pub async fn adopt(&self, timer: Timer, force: bool) -> Option<Adoption> {
         let loaded = self.is_loaded(timer.id);
         let tx = self.sender_for(timer.id)?;

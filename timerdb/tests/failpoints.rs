@@ -965,6 +965,228 @@ mod cluster {
         );
     }
 
+    /// When a timer whose write is held 4.5 s (failpoint) falls due, from before the call:
+    /// at least a bucket after the held write ends, so its row lands in the bucket of its
+    /// due time, which its new owner reads (2 s ahead) 0.5–1.5 s before the row lands.
+    const HELD_DUE_MS: u64 = 6_000;
+
+    /// Sends 32 timers due at `fire_at` to node 1, which homes them in its own slots: each
+    /// of its slot ranges then has rows in that bucket, so whichever member takes a range
+    /// over loads the bucket, fires it, and deletes it (an empty bucket is never deleted).
+    async fn companions(c: &LocalCluster, topic: &str, fire_at: u64) {
+        let mut client = Client::connect(&c.nodes[0]).await.unwrap();
+        let timers = (0..32)
+            .map(|_| NewTimer::new(fire_at, topic, 0).payload("companion"))
+            .collect();
+        for r in client.set_timeouts(timers).await.unwrap() {
+            r.expect("a companion timer is acknowledged");
+        }
+    }
+
+    /// The row lands (4.5 s after the call) after the slot's new owner read its bucket, and
+    /// the member asks the owner to adopt it only 7 s later (failpoint), when the owner has
+    /// fired the rest of that bucket and deleted it, the row with it, unfired. The member
+    /// carries the timer by value (a 7 KiB payload, near the most a header carries): the
+    /// owner takes it into memory and fires it, once, not early, and the caller hears its
+    /// id. (Before: the member withdrew it and answered UNAVAILABLE.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_its_new_owner_deleted_unfired_is_adopted_by_value() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_carried");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = with_node_1_failing(
+            "api.before_store=1*off->1*return(delay:4500);api.adopt=1*return(delay:7000)",
+        )
+        .await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        let fire_at = now_ms() + HELD_DUE_MS;
+        let payload: Vec<u8> = (0..7 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload(payload.clone())
+            .idempotency_key("carried-1");
+        // The first call through the failpoints passes; the second is held.
+        companions(&c, &topic, fire_at).await;
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let call = tokio::spawn(async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        admin(&c, &["drain", "1", "--no-wait"]);
+        let id = call
+            .await
+            .unwrap()
+            .expect("the call itself answers")
+            .remove(0)
+            .unwrap_or_else(|e| panic!("the adopted timer is acknowledged: {e:?}\n{}", c.logs()));
+        let fired = deliveries(&consumer, &payload, &id).await;
+        assert_eq!(
+            fired.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            vec![id.as_str()],
+            "the acknowledged timer fires once\n{}",
+            c.logs()
+        );
+        assert!(fired[0].1 >= fire_at, "fired early");
+        assert!(
+            c.logs().contains("adopted a timer by value"),
+            "the owner found the row gone and adopted the timer by value\n{}",
+            c.logs()
+        );
+        assert!(
+            c.metrics_text(1)
+                .await
+                .contains("timerdb_cluster_moved_writes_total{outcome=\"adopted\"} 1"),
+            "node 1 counts the adoption"
+        );
+    }
+
+    /// A repeat finds the first id's row gone while the first call is still under way: the
+    /// row landed (4.5 s) after the new owner read its bucket, the owner deleted the bucket
+    /// with it, unfired, and the first call is held (10 s more) before it settles. The repeat
+    /// confirms the key's claim and answers with the first id; the first call then fails
+    /// to have it adopted (failpoint), cannot withdraw it (confirmed), and keeps asking
+    /// the owner, by value, until it is adopted. The id the repeat was told fires, once.
+    /// (Before: the repeat answered without confirming, and the first call withdrew the
+    /// timer: the id never fired.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repeat_finding_the_row_deleted_unfired_is_told_an_id_that_fires() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_gone");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = with_node_1_failing(
+            "api.before_store=1*off->1*return(delay:4500);\
+             api.after_store=1*off->1*return(delay:10000);api.adopt=1*return",
+        )
+        .await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        let fire_at = now_ms() + HELD_DUE_MS;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("gone")
+            .idempotency_key("gone-1");
+        // The first call through the failpoints passes; the second is held.
+        companions(&c, &topic, fire_at).await;
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let started = std::time::Instant::now();
+        let abandoned = tokio::time::timeout(Duration::from_millis(1_500), async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        let drain = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            admin(&c, &["drain", "1", "--no-wait"]);
+        };
+        let (first_answer, ()) = tokio::join!(abandoned, drain);
+        assert!(first_answer.is_err(), "the first call is still under way");
+        // Past the bucket's end, its grace (2 s) and the owner's delete.
+        let bucket_end = fire_at - fire_at % 1_000 + 1_000;
+        let repeat_at = bucket_end + 2_000 + 2_500;
+        tokio::time::sleep(Duration::from_millis(repeat_at.saturating_sub(now_ms()))).await;
+        let id = retry_until_acknowledged(&c.nodes[1], &timer).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(14_500),
+            "the repeat was answered while the first call was still held ({:?})",
+            started.elapsed()
+        );
+        let fired = deliveries(&consumer, b"gone", &id).await;
+        assert_eq!(
+            fired.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            vec![id.as_str()],
+            "the id the repeat was told fires, once\n{}",
+            c.logs()
+        );
+        assert!(fired[0].1 >= fire_at, "fired early");
+        let logs = c.logs();
+        assert!(
+            logs.contains("whose row is gone; confirming"),
+            "the repeat found the row gone (deleted with its bucket)\n{logs}"
+        );
+        assert!(
+            logs.contains("adopted a timer by value"),
+            "the owner adopted the timer by value\n{logs}"
+        );
+        assert!(
+            c.metrics_text(1)
+                .await
+                .contains("timerdb_cluster_moved_writes_total{outcome=\"confirmed\"} 1"),
+            "node 1 found the claim confirmed, kept the timer and had it adopted\n{logs}"
+        );
+    }
+
+    /// The converse of the test above: the repeat comes after the timer fell due but
+    /// before the owner deleted its bucket, so it has the row adopted (fired) and confirms
+    /// the key; the first call, held until long after the delete, then carries the timer
+    /// by value and finds its row gone. The owner remembers adopting it: it does not fire
+    /// a second time (its fire is far behind the owner's progress by then).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timer_adopted_then_deleted_is_not_revived_by_its_late_writer() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_revive");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = with_node_1_failing(
+            "api.before_store=1*off->1*return(delay:4500);\
+             api.after_store=1*off->1*return(delay:10000)",
+        )
+        .await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        let fire_at = now_ms() + HELD_DUE_MS;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("revive")
+            .idempotency_key("revive-1");
+        companions(&c, &topic, fire_at).await;
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let abandoned = tokio::time::timeout(Duration::from_millis(1_500), async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        let drain = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            admin(&c, &["drain", "1", "--no-wait"]);
+        };
+        let (first_answer, ()) = tokio::join!(abandoned, drain);
+        assert!(first_answer.is_err(), "the first call is still under way");
+        tokio::time::sleep(Duration::from_millis(
+            (fire_at + 500).saturating_sub(now_ms()),
+        ))
+        .await;
+        let id = retry_until_acknowledged(&c.nodes[1], &timer).await;
+        let mut fired = deliveries(&consumer, b"revive", &id).await;
+        // The first call settles ~8.5 s after the timer fell due: listen until well after.
+        let listen = (fire_at + 12_000).saturating_sub(now_ms());
+        let later = collect(&consumer, Duration::from_millis(listen), |_| false).await;
+        fired.extend(
+            later
+                .iter()
+                .filter(|r| r.payload == b"revive")
+                .map(|r| (r.timer_id(), r.header_ms("timerdb-fired-at"))),
+        );
+        let logs = c.logs();
+        assert_eq!(
+            fired.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            vec![id.as_str()],
+            "the timer fires once\n{logs}"
+        );
+        assert!(
+            !logs.contains("whose row is gone"),
+            "the repeat came before the bucket's delete\n{logs}"
+        );
+        assert!(
+            c.metrics_text(1)
+                .await
+                .contains("timerdb_cluster_moved_writes_total{outcome=\"adopted\"} 1"),
+            "the first call settled (its adoption found the timer fired)\n{logs}"
+        );
+        assert!(
+            !logs.contains("adopted a timer by value"),
+            "nothing was taken into memory by value\n{logs}"
+        );
+    }
+
     /// The loss this guards against: a keyed write is slow (6 s), its caller's deadline
     /// (1.5 s) passes, its range moves away meanwhile, and the caller retries on another
     /// member, which finds the key held by the first id. The retry is answered with that

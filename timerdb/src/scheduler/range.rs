@@ -34,6 +34,12 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 const MAX_UNCONFIRMED: usize = 1024;
 /// How far behind the progress mark fired timers are still remembered by id.
 const RECENT_FIRED_MS: u64 = 5_000;
+/// How long ids adopted or cancelled are remembered (wall clock): longer than a member
+/// keeps asking for an adoption (`api::KEEP_ADOPTING`, each ask waiting for the owner's
+/// start and an overdue fire).
+const REMEMBER: Duration = Duration::from_secs(60);
+/// Most ids remembered at once (~40 bytes each): past it the oldest go first.
+const MAX_REMEMBERED: usize = 1 << 20;
 /// How long a deleted bucket is remembered, so a late repeat hand-off into it is dropped
 /// instead of firing a timer a second time.
 const DELETED_MEMORY_MS: u64 = 10 * 60 * 1000;
@@ -161,6 +167,7 @@ pub(super) async fn start(
         cutoff: None,
         acted_until_ms: 0,
         recent_fired: Vec::new(),
+        remembered: Default::default(),
         stats: stats.clone(),
         range,
         layout,
@@ -420,6 +427,11 @@ struct RangeTask {
     /// Timers fired lately, with their due time (the later of epoch and creation), until
     /// the progress mark passes them.
     recent_fired: Vec<(u64, TimerId)>,
+    /// Ids this range was asked to adopt, or cancelled, within the last [`REMEMBER`]
+    /// (wall clock), oldest first: one not in memory any more fired or was cancelled, and
+    /// its bucket may be deleted since. A timer adopted by value must not fire again, nor
+    /// come back after a cancel ([`RangeTask::settled_lately`]).
+    remembered: std::collections::VecDeque<(Instant, TimerId, MemState)>,
     range: SlotRange,
     layout: Layout,
     store: Arc<dyn TimerStore>,
@@ -628,11 +640,15 @@ impl RangeTask {
                 let _ = reply.send(self.mem_state(id));
             }
             Msg::Adopt(t, loaded, force, reply) => {
+                let id = t.id;
                 let verdict = if let Some(state) = self.mem_state(t.id) {
+                    Adoption::Known(state)
+                } else if let Some(state) = force.then(|| self.settled_lately(t.id)).flatten() {
+                    // Its bucket was deleted since it fired or was cancelled here.
                     Adoption::Known(state)
                 } else if self.resume.covers(self.layout, t.id.bucket_ms, &t) {
                     Adoption::Covered
-                } else if !loaded {
+                } else if !loaded && !force {
                     Adoption::Unloaded
                 } else if self.deleted.contains(&t.id.bucket_ms) && !force {
                     Adoption::BucketDeleted
@@ -640,6 +656,11 @@ impl RangeTask {
                     self.admit(t);
                     Adoption::Admitted
                 };
+                // Held, or read with its bucket, from here on: once it is gone from
+                // memory, it fired or was cancelled.
+                if matches!(verdict, Adoption::Known(_) | Adoption::Admitted) {
+                    self.remember(id, MemState::Fired);
+                }
                 let _ = reply.send(verdict);
             }
             Msg::Shutdown(reply, cutoff) => {
@@ -698,6 +719,28 @@ impl RangeTask {
             State::Fired => MemState::Fired,
             State::Cancelling { .. } | State::Cancelled => MemState::Cancelled,
         })
+    }
+
+    /// Whether `id`, not in memory, fired or was cancelled here lately, though its bucket
+    /// may be deleted by now: it was cancelled, or adopted (so held), within
+    /// [`REMEMBER`], or it fired within `RECENT_FIRED_MS` of the progress mark.
+    fn settled_lately(&self, id: TimerId) -> Option<MemState> {
+        if let Some((_, _, state)) = self.remembered.iter().rev().find(|(_, i, _)| *i == id) {
+            Some(*state)
+        } else if self.recent_fired.iter().any(|(_, f)| *f == id) {
+            Some(MemState::Fired)
+        } else {
+            None
+        }
+    }
+
+    /// Notes `id` in [`RangeTask::remembered`]: adopted (so it fires, or is cancelled, once
+    /// it is gone from memory) or cancelled.
+    fn remember(&mut self, id: TimerId, state: MemState) {
+        if self.remembered.len() >= MAX_REMEMBERED {
+            self.remembered.pop_front();
+        }
+        self.remembered.push_back((Instant::now(), id, state));
     }
 
     /// Adds a pending timer unless its id is already known (loaded and handed off, fired,
@@ -958,6 +1001,8 @@ impl RangeTask {
             return;
         };
         self.cancelling.remove(&id);
+        // Cancelled, or its row gone: a timer adopted by value later must not fire.
+        let never_fires = outcome.is_some();
         match (outcome, had_timer) {
             (Some(_), true) => {
                 // Cancelled in the store (or the row is gone): it never fires.
@@ -998,6 +1043,9 @@ impl RangeTask {
                 self.due.push(e.due_ms, id);
             }
         }
+        if never_fires {
+            self.remember(id, MemState::Cancelled);
+        }
     }
 
     fn housekeeping(&mut self) {
@@ -1008,6 +1056,13 @@ impl RangeTask {
         if let Some(p) = self.progress_candidate() {
             let keep_after = p.fired_through_ms.saturating_sub(RECENT_FIRED_MS);
             self.recent_fired.retain(|(due, _)| *due > keep_after);
+        }
+        while self
+            .remembered
+            .front()
+            .is_some_and(|(at, _, _)| at.elapsed() > REMEMBER)
+        {
+            self.remembered.pop_front();
         }
         // Once this range's own record says all its predecessor's did, it stands alone.
         if let Some(earlier) = &self.inherited
