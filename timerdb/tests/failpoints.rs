@@ -644,6 +644,26 @@ mod cluster {
         e
     }
 
+    /// Sends `timer` to node 1 (whose failpoints hold its write), gives up on the call
+    /// after 1.5 s as a caller with that deadline would, and drains node 1 half a second
+    /// in; returns when the call began. The write goes on without its caller.
+    async fn abandoned_during_a_drain(c: &LocalCluster, timer: &NewTimer) -> std::time::Instant {
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let started = std::time::Instant::now();
+        let abandoned = tokio::time::timeout(Duration::from_millis(1_500), async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        let drain = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            admin(c, &["drain", "1", "--no-wait"]);
+        };
+        let (first_answer, ()) = tokio::join!(abandoned, drain);
+        assert!(first_answer.is_err(), "the first call is still under way");
+        started
+    }
+
     /// Sends `timer` to the member at `addr` until it is acknowledged (a member whose
     /// ranges are still starting refuses near-term timers for a moment); its id.
     async fn retry_until_acknowledged(addr: &str, timer: &NewTimer) -> String {
@@ -1068,19 +1088,7 @@ mod cluster {
             .idempotency_key("gone-1");
         // The first call through the failpoints passes; the second is held.
         companions(&c, &topic, fire_at).await;
-        let addr = c.nodes[0].clone();
-        let first = timer.clone();
-        let started = std::time::Instant::now();
-        let abandoned = tokio::time::timeout(Duration::from_millis(1_500), async move {
-            let mut client = Client::connect(&addr).await.unwrap();
-            client.set_timeouts(vec![first]).await
-        });
-        let drain = async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            admin(&c, &["drain", "1", "--no-wait"]);
-        };
-        let (first_answer, ()) = tokio::join!(abandoned, drain);
-        assert!(first_answer.is_err(), "the first call is still under way");
+        let started = abandoned_during_a_drain(&c, &timer).await;
         // Past the bucket's end, its grace (2 s) and the owner's delete.
         let bucket_end = fire_at - fire_at % 1_000 + 1_000;
         let repeat_at = bucket_end + 2_000 + 2_500;
@@ -1138,18 +1146,7 @@ mod cluster {
             .payload("revive")
             .idempotency_key("revive-1");
         companions(&c, &topic, fire_at).await;
-        let addr = c.nodes[0].clone();
-        let first = timer.clone();
-        let abandoned = tokio::time::timeout(Duration::from_millis(1_500), async move {
-            let mut client = Client::connect(&addr).await.unwrap();
-            client.set_timeouts(vec![first]).await
-        });
-        let drain = async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            admin(&c, &["drain", "1", "--no-wait"]);
-        };
-        let (first_answer, ()) = tokio::join!(abandoned, drain);
-        assert!(first_answer.is_err(), "the first call is still under way");
+        abandoned_during_a_drain(&c, &timer).await;
         tokio::time::sleep(Duration::from_millis(
             (fire_at + 500).saturating_sub(now_ms()),
         ))
@@ -1206,19 +1203,7 @@ mod cluster {
         let timer = NewTimer::new(fire_at, &topic, 0)
             .payload("confirmed")
             .idempotency_key("confirm-1");
-        let addr = c.nodes[0].clone();
-        let first = timer.clone();
-        let started = std::time::Instant::now();
-        let abandoned = tokio::time::timeout(Duration::from_millis(1_500), async move {
-            let mut client = Client::connect(&addr).await.unwrap();
-            client.set_timeouts(vec![first]).await
-        });
-        let drain = async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            admin(&c, &["drain", "1", "--no-wait"]);
-        };
-        let (first_answer, ()) = tokio::join!(abandoned, drain);
-        assert!(first_answer.is_err(), "the first call is still under way");
+        let started = abandoned_during_a_drain(&c, &timer).await;
         let id = retry_until_acknowledged(&c.nodes[1], &timer).await;
         assert!(
             started.elapsed() < Duration::from_millis(6_000),
