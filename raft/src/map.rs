@@ -124,6 +124,10 @@ pub struct SlotOwner {
     pub epoch: u64,
     /// How the current owner may start.
     pub handover: Handover,
+    /// For [`Handover::AfterLease`]: the previous owner and the epoch it held the slot
+    /// under, whose [`Command::Released`] lets the new owner start at once.
+    #[serde(default)]
+    pub from: Option<(NodeId, u64)>,
 }
 
 /// A maximal run of slots with one owner and one epoch.
@@ -208,6 +212,20 @@ pub enum Command {
     /// Spreads the slots evenly over the active and joining members now (joining ones
     /// become active).
     Rebalance,
+    /// Member `id` has stopped acting on the slots `start..=end` it held under `epoch`
+    /// (its range is stopped: no fire, no ownership write follows). Those of them still
+    /// waiting for its lease to end ([`Handover::AfterLease`], from `id` at `epoch`) may
+    /// start at once: they get a new epoch, handed over [`Handover::Immediate`].
+    Released {
+        /// The member that held the slots.
+        id: NodeId,
+        /// First slot.
+        start: u32,
+        /// Last slot (inclusive).
+        end: u32,
+        /// The epoch it held them under.
+        epoch: u64,
+    },
 }
 
 /// Why a command was refused. The map is unchanged.
@@ -292,6 +310,7 @@ impl ClusterMap {
                         owner: None,
                         epoch: 0,
                         handover: Handover::Immediate,
+                        from: None,
                     };
                     *slots as usize
                 ];
@@ -392,6 +411,38 @@ impl ClusterMap {
                 self.give(gives);
             }
             Command::Rebalance => self.rebalance(),
+            Command::Released {
+                id,
+                start,
+                end,
+                epoch,
+            } => {
+                if start > end || *end >= self.slots {
+                    return Err(Refusal::Invalid(format!(
+                        "range {start}..{end} is not within slots 0..{} (END is inclusive)",
+                        self.slots - 1
+                    )));
+                }
+                // A new epoch per run of released slots with one owner and one epoch, so
+                // a range never mixes the two kinds of handover.
+                let mut run: Option<(u32, Option<NodeId>, u64)> = None;
+                for slot in *start..=*end {
+                    let o = self.owners[slot as usize];
+                    if o.handover != Handover::AfterLease || o.from != Some((*id, *epoch)) {
+                        continue;
+                    }
+                    if run != Some((slot.wrapping_sub(1), o.owner, o.epoch)) {
+                        self.last_epoch += 1;
+                    }
+                    run = Some((slot, o.owner, o.epoch));
+                    self.owners[slot as usize] = SlotOwner {
+                        owner: o.owner,
+                        epoch: self.last_epoch,
+                        handover: Handover::Immediate,
+                        from: None,
+                    };
+                }
+            }
         }
         Ok(())
     }
@@ -445,6 +496,9 @@ impl ClusterMap {
                 owner: Some(to),
                 epoch: self.last_epoch,
                 handover,
+                from: (handover == Handover::AfterLease)
+                    .then(|| o.owner.map(|p| (p, o.epoch)))
+                    .flatten(),
             };
         }
     }
@@ -652,6 +706,76 @@ mod tests {
             assert!(e.contains(words), "{e}");
             assert_eq!(m, before);
         }
+    }
+
+    /// A member that stopped a range it held releases it: the slots still waiting for its
+    /// lease, and only those it held under that epoch, start at once under a new epoch;
+    /// a release for another epoch or member changes nothing.
+    #[test]
+    fn a_released_range_starts_at_once_under_a_new_epoch() {
+        let mut m = three();
+        let held = m.ranges_of(2)[0];
+        m.apply(&Command::MoveRange {
+            start: held.start,
+            end: held.end,
+            to: 1,
+        })
+        .unwrap();
+        let moved = m.owners[held.start as usize];
+        assert_eq!(moved.handover, Handover::AfterLease);
+        assert_eq!(moved.from, Some((2, held.epoch)));
+        let before = m.clone();
+        for stale in [
+            Command::Released {
+                id: 2,
+                start: held.start,
+                end: held.end,
+                epoch: held.epoch + 100,
+            },
+            Command::Released {
+                id: 3,
+                start: held.start,
+                end: held.end,
+                epoch: held.epoch,
+            },
+        ] {
+            m.apply(&stale).unwrap();
+            assert_eq!(m, before, "{stale:?} changes nothing");
+        }
+        assert!(matches!(
+            m.apply(&Command::Released {
+                id: 2,
+                start: 10,
+                end: 256,
+                epoch: held.epoch
+            }),
+            Err(Refusal::Invalid(_))
+        ));
+        // Released over more slots than it held: only its own change.
+        m.apply(&Command::Released {
+            id: 2,
+            start: 0,
+            end: 255,
+            epoch: held.epoch,
+        })
+        .unwrap();
+        for s in 0..256usize {
+            let (a, b) = (before.owners[s], m.owners[s]);
+            if (held.start..=held.end).contains(&(s as u32)) {
+                assert_eq!(b.owner, Some(1));
+                assert_eq!(b.handover, Handover::Immediate, "slot {s}");
+                assert!(b.epoch > a.epoch, "slot {s}: a new epoch");
+                assert_eq!(b.epoch, m.owners[held.start as usize].epoch, "one epoch");
+            } else {
+                assert_eq!(a, b, "slot {s} untouched");
+            }
+        }
+        let r = m
+            .ranges_of(1)
+            .into_iter()
+            .find(|r| r.start == held.start)
+            .expect("the released slots form a range of member 1");
+        assert_eq!((r.end, r.handover), (held.end, Handover::Immediate));
     }
 
     /// A member declared gone has its slots started at once elsewhere; slots the same

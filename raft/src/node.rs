@@ -126,11 +126,16 @@ struct Inner {
     rejoining: Mutex<std::collections::HashSet<NodeId>>,
     /// Leader: lease renewals waiting for the next quorum check ([`ClusterNode::confirm_leadership`]).
     confirm: mpsc::UnboundedSender<Confirmation>,
+    /// Leader: the features each member reported with its last renewal.
+    features: Mutex<HashMap<NodeId, u32>>,
     /// Leader: renewals granted, and the quorum checks run for them (counters).
     grants: AtomicU64,
     quorum_checks: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
+
+/// [`pb::HeartbeatRequest::features`] bit: this build understands [`Command::Released`].
+const FEATURE_RELEASED: u32 = 1;
 
 /// Where a lease renewal waits for the quorum check that confirms the leadership it is
 /// granted on.
@@ -181,6 +186,7 @@ impl ClusterNode {
                 skewed: Mutex::new(Default::default()),
                 rejoining: Mutex::new(Default::default()),
                 confirm,
+                features: Mutex::new(HashMap::new()),
                 grants: AtomicU64::new(0),
                 quorum_checks: AtomicU64::new(0),
                 tasks: Mutex::new(Vec::new()),
@@ -339,6 +345,9 @@ impl ClusterNode {
 
     /// Leader only: writes `command` to the log and waits until it is applied.
     async fn propose_here(&self, command: Command) -> Result<()> {
+        if matches!(command, Command::Released { .. }) {
+            self.every_member_understands(FEATURE_RELEASED)?;
+        }
         match self.inner.raft.client_write(command).await {
             Ok(r) => {
                 let Answer(answer) = r.data;
@@ -353,6 +362,27 @@ impl ClusterNode {
             }
             Err(e) => Err(Error::Raft(e.to_string())),
         }
+    }
+
+    /// Leader: refuses a command some member (not gone) has not reported it understands
+    /// (`feature`): during a rolling upgrade an older member could not decode it.
+    fn every_member_understands(&self, feature: u32) -> Result<()> {
+        let map = self.inner.map.borrow().map.clone();
+        let features = self.inner.features.lock().unwrap();
+        let behind: Vec<NodeId> = map
+            .members
+            .iter()
+            .filter(|(id, m)| m.state != MemberState::Gone && **id != self.id())
+            .map(|(id, _)| *id)
+            .filter(|id| features.get(id).is_none_or(|f| f & feature == 0))
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Refused(crate::Refusal::Invalid(format!(
+            "members {behind:?} have not reported that they understand this command (not \
+             upgraded, or not heard from since this leader was elected)"
+        ))))
     }
 
     /// Leader: takes in the clock offset `member` measured against this leader's clock,
@@ -464,6 +494,19 @@ impl ClusterNode {
         }
     }
 
+    /// Tells the cluster this member stopped acting on `start..=end`, held under `epoch`:
+    /// the slots' new owner need not wait out this member's lease ([`Command::Released`]).
+    /// Refused while some member's build predates the command.
+    pub async fn release(&self, start: u32, end: u32, epoch: u64) -> Result<()> {
+        self.propose(Command::Released {
+            id: self.id(),
+            start,
+            end,
+            epoch,
+        })
+        .await
+    }
+
     /// Leader: lease renewals granted so far, and the quorum checks run for them.
     pub fn lease_work(&self) -> (u64, u64) {
         (
@@ -530,6 +573,7 @@ impl ClusterNode {
                             wall_ms: sent_wall,
                             clock_offset_ms: measured.map_or(0, |c| c.offset_ms),
                             clock_error_ms: measured.map_or(0, |c| c.error_ms),
+                            features: FEATURE_RELEASED,
                         });
                         match tokio::time::timeout(timeout, call).await {
                             Ok(Ok(r)) => {
@@ -862,6 +906,12 @@ impl pb::cluster_server::Cluster for ClusterService {
         request: tonic::Request<pb::HeartbeatRequest>,
     ) -> std::result::Result<tonic::Response<pb::HeartbeatReply>, tonic::Status> {
         let r = request.into_inner();
+        self.node
+            .inner
+            .features
+            .lock()
+            .unwrap()
+            .insert(r.node_id, r.features);
         if r.wall_ms != 0 {
             self.node.note_clock(
                 r.node_id,

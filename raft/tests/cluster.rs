@@ -161,6 +161,85 @@ fn shares(map: &timerdb_raft::ClusterMap) -> Vec<usize> {
         .collect()
 }
 
+/// A range moved away from member 2 waits out member 2's lease on member 1, until member 2
+/// says it stopped acting on it (`release`): then member 1 may start at once. A member
+/// that never reported it understands the command (not upgraded) blocks releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_range_is_usable_at_once_by_its_new_owner() {
+    let c = Cluster::start(3).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.running().any(|n| n.lease_until().is_none()) {
+        assert!(Instant::now() < deadline, "leases never granted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every member has renewed (and reported what it understands) at least once more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = c.node(2).map().borrow().map.ranges_of(2)[0];
+    c.node(1)
+        .propose(Command::MoveRange {
+            start: held.start,
+            end: held.end,
+            to: 1,
+        })
+        .await
+        .unwrap();
+    let gained = |n: &ClusterNode| {
+        n.owned()
+            .into_iter()
+            .find(|o| o.range.start == held.start && o.range.end == held.end)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let waiting = loop {
+        if let Some(o) = gained(c.node(1)) {
+            break o;
+        }
+        assert!(Instant::now() < deadline, "member 1 never saw the move");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(waiting.range.handover, Handover::AfterLease);
+    assert!(
+        waiting.usable_at > Instant::now() + Duration::from_millis(500),
+        "it waits out member 2's lease"
+    );
+    c.node(2)
+        .release(held.start, held.end, held.epoch)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(o) = gained(c.node(1))
+            && o.range.handover == Handover::Immediate
+        {
+            assert!(o.range.epoch > waiting.range.epoch, "a new epoch");
+            assert!(o.usable_at <= Instant::now() + Duration::from_millis(50));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the release never reached member 1"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A member that never renews (so never said it understands releases) blocks them.
+    c.node(1)
+        .propose(Command::AddMember {
+            id: 9,
+            addr: "127.0.0.1:9".into(),
+        })
+        .await
+        .unwrap();
+    let mine = c.node(3).map().borrow().map.ranges_of(3)[0];
+    let refused = c
+        .node(3)
+        .release(mine.start, mine.end, mine.epoch)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Error::Refused(Refusal::Invalid(why)) if why.contains("[9]")),
+        "{refused:?}"
+    );
+}
+
 /// Five members renewing every 20 ms (250 renewals a second at the leader) share the
 /// leader's quorum checks: at most one per 20 ms, each answering every renewal that
 /// arrived before it began, and every member keeps its lease.

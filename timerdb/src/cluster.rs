@@ -253,6 +253,33 @@ impl Member {
             .may_act(range.first, range.last, epoch, LEASE_MARGIN)
     }
 
+    /// Tells the cluster that the ranges `stopped` (stopped, after the change noticed at
+    /// `noticed`) no longer act here, so their new owners start at once instead of
+    /// waiting out this member's lease: a drain or rebalance then leaves no gap of a lease
+    /// in their fires. Only when the stop was prompt: a release that arrives after the new
+    /// owner started would only restart its range under a new epoch. Best effort: without
+    /// it the new owner waits, as it must for a member that cannot say so.
+    fn release(&self, stopped: Vec<(SlotRange, u64)>, noticed: Instant) {
+        let lease = self.node.map().borrow().map.lease;
+        let prompt = Duration::from_millis((lease.lease_ms + lease.drift_ms) / 2);
+        if stopped.is_empty() || noticed.elapsed() > prompt {
+            return;
+        }
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            for (r, epoch) in stopped {
+                match node.release(r.first, r.last, epoch).await {
+                    Ok(()) => {
+                        tracing::info!(range = %r, epoch, "cluster.ownership: released; its new owner starts at once")
+                    }
+                    Err(e) => {
+                        tracing::info!(range = %r, epoch, error = %e, "cluster.ownership: release not taken; its new owner waits out the lease")
+                    }
+                }
+            }
+        });
+    }
+
     /// Keeps the scheduler's ranges equal to [`Member::usable_ranges`] as the map changes.
     pub async fn follow_ownership(self: Arc<Self>) {
         let mut map = self.node.map();
@@ -262,8 +289,14 @@ impl Member {
             have.sort_unstable_by_key(|(r, _)| r.first);
             if want != have {
                 tracing::info!(node = self.node.id(), ranges = ?want, "cluster.ownership: ranges change");
-                if let Err(e) = self.scheduler.assign_tagged(want).await {
-                    tracing::warn!(error = %e, "cluster.ownership: assigning ranges failed; will retry");
+                let noticed = Instant::now();
+                let stopped: Vec<(SlotRange, u64)> =
+                    have.into_iter().filter(|r| !want.contains(r)).collect();
+                match self.scheduler.assign_tagged(want).await {
+                    Ok(()) => self.release(stopped, noticed),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster.ownership: assigning ranges failed; will retry")
+                    }
                 }
             }
             tokio::select! {
