@@ -70,7 +70,10 @@ impl Settings {
 }
 
 /// Per (journey, version, node, what) counters since this process started.
-pub type Counters = BTreeMap<(String, u32, String, Count), u64>;
+pub type Counters = BTreeMap<CountKey, u64>;
+
+/// What a counter counts: (journey, version, node, what).
+pub type CountKey = (String, u32, String, Count);
 
 /// The shared part of a running journeyx process.
 pub struct Runtime {
@@ -80,7 +83,12 @@ pub struct Runtime {
     producer: FutureProducer,
     timers: timerdb_client::Client,
     webhooks: webhook::Webhooks,
-    counters: Mutex<Counters>,
+    /// Each counter with its Prometheus handle, registered on its first use: looking a
+    /// labelled counter up in the recorder allocated its labels on every event.
+    counters: Mutex<BTreeMap<CountKey, (u64, metrics::Counter)>>,
+    /// `journeyx_events_total` and `journeyx_messages_total`, registered once.
+    events_total: metrics::Counter,
+    messages_total: metrics::Counter,
     /// The loads started in this process, by journey.
     loads: Mutex<HashMap<String, Arc<loader::Progress>>>,
 }
@@ -135,7 +143,9 @@ impl Runtime {
             catalog: RwLock::new(Arc::new(catalog)),
             producer,
             timers,
-            counters: Mutex::new(Counters::new()),
+            counters: Mutex::new(BTreeMap::new()),
+            events_total: metrics::counter!("journeyx_events_total"),
+            messages_total: metrics::counter!("journeyx_messages_total"),
             loads: Mutex::new(HashMap::new()),
         }))
     }
@@ -162,7 +172,8 @@ impl Runtime {
 
     /// The counters moved since this process started.
     pub fn counters(&self) -> Counters {
-        self.counters.lock().expect("counters lock").clone()
+        let counters = self.counters.lock().expect("counters lock");
+        counters.iter().map(|(k, (n, _))| (k.clone(), *n)).collect()
     }
 
     /// Why `event` cannot be processed at all (it goes to the dead-letter topic), if so.
@@ -189,7 +200,7 @@ impl Runtime {
     /// applied already (read again after a crash or a rebalance, behind later ones) is
     /// skipped: applying it again on a record that moved on could re-enter a journey.
     pub async fn handle(&self, partition: i32, offset: i64, event: &Event) {
-        metrics::counter!("journeyx_events_total").increment(1);
+        self.events_total.increment(1);
         loop {
             let read = match until_done("loading a user", || {
                 self.store.load_user(&event.app_id, &event.user_id)
@@ -254,17 +265,21 @@ impl Runtime {
             }
             let mut counters = self.counters.lock().expect("counters lock");
             for c in outcome.counts {
-                metrics::counter!(
+                let key = (c.journey_id, c.version, c.node_id, c.count);
+                if let Some((n, counter)) = counters.get_mut(&key) {
+                    *n += 1;
+                    counter.increment(1);
+                    continue;
+                }
+                let counter = metrics::counter!(
                     "journeyx_node_total",
-                    "journey" => c.journey_id.clone(),
-                    "version" => c.version.to_string(),
-                    "node" => c.node_id.clone(),
-                    "count" => count_name(c.count),
-                )
-                .increment(1);
-                *counters
-                    .entry((c.journey_id, c.version, c.node_id, c.count))
-                    .or_default() += 1;
+                    "journey" => key.0.clone(),
+                    "version" => key.1.to_string(),
+                    "node" => key.2.clone(),
+                    "count" => count_name(key.3),
+                );
+                counter.increment(1);
+                counters.insert(key, (1, counter));
             }
             return;
         }
@@ -381,18 +396,18 @@ impl Runtime {
 
     /// Produces one message to the messages topic, its idempotency key in the header.
     async fn send(&self, message: &engine::Message) {
-        let value = message.record(now_ms()).to_string();
+        let value = message.to_json(now_ms());
         let sent = self
             .produce(
                 "producing a message",
                 &self.settings.messages_topic,
                 Some(message.user_id.as_bytes()),
-                Some(value.as_bytes()),
+                Some(&value),
                 Some((IDEMPOTENCY_HEADER, message.idempotency_key.as_bytes())),
             )
             .await;
         match sent {
-            Ok(()) => metrics::counter!("journeyx_messages_total").increment(1),
+            Ok(()) => self.messages_total.increment(1),
             Err(e) => {
                 tracing::error!(error = %e, "journeyx: a message was refused; going on without it");
                 metrics::counter!("journeyx_effect_errors_total", "what" => "a message")

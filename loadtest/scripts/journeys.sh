@@ -11,7 +11,9 @@
 #   RATES="5000 20000" DURATION=20s JOURNEYS=20 loadtest/scripts/journeys.sh
 #
 # Settings (env): RATES, DURATION, USERS, JOURNEYS, QUEUES, OUT, BUILD (0: use the
-# binaries already built). Starts deploy/local's Kafka if it is not running.
+# binaries already built), JOURNEYX (the journeyx binary to run; default the release
+# build, e.g. a kept copy of an older build to compare with). Starts deploy/local's Kafka
+# if it is not running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -23,6 +25,7 @@ USERS=${USERS:-1000000}
 JOURNEYS=${JOURNEYS:-1}
 QUEUES=${QUEUES:-512}
 OUT=${OUT:-$TARGET_DIR/loadtest-reports/journeys-$(date +%Y%m%d-%H%M%S)}
+JOURNEYX=${JOURNEYX:-$RELEASE/journeyx}
 
 if [[ ${BUILD:-1} == 1 ]]; then cargo build --release -p journeyx -p timerdb-loadtest; fi
 mkdir -p "$OUT"
@@ -41,7 +44,7 @@ done
 HTTP=127.0.0.1:$((20000 + RANDOM % 20000))
 publish=()
 for j in $(seq 1 "$JOURNEYS"); do publish+=(--publish "$OUT/bench-$j.yaml"); done
-"$RELEASE/journeyx" run --kafka "$TIMERDB_KAFKA" --store "$OUT/store" --events-topic "$EVENTS" \
+"$JOURNEYX" run --kafka "$TIMERDB_KAFKA" --store "$OUT/store" --events-topic "$EVENTS" \
   --messages-topic "$MESSAGES" --dead-letter-topic "" --group "bench-$run_id" --http "$HTTP" \
   --queues "$QUEUES" "${publish[@]}" >"$OUT/journeyx.log" 2>&1 &
 JX=$!
@@ -49,7 +52,7 @@ trap 'kill $JX 2>/dev/null || true' EXIT
 until curl -sf "http://$HTTP/api/journeys" >/dev/null; do sleep 0.2; done
 
 {
-  echo "machine: $(nproc) cores; journeyx $(sha256sum "$RELEASE/journeyx" | cut -c1-12); $JOURNEYS journeys; $USERS users; $QUEUES queues"
+  echo "machine: $(nproc) cores; journeyx $(sha256sum "$JOURNEYX" | cut -c1-12); $JOURNEYS journeys; $USERS users; $QUEUES queues"
   for rate in $RATES; do
     echo "== rate $rate/s for $DURATION"
     cpu0=$(cpu_seconds "$JX")

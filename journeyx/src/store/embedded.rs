@@ -46,7 +46,8 @@ impl Drop for EmbeddedStore {
 struct Save {
     key: String,
     expected: u64,
-    json: Vec<u8>,
+    /// The stored value: 8 bytes left for the version the writer gives it, then the JSON.
+    value: Vec<u8>,
     reply: tokio::sync::oneshot::Sender<Result<Saved>>,
 }
 
@@ -61,7 +62,7 @@ fn writer(db: Arc<Database>, saves: std::sync::mpsc::Receiver<Save>) {
         {
             group.push(more);
         }
-        match apply(&db, &group) {
+        match apply(&db, &mut group) {
             Ok(outcomes) => {
                 for (s, o) in group.into_iter().zip(outcomes) {
                     let _ = s.reply.send(Ok(o));
@@ -78,23 +79,23 @@ fn writer(db: Arc<Database>, saves: std::sync::mpsc::Receiver<Save>) {
 
 /// Applies `group` in one write transaction: each save only if its record is still at
 /// its expected version (a conflict leaves that record alone and the others go on).
-fn apply(db: &Database, group: &[Save]) -> Result<Vec<Saved>> {
+fn apply(db: &Database, group: &mut [Save]) -> Result<Vec<Saved>> {
     let txn = db.begin_write().map_err(|e| failed("write", e))?;
     let mut out = Vec::with_capacity(group.len());
     {
         let mut t = txn.open_table(USERS).map_err(|e| failed("write", e))?;
-        for s in group {
+        for s in group.iter_mut() {
+            // Only the version is compared: the record behind it is not decoded.
             let current = match t.get(s.key.as_str()).map_err(|e| failed("read", e))? {
                 None => 0,
-                Some(v) => decode_user(v.value())?.version,
+                Some(v) => stored_version(v.value())?,
             };
             if current != s.expected {
                 out.push(Saved::Conflict);
                 continue;
             }
-            let mut value = (s.expected + 1).to_be_bytes().to_vec();
-            value.extend_from_slice(&s.json);
-            t.insert(s.key.as_str(), value.as_slice())
+            s.value[..8].copy_from_slice(&(s.expected + 1).to_be_bytes());
+            t.insert(s.key.as_str(), s.value.as_slice())
                 .map_err(|e| failed("write", e))?;
             out.push(Saved::Written(s.expected + 1));
         }
@@ -182,17 +183,21 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl StateStore for EmbeddedStore {
+    /// Read on the calling task, not handed to the blocking pool: a read is one short
+    /// lookup, mostly in redb's page cache (its locks are not held across the writer's
+    /// flushes), and the hand-off to a pool thread and back cost more than the read itself
+    /// (`spawn_blocking` alone was a tenth of journeyx's CPU at 10,000 events/s, the pool
+    /// threads' wake-ups as much again; docs/benchmarks.md, section 20).
     async fn load_user(&self, app: &str, user: &str) -> Result<Versioned> {
-        let key = user_key(app, user);
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(|e| failed("read", e))?;
-            let t = txn.open_table(USERS).map_err(|e| failed("read", e))?;
-            match t.get(key.as_str()).map_err(|e| failed("read", e))? {
-                None => Ok(Versioned::default()),
-                Some(v) => decode_user(v.value()),
-            }
-        })
-        .await
+        let txn = self.db.begin_read().map_err(|e| failed("read", e))?;
+        let t = txn.open_table(USERS).map_err(|e| failed("read", e))?;
+        match t
+            .get(user_key(app, user).as_str())
+            .map_err(|e| failed("read", e))?
+        {
+            None => Ok(Versioned::default()),
+            Some(v) => decode_user(v.value()),
+        }
     }
 
     async fn save_user(
@@ -202,7 +207,9 @@ impl StateStore for EmbeddedStore {
         expected: u64,
         record: &User,
     ) -> Result<Saved> {
-        let json = serde_json::to_vec(record).map_err(|e| failed("encoding a user", e))?;
+        let mut value = Vec::with_capacity(256);
+        value.extend_from_slice(&[0; 8]);
+        serde_json::to_writer(&mut value, record).map_err(|e| failed("encoding a user", e))?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.saves
             .as_ref()
@@ -210,7 +217,7 @@ impl StateStore for EmbeddedStore {
             .send(Save {
                 key: user_key(app, user),
                 expected,
-                json,
+                value,
                 reply,
             })
             .map_err(|_| failed("save", "the writer stopped"))?;
@@ -335,11 +342,15 @@ impl StateStore for EmbeddedStore {
     }
 }
 
+/// The version a stored user record carries (its first 8 bytes).
+fn stored_version(raw: &[u8]) -> Result<u64> {
+    raw.first_chunk::<8>()
+        .map(|v| u64::from_be_bytes(*v))
+        .ok_or_else(|| failed("decoding a user", "record shorter than its version"))
+}
+
 fn decode_user(raw: &[u8]) -> Result<Versioned> {
-    if raw.len() < 8 {
-        return Err(failed("decoding a user", "record shorter than its version"));
-    }
-    let version = u64::from_be_bytes(raw[..8].try_into().expect("8 bytes"));
+    let version = stored_version(raw)?;
     let user = serde_json::from_slice(&raw[8..]).map_err(|e| failed("decoding a user", e))?;
     Ok(Versioned { user, version })
 }
