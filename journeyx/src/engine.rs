@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::audience::Memberships;
 use crate::catalog::Catalog;
 use crate::clock;
 use crate::model::{Action, Condition, Journey, Node, ReEntry, TimerSpec};
@@ -182,8 +183,20 @@ pub struct Outcome {
 
 /// Advances every journey of the event's app for this user.
 pub fn step(catalog: &Catalog, user: &User, event: &Event) -> Outcome {
+    step_with(catalog, user, event, &Memberships::Local)
+}
+
+/// [`step`], reading segment membership from `memberships` (an external audience's
+/// answers, fetched before the step; [`Memberships::Local`] evaluates them here).
+pub fn step_with(
+    catalog: &Catalog,
+    user: &User,
+    event: &Event,
+    memberships: &Memberships,
+) -> Outcome {
     let mut s = Step {
         catalog,
+        memberships,
         event,
         user: user.clone(),
         commands: Vec::new(),
@@ -244,6 +257,7 @@ fn user_view(user: &User) -> Map<String, Value> {
 
 struct Step<'a> {
     catalog: &'a Catalog,
+    memberships: &'a Memberships,
     event: &'a Event,
     user: User,
     commands: Vec<Command>,
@@ -378,7 +392,8 @@ impl<'a> Step<'a> {
     }
 
     fn in_segment(&self, id: &str) -> bool {
-        in_segment(self.catalog, &self.event.app_id, &self.user, id)
+        self.memberships
+            .contains(self.catalog, &self.event.app_id, &self.user, id)
     }
 
     fn user_view(&self) -> Map<String, Value> {

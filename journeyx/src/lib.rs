@@ -6,9 +6,11 @@
 //! - [`catalog`]: every published journey version and segment;
 //! - [`engine`]: the pure step, event + user state → new state + commands;
 //! - [`clock`]: local time in the user's time zone;
+//! - [`audience`]: segment membership, journeyx's own or an external service's;
 //! - [`store`]: user records, published journeys and segments (embedded: redb);
 //! - [`runtime`]: the Kafka consumer, the effects, the offsets.
 
+pub mod audience;
 pub mod catalog;
 pub mod clock;
 pub mod engine;

@@ -119,6 +119,11 @@ struct RunArgs {
     /// Journey and segment files to publish before consuming (as `journeyx publish`).
     #[arg(long = "publish")]
     publish: Vec<PathBuf>,
+    /// An external audience service answering segment membership (`http://host:port/path`,
+    /// asked once per event; docs/journeyx.md, "Audience"); empty: journeyx evaluates
+    /// segments itself from the properties and tags it keeps.
+    #[arg(long, env = "JOURNEYX_AUDIENCE", default_value = "")]
+    audience: String,
 }
 
 #[derive(Args)]
@@ -169,6 +174,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    if !args.audience.is_empty() {
+        // Checked before anything is opened.
+        journeyx::audience::HttpAudience::new(&args.audience, std::time::Duration::from_secs(1))
+            .map_err(|e| e.to_string())?;
+    }
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("metrics recorder: {e}"))?;
@@ -206,6 +216,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     settings.dead_letter_topic =
         (!args.dead_letter_topic.is_empty()).then_some(args.dead_letter_topic);
     settings.queues = args.queues.max(1);
+    settings.audience = (!args.audience.is_empty()).then_some(args.audience);
     let rt = runtime::Runtime::new(settings, store)
         .await
         .map_err(|e| e.to_string())?;

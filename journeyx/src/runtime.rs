@@ -20,6 +20,7 @@ use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use crate::audience::{self, Audience};
 use crate::catalog::Catalog;
 use crate::engine::{self, Command, Count, Event, User};
 use crate::store::{Saved, StateStore};
@@ -50,6 +51,9 @@ pub struct Settings {
     /// One webhook attempt's time limit, and how many attempts.
     pub webhook_timeout: Duration,
     pub webhook_attempts: u32,
+    /// An external audience service's URL ([`audience::HttpAudience`]); `None`: segments
+    /// are evaluated here ([`audience::LocalAudience`]).
+    pub audience: Option<String>,
 }
 
 impl Settings {
@@ -65,6 +69,7 @@ impl Settings {
             queues: 512,
             webhook_timeout: Duration::from_secs(5),
             webhook_attempts: 4,
+            audience: None,
         }
     }
 }
@@ -83,6 +88,8 @@ pub struct Runtime {
     producer: FutureProducer,
     timers: timerdb_client::Client,
     webhooks: webhook::Webhooks,
+    /// Where segment membership comes from.
+    audience: Arc<dyn Audience>,
     /// Each counter with its Prometheus handle, registered on its first use: looking a
     /// labelled counter up in the recorder allocated its labels on every event.
     counters: Mutex<BTreeMap<CountKey, (u64, metrics::Counter)>>,
@@ -136,7 +143,12 @@ impl Runtime {
         let timers = timerdb_client::Client::connect_lazy(&settings.timerdb)
             .map_err(|e| Error::Invalid(format!("timerdb {}: {e}", settings.timerdb)))?;
         let catalog = store.catalog().await?;
+        let audience: Arc<dyn Audience> = match &settings.audience {
+            Some(url) => Arc::new(audience::HttpAudience::new(url, settings.webhook_timeout)?),
+            None => Arc::new(audience::LocalAudience),
+        };
         Ok(Arc::new(Self {
+            audience,
             webhooks: webhook::Webhooks::new(settings.webhook_timeout, settings.webhook_attempts),
             settings,
             store,
@@ -156,6 +168,11 @@ impl Runtime {
 
     pub fn store(&self) -> &Arc<dyn StateStore> {
         &self.store
+    }
+
+    /// Where segment membership comes from.
+    pub fn audience(&self) -> &Arc<dyn Audience> {
+        &self.audience
     }
 
     /// The published journeys and segments as this process sees them.
@@ -225,7 +242,21 @@ impl Runtime {
                 return;
             }
             let catalog = self.catalog();
-            let mut outcome = engine::step(&catalog, &read.user, event);
+            let memberships = match until_done("asking the audience", || {
+                self.audience
+                    .memberships(&catalog, &event.app_id, &event.user_id, &read.user)
+            })
+            .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    // Refused for good (a request it cannot take): the event cannot be applied.
+                    tracing::error!(app = %event.app_id, user = %event.user_id, error = %e, "journeyx: skipping an event");
+                    metrics::counter!("journeyx_event_errors_total").increment(1);
+                    return;
+                }
+            };
+            let mut outcome = engine::step_with(&catalog, &read.user, event, &memberships);
             // A user with a record records every event applied to it; a user without one
             // gets one only once an event changes something.
             let mut changed = outcome.changed || read.version > 0;

@@ -155,8 +155,24 @@ impl Journeyx {
         http: &str,
         publish: &[PathBuf],
     ) -> Self {
+        Self::start_with(kafka, timerdb, store, t, group, http, publish, &[])
+    }
+
+    /// [`Journeyx::start`] with `extra` flags for `journeyx run`.
+    #[allow(clippy::too_many_arguments)]
+    fn start_with(
+        kafka: &str,
+        timerdb: &str,
+        store: &std::ffi::OsStr,
+        t: &Topics,
+        group: &str,
+        http: &str,
+        publish: &[PathBuf],
+        extra: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_journeyx"));
         cmd.args(["run", "--kafka", kafka, "--timerdb", timerdb])
+            .args(extra)
             .arg("--store")
             .arg(store)
             .args(["--events-topic", &t.events, "--messages-topic", &t.messages])
@@ -651,6 +667,101 @@ async fn kill_9_mid_stream_then_restart_sends_every_message_and_repeats_only_kno
 /// segment) was published are entered by the loader, each once, and nobody else; a second
 /// load resumes at the end and enters nobody, and one from the start sends nothing more
 /// (the journey allows no re-entry).
+/// With `--audience URL`, segment membership is the service's answer, not journeyx's own
+/// evaluation: a user the service names goes the `vip` way though none of its properties
+/// match the segment's `where`, and one it does not name goes the plain way though they
+/// do. The service is asked once per event, about the segments the app's journeys name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_audience_service_decides_segment_membership() {
+    let Some(kafka) = kafka() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let t = create_topics(&kafka, "jx-aud").await;
+    let node = timerdb(dir.path(), &kafka).await;
+    // The audience service: members of `gold_list` are the users whose id starts "gold".
+    let questions = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let asked = questions.clone();
+    let service = axum::Router::new().route(
+        "/members",
+        axum::routing::post(move |axum::Json(q): axum::Json<Value>| {
+            let asked = asked.clone();
+            async move {
+                let gold = q["user_id"].as_str().unwrap_or("").starts_with("gold");
+                asked.lock().unwrap().push(q);
+                axum::Json(json!({"segments": {"gold_list": gold}}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let audience = format!("http://{}/members", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, service).await });
+    let segment = dir.path().join("gold.segment.yaml");
+    std::fs::write(
+        &segment,
+        "{id: gold_list, app_id: demo, where: {tier: gold}}",
+    )
+    .unwrap();
+    let routing = dir.path().join("routing.yaml");
+    std::fs::write(
+        &routing,
+        "{id: routing, version: 1, app_id: demo, entry: {event: visited}, start: route, \
+         nodes: [{id: route, edges: [{when: {segment: gold_list}, to: vip}, \
+         {when: always, to: plain}]}, \
+         {id: vip, actions: [{send: {channel: push, template: vip_v1}}, exit]}, \
+         {id: plain, actions: [{send: {channel: push, template: plain_v1}}, exit]}]}",
+    )
+    .unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let _jx = Journeyx::start_with(
+        &kafka,
+        &node.addr.to_string(),
+        dir.path().join("jx").as_os_str(),
+        &t,
+        &unique("group"),
+        &http,
+        &[segment, routing],
+        &["--audience", &audience],
+    );
+    let p = producer(&kafka);
+    // `tier: gold` on the event is no user property: locally neither user is a member.
+    for (id, user) in [("e-1", "gold-1"), ("e-2", "basic-1")] {
+        let e = event(id, user, "visited", json!({"tier": "gold"}));
+        produce(
+            &p,
+            &t.events,
+            Some(user),
+            serde_json::to_string(&e).unwrap().as_bytes(),
+        )
+        .await;
+    }
+    let got = read(&kafka, &t.messages, Duration::from_secs(30), true, |r| {
+        r.len() >= 2
+    })
+    .await;
+    let mut sent: Vec<(String, String)> = got
+        .iter()
+        .map(|r| {
+            (
+                r.value["user_id"].as_str().unwrap().to_owned(),
+                r.value["template"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![
+            ("basic-1".to_owned(), "plain_v1".to_owned()),
+            ("gold-1".to_owned(), "vip_v1".to_owned()),
+        ]
+    );
+    let questions = questions.lock().unwrap().clone();
+    assert_eq!(questions.len(), 2, "one question per event: {questions:?}");
+    for q in &questions {
+        assert_eq!(q["app_id"], "demo");
+        assert_eq!(q["segments"], json!(["gold_list"]));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loader_enters_the_segment_s_users_once() {
     let Some(kafka) = kafka() else { return };

@@ -107,7 +107,13 @@ async fn run(rt: &Runtime, p: &Progress, app: &str, from_start: bool) -> Result<
         for (id, user) in &page {
             p.scanned.fetch_add(1, Ordering::Relaxed);
             let inside = user.journeys.get(&p.journey).is_some_and(|s| s.active);
-            if inside || !engine::in_segment(&catalog, app, user, &p.segment) {
+            if inside
+                || !rt
+                    .audience()
+                    .memberships(&catalog, app, id, user)
+                    .await?
+                    .contains(&catalog, app, user, &p.segment)
+            {
                 continue;
             }
             tick.tick().await;
