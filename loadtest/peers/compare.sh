@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # TimerDB against its peers at the same rates, delays and payload size, in one go: BullMQ
 # delayed jobs (Redis) and, with PEERS="bullmq rocketmq", RocketMQ 5 timer messages at each
-# timer precision in ROCKETMQ_PRECISIONS (rocketmq/run.sh). Prints per peer and rate both
+# timer precision in ROCKETMQ_PRECISIONS (rocketmq/run.sh), and with PEERS=temporal Temporal
+# durable timers (temporal/run.sh: the CLI's dev server with its SQLite file on a real disk,
+# one workflow per timer that sleeps until its due time). Prints per peer and rate both
 # systems' acknowledged rate and p99 lateness, and the TimerDB/peer ratios, then the
 # highest rate each sustained (nothing lost or early, >= 95 % of the target acknowledged,
 # p99 lateness <= P99_MS; and the same with p99 <= KEEP_UP_MS, i.e. still keeping up), and
@@ -12,7 +14,8 @@
 # Kafka at $TIMERDB_KAFKA, started if not running and left running) and its lateness is the
 # loadtest consumer's receive time - due time (the report's recv_lateness_ms), as for the
 # peers' consumers; the Kafka broker's CPU and RSS count on TimerDB's side. Server processes:
-# TimerDB + Kafka; redis-server; RocketMQ broker + name server (rocketmq/run.sh). The Kafka
+# TimerDB + Kafka; redis-server; RocketMQ broker + name server (rocketmq/run.sh); the
+# Temporal dev server (temporal/run.sh: one process, a fresh one per rate). The Kafka
 # broker is shared with whatever else uses deploy/local, so its CPU over a run includes any
 # other load on it. TIMERDB_SINK=jsonl: the old set-up (JSON-lines file on tmpfs, lateness
 # = the node's fired-at - due, no Kafka). BUILD=0: use the binaries already built.
@@ -21,10 +24,16 @@
 #   RATES="5000 10000 20000" DURATION=20 loadtest/peers/compare.sh
 #   PEERS="bullmq rocketmq" ROCKETMQ_PRECISIONS="1000 100" loadtest/peers/compare.sh
 #   PEERS=rocketmq RATES=5000 loadtest/peers/compare.sh     # TimerDB and RocketMQ only
+#   PEERS=temporal RATES="10 25 50 100 200" loadtest/peers/compare.sh
 #
-# All run on loopback; data on $DATA_DIR (tmpfs by default). TimerDB syncs every commit;
-# Redis runs with AOF fsync every second (its usual durable setting); RocketMQ's broker with
-# ROCKETMQ_FLUSH (SYNC_FLUSH by default: a send is answered after the commit log's flush).
+# All run on loopback; data on $DATA_DIR (tmpfs by default; with temporal among PEERS a real
+# disk, /var/tmp/timerdb-compare, for every system: the issue asks for Temporal's SQLite file
+# on a durable disk, and TimerDB gets the same disk). TimerDB syncs every commit; Redis runs
+# with AOF fsync every second (its usual durable setting); RocketMQ's broker with
+# ROCKETMQ_FLUSH (SYNC_FLUSH by default: a send is answered after the commit log's flush);
+# Temporal's dev server with SQLite's defaults (rollback journal, synchronous=FULL: 4 fsyncs
+# per commit). TEMPORAL_SQLITE_PRAGMAS (e.g. journal_mode=wal) passes --sqlite-pragma flags,
+# reported under TEMPORAL_LABEL (default temporal).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=SCRIPTDIR/../scripts/lib.sh
@@ -35,27 +44,38 @@ DURATION=${DURATION:-20}
 FIRE_MIN_MS=${FIRE_MIN_MS:-1000}
 FIRE_MAX_MS=${FIRE_MAX_MS:-5000}
 PAYLOAD_BYTES=${PAYLOAD_BYTES:-64}
-BATCH=${BATCH:-1000}
 P99_MS=${P99_MS:-10}
 KEEP_UP_MS=${KEEP_UP_MS:-1000}
-DATA_DIR=${DATA_DIR:-/dev/shm/timerdb-compare}
+PEERS=${PEERS:-bullmq}
+has_peer() { [[ " $PEERS " == *" $1 "* ]]; }
+if has_peer temporal; then
+  DATA_DIR=${DATA_DIR:-/var/tmp/timerdb-compare}
+  # Temporal has no batch start: one StartWorkflowExecution per timer, paced. TimerDB's
+  # loadtest sends batch k at k * BATCH / RATE s, so at Temporal's rates (tens to hundreds
+  # per second) BATCH=1000 would send the whole run at once; BATCH=1 paces it like Temporal.
+  BATCH=${BATCH:-1}
+else
+  DATA_DIR=${DATA_DIR:-/dev/shm/timerdb-compare}
+  BATCH=${BATCH:-1000}
+fi
 TIMERDB_PORT=${TIMERDB_PORT:-17430}
 REDIS_PORT=${REDIS_PORT:-16380}
 OUT=${OUT:-$TARGET_DIR/loadtest-reports/compare-$(date +%Y%m%d-%H%M%S)}
-PEERS=${PEERS:-bullmq}
 ROCKETMQ_PRECISIONS=${ROCKETMQ_PRECISIONS:-"1000 100"}
 ROCKETMQ_FLUSH=${ROCKETMQ_FLUSH:-SYNC_FLUSH}
 TIMERDB_SINK=${TIMERDB_SINK:-kafka}
 TOPIC_PREFIX=${TOPIC_PREFIX:-peercmp}
 TOPICS=${TOPICS:-4}
 PARTITIONS=${PARTITIONS:-8}
-has_peer() { [[ " $PEERS " == *" $1 "* ]]; }
+TEMPORAL_LABEL=${TEMPORAL_LABEL:-temporal}
+TEMPORAL_SQLITE_PRAGMAS=${TEMPORAL_SQLITE_PRAGMAS:-}
 # Result files are $OUT/<label>-<rate>.json; one label per peer setting.
 LABELS=()
 has_peer bullmq && LABELS+=(bullmq)
 if has_peer rocketmq; then
   for p in $ROCKETMQ_PRECISIONS; do LABELS+=("rocketmq-p$p"); done
 fi
+has_peer temporal && LABELS+=("$TEMPORAL_LABEL")
 
 summarize() {
   python3 - "$OUT" "$P99_MS" "$RATES" "$KEEP_UP_MS" "${LABELS[*]}" <<'PY' | tee "$OUT/compare.txt"
@@ -100,6 +120,8 @@ def peer(label, rate):
 def name(label):
     if label.startswith("rocketmq-p"):
         return f"RocketMQ@{label[len('rocketmq-p'):]}ms"
+    if label.startswith("temporal"):
+        return "Temporal" + label[len("temporal"):]
     return {"bullmq": "BullMQ"}.get(label, label)
 
 def floor_ms(label):
@@ -282,6 +304,14 @@ for rate in $RATES; do
       --payload-bytes "$PAYLOAD_BYTES" --batch "$BATCH" | tee "$OUT/bullmq-$rate.json" || true
     resources_stop
     resources_merge "$OUT/bullmq-$rate.json" "$OUT/resources-bullmq-$rate.json"
+  fi
+  if has_peer temporal; then
+    # A fresh dev server and SQLite file per rate (on $DATA_DIR/temporal); writes
+    # $OUT/$TEMPORAL_LABEL-<rate>.json with its server_resources and configuration.
+    RATES="$rate" DURATION="$DURATION" FIRE_MIN_MS="$FIRE_MIN_MS" FIRE_MAX_MS="$FIRE_MAX_MS" \
+      PAYLOAD_BYTES="$PAYLOAD_BYTES" BATCH="$BATCH" DATA_DIR="$DATA_DIR/temporal" OUT="$OUT" \
+      LABEL="$TEMPORAL_LABEL" SQLITE_PRAGMAS="$TEMPORAL_SQLITE_PRAGMAS" \
+      loadtest/peers/temporal/run.sh || true
   fi
 done
 if has_peer rocketmq; then
