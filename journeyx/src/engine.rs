@@ -163,6 +163,33 @@ pub enum Count {
     Errors,
 }
 
+impl Count {
+    /// Every kind, in order.
+    pub const ALL: [Count; 5] = [
+        Count::Entered,
+        Count::Exited,
+        Count::Converted,
+        Count::Capped,
+        Count::Errors,
+    ];
+
+    /// Its name in records, the API and metrics (`entered`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Count::Entered => "entered",
+            Count::Exited => "exited",
+            Count::Converted => "converted",
+            Count::Capped => "capped",
+            Count::Errors => "errors",
+        }
+    }
+
+    /// The kind named `name`.
+    pub fn parse(name: &str) -> Option<Count> {
+        Count::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Counted {
     pub journey_id: String,

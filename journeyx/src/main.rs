@@ -223,17 +223,17 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let http = axum::serve(listener, runtime::http::router(rt.clone(), Some(metrics)));
     tracing::info!(http = %args.http, "journeyx: running");
-    let consumer = tokio::spawn(runtime::kafka::run(rt, stop));
+    let consumer = tokio::spawn(runtime::kafka::run(rt.clone(), stop));
     tokio::spawn(async move {
         let _ = http.await;
     });
     shutdown_signal().await;
     tracing::info!("journeyx: stopping; finishing the events in the queues");
     let _ = stop_tx.send(true);
-    consumer
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+    let consumed = consumer.await.map_err(|e| e.to_string())?;
+    // The last second's counts.
+    rt.flush_counts().await;
+    consumed.map_err(|e| e.to_string())
 }
 
 async fn shutdown_signal() {

@@ -74,11 +74,10 @@ impl Settings {
     }
 }
 
-/// Per (journey, version, node, what) counters since this process started.
+/// Per (journey, version, node, what) counters.
 pub type Counters = BTreeMap<CountKey, u64>;
 
-/// What a counter counts: (journey, version, node, what).
-pub type CountKey = (String, u32, String, Count);
+pub use crate::store::CountKey;
 
 /// The shared part of a running journeyx process.
 pub struct Runtime {
@@ -93,6 +92,8 @@ pub struct Runtime {
     /// Each counter with its Prometheus handle, registered on its first use: looking a
     /// labelled counter up in the recorder allocated its labels on every event.
     counters: Mutex<BTreeMap<CountKey, (u64, metrics::Counter)>>,
+    /// Counts not yet added to the store's durable counters ([`Runtime::flush_counts`]).
+    unflushed: Mutex<BTreeMap<CountKey, u64>>,
     /// `journeyx_events_total` and `journeyx_messages_total`, registered once.
     events_total: metrics::Counter,
     messages_total: metrics::Counter,
@@ -147,7 +148,7 @@ impl Runtime {
             Some(url) => Arc::new(audience::HttpAudience::new(url, settings.webhook_timeout)?),
             None => Arc::new(audience::LocalAudience),
         };
-        Ok(Arc::new(Self {
+        let rt = Arc::new(Self {
             audience,
             webhooks: webhook::Webhooks::new(settings.webhook_timeout, settings.webhook_attempts),
             settings,
@@ -156,10 +157,22 @@ impl Runtime {
             producer,
             timers,
             counters: Mutex::new(BTreeMap::new()),
+            unflushed: Mutex::new(BTreeMap::new()),
             events_total: metrics::counter!("journeyx_events_total"),
             messages_total: metrics::counter!("journeyx_messages_total"),
             loads: Mutex::new(HashMap::new()),
-        }))
+        });
+        let flushing = Arc::downgrade(&rt);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(rt) = flushing.upgrade() else { return };
+                rt.flush_counts().await;
+            }
+        });
+        Ok(rt)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -185,6 +198,39 @@ impl Runtime {
         let fresh = Arc::new(self.store.catalog().await?);
         *self.catalog.write().expect("catalog lock") = fresh;
         Ok(())
+    }
+
+    /// Adds the counts of the events processed since the last flush to the store's
+    /// durable counters (every second, and at the end of `journeyx run`). A flush that
+    /// fails is kept for the next one; a crash loses at most a second of counts, and
+    /// events processed again after it count again: the statistics are close, not exact.
+    pub async fn flush_counts(&self) {
+        let deltas: Vec<(CountKey, u64)> =
+            std::mem::take(&mut *self.unflushed.lock().expect("unflushed lock"))
+                .into_iter()
+                .collect();
+        if deltas.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.add_counts(&deltas).await {
+            tracing::warn!(error = %e, "journeyx: the counters were not saved; trying again in a second");
+            let mut unflushed = self.unflushed.lock().expect("unflushed lock");
+            for (k, n) in deltas {
+                *unflushed.entry(k).or_insert(0) += n;
+            }
+        }
+    }
+
+    /// Journey `id`'s counters: the store's, which every process adds to, with this
+    /// process's counts not flushed yet.
+    pub async fn journey_counts(&self, id: &str) -> Result<Counters> {
+        let mut out: Counters = self.store.counts(id).await?.into_iter().collect();
+        for (k, n) in self.unflushed.lock().expect("unflushed lock").iter() {
+            if k.0 == id {
+                *out.entry(k.clone()).or_insert(0) += n;
+            }
+        }
+        Ok(out)
     }
 
     /// The counters moved since this process started.
@@ -295,8 +341,10 @@ impl Runtime {
                 }
             }
             let mut counters = self.counters.lock().expect("counters lock");
+            let mut unflushed = self.unflushed.lock().expect("unflushed lock");
             for c in outcome.counts {
                 let key = (c.journey_id, c.version, c.node_id, c.count);
+                *unflushed.entry(key.clone()).or_insert(0) += 1;
                 if let Some((n, counter)) = counters.get_mut(&key) {
                     *n += 1;
                     counter.increment(1);
@@ -536,13 +584,7 @@ fn timerdb_error(e: timerdb_client::Error) -> Error {
 
 /// The label of a counter.
 pub fn count_name(c: Count) -> &'static str {
-    match c {
-        Count::Entered => "entered",
-        Count::Exited => "exited",
-        Count::Converted => "converted",
-        Count::Capped => "capped",
-        Count::Errors => "errors",
-    }
+    c.as_str()
 }
 
 pub(crate) fn now_ms() -> u64 {

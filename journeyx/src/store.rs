@@ -64,7 +64,18 @@ pub trait StateStore: Send + Sync + 'static {
     async fn loader_position(&self, journey: &str) -> Result<Option<String>>;
 
     async fn set_loader_position(&self, journey: &str, user: &str) -> Result<()>;
+
+    /// Adds `deltas` to the journey counters every process shares (durable statistics).
+    /// Not idempotent: a call repeated after a lost answer counts twice.
+    async fn add_counts(&self, deltas: &[(CountKey, u64)]) -> Result<()>;
+
+    /// The counters of journey `id`, every version and node, summed over every process,
+    /// in key order.
+    async fn counts(&self, journey: &str) -> Result<Vec<(CountKey, u64)>>;
 }
+
+/// What a durable counter counts: (journey, version, node, what).
+pub type CountKey = (String, u32, String, crate::engine::Count);
 
 /// Checks `journey` against what `store` has published, as the catalog would.
 pub(crate) async fn check_publish(store: &dyn StateStore, journey: &Journey) -> Result<bool> {

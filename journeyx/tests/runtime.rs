@@ -976,6 +976,30 @@ async fn two_processes_share_users_through_a_rebalance() {
             "r{n}: {u}"
         );
     }
+    // The statistics are the store's: both processes show every user's entry, though
+    // each processed only its share (a second for the last counts to be flushed).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let entered = |j: &Journeyx| -> u64 {
+        let out = j.cli(&["stats", "onboarding", "--json"]);
+        let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+        s["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["node"] == "welcome" && c["count"] == "entered")
+            .map(|c| c["n"].as_u64().unwrap())
+            .sum()
+    };
+    let (seen_by_a, seen_by_b) = (entered(&a), entered(&b));
+    assert_eq!(
+        seen_by_a, seen_by_b,
+        "both processes show the same statistics"
+    );
+    assert!(
+        seen_by_a >= 1_200,
+        "every user's entry is counted (an event processed again after the rebalance may \
+         count twice): {seen_by_a}"
+    );
     drop((a, b));
     node.shutdown().await.unwrap();
 }

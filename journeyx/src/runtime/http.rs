@@ -137,11 +137,12 @@ async fn stats(State(api): State<Api>, Path(journey): Path<String>) -> Response 
             format!("no journey {journey} is published"),
         );
     }
-    let rows: Vec<Value> = api
-        .rt
-        .counters()
+    let counts = match api.rt.journey_counts(&journey).await {
+        Ok(counts) => counts,
+        Err(e) => return store_failure(e),
+    };
+    let rows: Vec<Value> = counts
         .into_iter()
-        .filter(|((j, ..), _)| *j == journey)
         .map(|((_, version, node, count), n)| {
             json!({"version": version, "node": node, "count": count_name(count), "n": n})
         })

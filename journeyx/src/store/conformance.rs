@@ -136,6 +136,43 @@ pub async fn users_page_in_order_and_the_loader_keeps_its_place(store: Arc<dyn S
     );
 }
 
+/// Counters add up over calls (as over processes), per (journey, version, node, what),
+/// and a journey's read names none of another journey's.
+pub async fn counters_add_up_per_journey(store: Arc<dyn StateStore>) {
+    use crate::engine::Count;
+    let k = |j: &str, v: u32, n: &str, c: Count| (j.to_owned(), v, n.to_owned(), c);
+    assert!(store.counts("j").await.unwrap().is_empty());
+    store
+        .add_counts(&[
+            (k("j", 1, "a", Count::Entered), 3),
+            (k("j", 2, "a", Count::Entered), 1),
+            (k("j2", 1, "a", Count::Entered), 7),
+        ])
+        .await
+        .unwrap();
+    store
+        .add_counts(&[
+            (k("j", 1, "a", Count::Entered), 2),
+            (k("j", 1, "b", Count::Converted), 1),
+        ])
+        .await
+        .unwrap();
+    let mut got = store.counts("j").await.unwrap();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (k("j", 1, "a", Count::Entered), 5),
+            (k("j", 1, "b", Count::Converted), 1),
+            (k("j", 2, "a", Count::Entered), 1),
+        ]
+    );
+    assert_eq!(
+        store.counts("j2").await.unwrap(),
+        vec![(k("j2", 1, "a", Count::Entered), 7)]
+    );
+}
+
 /// One `#[tokio::test]` per check for the store `$make` (an async expression giving an
 /// `Arc<dyn StateStore>`, fresh for each test).
 #[macro_export]
@@ -146,7 +183,8 @@ macro_rules! state_store_suite {
             concurrent_saves_at_one_version_let_one_through,
             journey_versions_are_immutable,
             segments_come_before_the_journeys_that_name_them,
-            users_page_in_order_and_the_loader_keeps_its_place
+            users_page_in_order_and_the_loader_keeps_its_place,
+            counters_add_up_per_journey
         );
     };
     (@each $make:expr; $($check:ident),*) => {$(

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Saved, StateStore, Versioned, check_publish};
+use super::{CountKey, Saved, StateStore, Versioned, check_publish};
 use crate::catalog::Catalog;
-use crate::engine::User;
+use crate::engine::{Count, User};
 use crate::model::{Journey, Segment};
 use crate::{Error, Result};
 
@@ -21,6 +21,38 @@ const JOURNEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("journeys");
 const SEGMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("segments");
 /// journey id → last user the loader emitted.
 const LOADER: TableDefinition<&str, &str> = TableDefinition::new("loader");
+/// Journey counters: `journey \0 version (8 bytes, big-endian) \0 node \0 what` → count.
+const COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("counts");
+
+fn count_key((journey, version, node, what): &CountKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(journey.len() + node.len() + 24);
+    k.extend_from_slice(journey.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&u64::from(*version).to_be_bytes());
+    k.push(0);
+    k.extend_from_slice(node.as_bytes());
+    k.push(0);
+    k.extend_from_slice(what.as_str().as_bytes());
+    k
+}
+
+fn parse_count_key(k: &[u8]) -> Result<CountKey> {
+    let bad = || failed("decoding a counter", String::from_utf8_lossy(k));
+    let j = k.iter().position(|b| *b == 0).ok_or_else(bad)?;
+    let journey = std::str::from_utf8(&k[..j]).map_err(|_| bad())?.to_owned();
+    let rest = k.get(j + 1..).ok_or_else(bad)?;
+    let version = u64::from_be_bytes(rest.get(..8).ok_or_else(bad)?.try_into().expect("8"));
+    let rest = rest.get(9..).ok_or_else(bad)?;
+    let n = rest.iter().position(|b| *b == 0).ok_or_else(bad)?;
+    let node = std::str::from_utf8(&rest[..n])
+        .map_err(|_| bad())?
+        .to_owned();
+    let what = std::str::from_utf8(&rest[n + 1..])
+        .ok()
+        .and_then(Count::parse)
+        .ok_or_else(bad)?;
+    Ok((journey, version as u32, node, what))
+}
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -310,6 +342,51 @@ impl StateStore for EmbeddedStore {
                     .map(|(_, u)| u.to_owned())
                     .unwrap_or_default();
                 out.push((id, decode_user(v.value())?.user));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn add_counts(&self, deltas: &[(CountKey, u64)]) -> Result<()> {
+        let deltas: Vec<(Vec<u8>, u64)> = deltas.iter().map(|(k, n)| (count_key(k), *n)).collect();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(|e| failed("write", e))?;
+            {
+                let mut t = txn.open_table(COUNTS).map_err(|e| failed("write", e))?;
+                for (k, n) in &deltas {
+                    let now = t
+                        .get(k.as_slice())
+                        .map_err(|e| failed("read", e))?
+                        .map_or(0, |v| v.value());
+                    t.insert(k.as_slice(), now + n)
+                        .map_err(|e| failed("write", e))?;
+                }
+            }
+            txn.commit().map_err(|e| failed("commit", e))
+        })
+        .await
+    }
+
+    async fn counts(&self, journey: &str) -> Result<Vec<(CountKey, u64)>> {
+        let mut from = journey.as_bytes().to_vec();
+        from.push(0);
+        let mut to = journey.as_bytes().to_vec();
+        to.push(1);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(|e| failed("read", e))?;
+            let t = match txn.open_table(COUNTS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(failed("read", e)),
+            };
+            let mut out = Vec::new();
+            for r in t
+                .range(from.as_slice()..to.as_slice())
+                .map_err(|e| failed("read", e))?
+            {
+                let (k, v) = r.map_err(|e| failed("read", e))?;
+                out.push((parse_count_key(k.value())?, v.value()));
             }
             Ok(out)
         })

@@ -22,9 +22,9 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency, SerialConsistency};
 
-use super::{Saved, StateStore, Versioned, check_publish};
+use super::{CountKey, Saved, StateStore, Versioned, check_publish};
 use crate::catalog::Catalog;
-use crate::engine::User;
+use crate::engine::{Count, User};
 use crate::model::{Journey, Segment};
 use crate::{Error, Result};
 
@@ -38,6 +38,8 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS {ks}.segments (app_id text, id text, body text, \
      PRIMARY KEY (app_id, id))",
     "CREATE TABLE IF NOT EXISTS {ks}.loader (journey text PRIMARY KEY, position text)",
+    "CREATE TABLE IF NOT EXISTS {ks}.counts (journey text, version int, node text, what text, \
+     n counter, PRIMARY KEY (journey, version, node, what))",
 ];
 
 fn failed(what: &str, e: impl std::fmt::Display) -> Error {
@@ -120,6 +122,8 @@ struct Statements {
     all_segments: PreparedStatement,
     loader_position: PreparedStatement,
     set_loader_position: PreparedStatement,
+    add_count: PreparedStatement,
+    counts: PreparedStatement,
 }
 
 /// User records, journeys and segments in ScyllaDB / Cassandra.
@@ -221,6 +225,15 @@ impl ScyllaStateStore {
             .await?,
             set_loader_position: prep(format!(
                 "INSERT INTO {ks}.loader (journey, position) VALUES (?, ?)"
+            ))
+            .await?,
+            add_count: prep(format!(
+                "UPDATE {ks}.counts SET n = n + ? WHERE journey = ? AND version = ? AND node = ? \
+                 AND what = ?"
+            ))
+            .await?,
+            counts: prep(format!(
+                "SELECT version, node, what, n FROM {ks}.counts WHERE journey = ?"
             ))
             .await?,
         };
@@ -432,6 +445,48 @@ impl StateStore for ScyllaStateStore {
             .await
             .map_err(|e| failed("recording the loader's position", e))?;
         Ok(())
+    }
+
+    async fn add_counts(&self, deltas: &[(CountKey, u64)]) -> Result<()> {
+        // Counter updates, one statement each, concurrently (a counter batch is no cheaper
+        // and fails whole).
+        let updates = deltas.iter().map(|((journey, version, node, what), n)| {
+            self.session.execute_unpaged(
+                &self.st.add_count,
+                (
+                    scylla::value::Counter(*n as i64),
+                    journey.as_str(),
+                    *version as i32,
+                    node.as_str(),
+                    what.as_str(),
+                ),
+            )
+        });
+        for r in futures::future::join_all(updates).await {
+            r.map_err(|e| failed("adding to a counter", e))?;
+        }
+        Ok(())
+    }
+
+    async fn counts(&self, journey: &str) -> Result<Vec<(CountKey, u64)>> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.counts, (journey,))
+            .await
+            .map_err(|e| failed("reading counters", e))?
+            .into_rows_result()
+            .map_err(|e| failed("reading counters", e))?;
+        let mut out = Vec::new();
+        for row in rows
+            .rows::<(i32, String, String, scylla::value::Counter)>()
+            .map_err(|e| failed("reading counters", e))?
+        {
+            let (version, node, what, n) = row.map_err(|e| failed("reading counters", e))?;
+            let what = Count::parse(&what)
+                .ok_or_else(|| failed("reading counters", format!("unknown count {what:?}")))?;
+            out.push(((journey.to_owned(), version as u32, node, what), n.0 as u64));
+        }
+        Ok(out)
     }
 }
 
