@@ -32,6 +32,8 @@ pub const ADOPT: &str = "timerdb-adopt";
 /// bucket, when the row landed after the owner read the bucket).
 pub const ADOPT_TIMER: &str = "timerdb-adopt-timer-bin";
 
+/// Pause before asking again for a release the leader did not take.
+const RELEASE_AGAIN: Duration = Duration::from_millis(100);
 /// A fire or ownership write needs at least this much lease left: the check and the act
 /// are not one instant.
 const LEASE_MARGIN: Duration = Duration::from_millis(100);
@@ -268,13 +270,23 @@ impl Member {
         let node = self.node.clone();
         tokio::spawn(async move {
             for (r, epoch) in stopped {
-                match node.release(r.first, r.last, epoch).await {
-                    Ok(()) => {
-                        tracing::info!(range = %r, epoch, "cluster.ownership: released; its new owner starts at once")
+                // A leader elected a moment ago has not heard every member report what it
+                // understands: ask again while the release can still help.
+                loop {
+                    match node.release(r.first, r.last, epoch).await {
+                        Ok(()) => {
+                            tracing::info!(range = %r, epoch, "cluster.ownership: released; its new owner starts at once");
+                        }
+                        Err(e) if noticed.elapsed() + RELEASE_AGAIN < prompt => {
+                            tracing::debug!(range = %r, epoch, error = %e, "cluster.ownership: release not taken yet; asking again");
+                            tokio::time::sleep(RELEASE_AGAIN).await;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::info!(range = %r, epoch, error = %e, "cluster.ownership: release not taken; its new owner waits out the lease");
+                        }
                     }
-                    Err(e) => {
-                        tracing::info!(range = %r, epoch, error = %e, "cluster.ownership: release not taken; its new owner waits out the lease")
-                    }
+                    break;
                 }
             }
         });
