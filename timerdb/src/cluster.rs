@@ -58,6 +58,8 @@ pub struct Member {
     unread_beyond_ms: u64,
     /// Clients of the members calls were forwarded to, by address (one connection each).
     owners: Mutex<HashMap<String, timerdb_client::Client>>,
+    /// `cluster.release_ranges`.
+    release_ranges: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Member {
@@ -80,7 +82,14 @@ impl Member {
             node,
             scheduler,
             owners: Mutex::new(HashMap::new()),
+            release_ranges: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Whether this member releases the ranges it stops (see [`Member::release`]).
+    pub fn set_release_ranges(&self, release: bool) {
+        self.release_ranges
+            .store(release, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A client of the member at `addr` (kept, so forwarded calls share one connection).
@@ -264,7 +273,12 @@ impl Member {
     fn release(&self, stopped: Vec<(SlotRange, u64)>, noticed: Instant) {
         let lease = self.node.map().borrow().map.lease;
         let prompt = Duration::from_millis((lease.lease_ms + lease.drift_ms) / 2);
-        if stopped.is_empty() || noticed.elapsed() > prompt {
+        if stopped.is_empty()
+            || noticed.elapsed() > prompt
+            || !self
+                .release_ranges
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return;
         }
         let node = self.node.clone();

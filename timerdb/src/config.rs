@@ -93,6 +93,10 @@ pub struct ClusterSettings {
     /// members before it stops (zero: it stops at once, and they take its ranges over after
     /// the failure timeout).
     pub leave_timeout: Duration,
+    /// Whether a member that stopped a range it lost tells the cluster so, letting the new
+    /// owner start at once (`cluster.release_ranges`, default true); false: the new owner
+    /// always waits out the old owner's lease.
+    pub release_ranges: bool,
 }
 
 /// Default of `cluster.leave_timeout`: a drain takes a lease and a bit; this leaves room
@@ -208,6 +212,8 @@ pub struct FileCluster {
     pub failure_timeout: Option<String>,
     /// How long a member stopping gracefully waits for its ranges to move, e.g. "15s".
     pub leave_timeout: Option<String>,
+    /// Whether a member releases the ranges it stopped (default true).
+    pub release_ranges: Option<bool>,
 }
 
 /// `[layout]`
@@ -569,6 +575,7 @@ fn cluster_settings(
     };
     Ok(ClusterSettings {
         leave_timeout,
+        release_ranges: f.release_ranges.unwrap_or(true),
         node_id,
         advertise,
         raft_dir: o

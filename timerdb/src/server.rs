@@ -113,8 +113,9 @@ pub async fn start_on(config: Config, listener: tokio::net::TcpListener) -> Resu
     let member = cluster
         .clone()
         .map(|node| Member::new(node, scheduler.clone(), config.scheduler.lookahead));
-    if let Some(m) = &member {
+    if let (Some(m), Some(c)) = (&member, &config.cluster) {
         let _ = member_cell.set(Arc::downgrade(m));
+        m.set_release_ranges(c.release_ranges);
     }
     let reporter = tokio::spawn(report_metrics(scheduler.clone(), cluster.clone()));
     let follower = match &member {
