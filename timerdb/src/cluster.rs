@@ -86,7 +86,7 @@ impl Member {
         })
     }
 
-    /// Whether this member releases the ranges it stops (see [`Member::release`]).
+    /// Whether this member releases the ranges it stops (`cluster.release_ranges`).
     pub fn set_release_ranges(&self, release: bool) {
         self.release_ranges
             .store(release, std::sync::atomic::Ordering::Relaxed);
