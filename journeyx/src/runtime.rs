@@ -79,6 +79,14 @@ pub type Counters = BTreeMap<CountKey, u64>;
 
 pub use crate::store::CountKey;
 
+/// One counter of this process: its count, the part of it already added to the store,
+/// and its Prometheus handle (labels built once).
+struct Tally {
+    n: u64,
+    flushed: u64,
+    counter: metrics::Counter,
+}
+
 /// The shared part of a running journeyx process.
 pub struct Runtime {
     settings: Settings,
@@ -91,9 +99,9 @@ pub struct Runtime {
     audience: Arc<dyn Audience>,
     /// Each counter with its Prometheus handle, registered on its first use: looking a
     /// labelled counter up in the recorder allocated its labels on every event.
-    counters: Mutex<BTreeMap<CountKey, (u64, metrics::Counter)>>,
-    /// Counts not yet added to the store's durable counters ([`Runtime::flush_counts`]).
-    unflushed: Mutex<BTreeMap<CountKey, u64>>,
+    /// Each holds its count since this process started, and how much of it the store's
+    /// durable counters have ([`Runtime::flush_counts`]).
+    counters: Mutex<BTreeMap<CountKey, Tally>>,
     /// `journeyx_events_total` and `journeyx_messages_total`, registered once.
     events_total: metrics::Counter,
     messages_total: metrics::Counter,
@@ -157,7 +165,6 @@ impl Runtime {
             producer,
             timers,
             counters: Mutex::new(BTreeMap::new()),
-            unflushed: Mutex::new(BTreeMap::new()),
             events_total: metrics::counter!("journeyx_events_total"),
             messages_total: metrics::counter!("journeyx_messages_total"),
             loads: Mutex::new(HashMap::new()),
@@ -205,18 +212,28 @@ impl Runtime {
     /// fails is kept for the next one; a crash loses at most a second of counts, and
     /// events processed again after it count again: the statistics are close, not exact.
     pub async fn flush_counts(&self) {
-        let deltas: Vec<(CountKey, u64)> =
-            std::mem::take(&mut *self.unflushed.lock().expect("unflushed lock"))
-                .into_iter()
-                .collect();
+        let deltas: Vec<(CountKey, u64)> = {
+            let mut counters = self.counters.lock().expect("counters lock");
+            counters
+                .iter_mut()
+                .filter(|(_, t)| t.n > t.flushed)
+                .map(|(k, t)| {
+                    let delta = t.n - t.flushed;
+                    t.flushed = t.n;
+                    (k.clone(), delta)
+                })
+                .collect()
+        };
         if deltas.is_empty() {
             return;
         }
         if let Err(e) = self.store.add_counts(&deltas).await {
             tracing::warn!(error = %e, "journeyx: the counters were not saved; trying again in a second");
-            let mut unflushed = self.unflushed.lock().expect("unflushed lock");
-            for (k, n) in deltas {
-                *unflushed.entry(k).or_insert(0) += n;
+            let mut counters = self.counters.lock().expect("counters lock");
+            for (k, delta) in deltas {
+                if let Some(t) = counters.get_mut(&k) {
+                    t.flushed -= delta;
+                }
             }
         }
     }
@@ -225,9 +242,9 @@ impl Runtime {
     /// process's counts not flushed yet.
     pub async fn journey_counts(&self, id: &str) -> Result<Counters> {
         let mut out: Counters = self.store.counts(id).await?.into_iter().collect();
-        for (k, n) in self.unflushed.lock().expect("unflushed lock").iter() {
-            if k.0 == id {
-                *out.entry(k.clone()).or_insert(0) += n;
+        for (k, t) in self.counters.lock().expect("counters lock").iter() {
+            if k.0 == id && t.n > t.flushed {
+                *out.entry(k.clone()).or_insert(0) += t.n - t.flushed;
             }
         }
         Ok(out)
@@ -236,7 +253,7 @@ impl Runtime {
     /// The counters moved since this process started.
     pub fn counters(&self) -> Counters {
         let counters = self.counters.lock().expect("counters lock");
-        counters.iter().map(|(k, (n, _))| (k.clone(), *n)).collect()
+        counters.iter().map(|(k, t)| (k.clone(), t.n)).collect()
     }
 
     /// Why `event` cannot be processed at all (it goes to the dead-letter topic), if so.
@@ -341,13 +358,11 @@ impl Runtime {
                 }
             }
             let mut counters = self.counters.lock().expect("counters lock");
-            let mut unflushed = self.unflushed.lock().expect("unflushed lock");
             for c in outcome.counts {
                 let key = (c.journey_id, c.version, c.node_id, c.count);
-                *unflushed.entry(key.clone()).or_insert(0) += 1;
-                if let Some((n, counter)) = counters.get_mut(&key) {
-                    *n += 1;
-                    counter.increment(1);
+                if let Some(t) = counters.get_mut(&key) {
+                    t.n += 1;
+                    t.counter.increment(1);
                     continue;
                 }
                 let counter = metrics::counter!(
@@ -358,7 +373,14 @@ impl Runtime {
                     "count" => count_name(key.3),
                 );
                 counter.increment(1);
-                counters.insert(key, (1, counter));
+                counters.insert(
+                    key,
+                    Tally {
+                        n: 1,
+                        flushed: 0,
+                        counter,
+                    },
+                );
             }
             return;
         }
@@ -591,4 +613,115 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::model::{Journey, Segment};
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::{Saved, Versioned};
+
+    /// The embedded store, whose `add_counts` fails while `failing` is set.
+    struct Flaky {
+        inner: EmbeddedStore,
+        failing: AtomicBool,
+    }
+
+    #[async_trait]
+    impl StateStore for Flaky {
+        async fn load_user(&self, app: &str, user: &str) -> Result<Versioned> {
+            self.inner.load_user(app, user).await
+        }
+        async fn save_user(&self, app: &str, user: &str, v: u64, r: &User) -> Result<Saved> {
+            self.inner.save_user(app, user, v, r).await
+        }
+        async fn publish_journey(&self, j: &Journey) -> Result<bool> {
+            self.inner.publish_journey(j).await
+        }
+        async fn publish_segment(&self, s: &Segment) -> Result<bool> {
+            self.inner.publish_segment(s).await
+        }
+        async fn catalog(&self) -> Result<Catalog> {
+            self.inner.catalog().await
+        }
+        async fn users(
+            &self,
+            app: &str,
+            after: Option<&str>,
+            n: usize,
+        ) -> Result<Vec<(String, User)>> {
+            self.inner.users(app, after, n).await
+        }
+        async fn loader_position(&self, j: &str) -> Result<Option<String>> {
+            self.inner.loader_position(j).await
+        }
+        async fn set_loader_position(&self, j: &str, u: &str) -> Result<()> {
+            self.inner.set_loader_position(j, u).await
+        }
+        async fn add_counts(&self, deltas: &[(CountKey, u64)]) -> Result<()> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(Error::Store("add_counts: failing on purpose".into()));
+            }
+            self.inner.add_counts(deltas).await
+        }
+        async fn counts(&self, journey: &str) -> Result<Vec<(CountKey, u64)>> {
+            self.inner.counts(journey).await
+        }
+    }
+
+    /// A flush whose store write fails loses nothing and counts nothing twice: the counts
+    /// stay visible (as not yet flushed) and the next flush adds each exactly once.
+    #[tokio::test]
+    async fn a_failed_flush_is_kept_for_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Flaky {
+            inner: EmbeddedStore::open(dir.path()).await.unwrap(),
+            failing: AtomicBool::new(true),
+        });
+        let j = Journey::parse(
+            "t.yaml",
+            "{id: t, version: 1, app_id: demo, entry: {event: go}, start: a, \
+             nodes: [{id: a, actions: [{tag: seen}, exit]}]}",
+        )
+        .unwrap();
+        store.publish_journey(&j).await.unwrap();
+        // No Kafka or TimerDB is reached: the journey sends nothing and sets no timer.
+        let rt = Runtime::new(Settings::new("127.0.0.1:9", "127.0.0.1:9"), store.clone())
+            .await
+            .unwrap();
+        for (n, user) in ["u1", "u2", "u3"].iter().enumerate() {
+            let event = Event {
+                event_id: format!("e{n}"),
+                app_id: "demo".into(),
+                user_id: (*user).into(),
+                name: "go".into(),
+                ts_ms: 1_000,
+                properties: Default::default(),
+                tz: None,
+            };
+            rt.handle(0, n as i64, &event).await;
+        }
+        let entered = |c: &Counters| {
+            c.get(&("t".to_owned(), 1, "a".to_owned(), Count::Entered))
+                .copied()
+        };
+        rt.flush_counts().await;
+        assert!(
+            store.counts("t").await.unwrap().is_empty(),
+            "the flush failed"
+        );
+        assert_eq!(entered(&rt.journey_counts("t").await.unwrap()), Some(3));
+        store.failing.store(false, Ordering::SeqCst);
+        rt.flush_counts().await;
+        rt.flush_counts().await;
+        let stored: Counters = store.counts("t").await.unwrap().into_iter().collect();
+        assert_eq!(entered(&stored), Some(3), "{stored:?}");
+        assert_eq!(entered(&rt.journey_counts("t").await.unwrap()), Some(3));
+    }
 }
