@@ -589,7 +589,8 @@ impl Scheduler {
         rx.await.ok()
     }
 
-    /// What memory knows of a timer, if it is held there.
+    /// What memory knows of a timer, if it is held there (or fired or was cancelled there
+    /// lately, its bucket since deleted).
     pub async fn status(&self, id: TimerId) -> Option<MemState> {
         let tx = self.sender_for(id)?;
         let (reply, rx) = oneshot::channel();

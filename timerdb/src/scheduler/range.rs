@@ -637,7 +637,9 @@ impl RangeTask {
             }
             Msg::EndCancel(id, outcome) => self.end_cancel(id, outcome),
             Msg::Status(id, reply) => {
-                let _ = reply.send(self.mem_state(id));
+                // An adopted timer that fired may have its bucket deleted a moment later;
+                // asked after that, it is still known as fired (not as unknown).
+                let _ = reply.send(self.mem_state(id).or_else(|| self.settled_lately(id)));
             }
             Msg::Adopt(t, loaded, force, reply) => {
                 let id = t.id;
