@@ -370,6 +370,7 @@ async fn adopt_here(
         // landed after the read and the delete took it unfired (`carried` tells).
         match (store.get(id).await?, carried) {
             (Some(again), _) if again.state == StoredState::Pending => {
+                tracing::info!(timer_id = %id, "api: adopting a timer whose bucket was deleted without it (its row landed after the bucket was read)");
                 stored = again;
                 verdict = scheduler
                     .adopt(stored.timer.clone(), true)

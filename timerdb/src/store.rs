@@ -60,10 +60,10 @@ pub struct LoadedBucket {
     /// Pending timers, in no particular order.
     pub timers: Vec<Timer>,
     /// Rows skipped because they were cancelled (they still need the bucket deleted).
-    pub cancelled: usize,
+    pub cancelled: Vec<TimerId>,
     /// Rows not fired because their idempotency key belongs to another timer (deleted with
     /// the bucket).
-    pub superseded: usize,
+    pub superseded: Vec<TimerId>,
     /// Rows that could not be decoded: not fired (but dead-lettered where the sink can),
     /// and the bucket is left in the store (not deleted) so they can be inspected and
     /// recovered.
@@ -97,7 +97,7 @@ impl LoadedBucket {
     pub(crate) fn add(&mut self, id: TimerId, decoded: Result<StoredTimer>, raw: &[u8]) {
         match decoded {
             Ok(t) if t.state == StoredState::Pending => self.timers.push(t.timer),
-            Ok(_) => self.cancelled += 1,
+            Ok(_) => self.cancelled.push(id),
             Err(e) => {
                 tracing::error!(timer_id = %id, error = %e, "skipping a stored timer that cannot be decoded");
                 crate::metrics::unreadable_row();
@@ -113,7 +113,8 @@ impl LoadedBucket {
     /// Whether the bucket has rows at all (so it must be settled, deleted or kept).
     pub fn has_rows(&self) -> bool {
         !self.timers.is_empty()
-            || self.cancelled + self.superseded > 0
+            || !self.cancelled.is_empty()
+            || !self.superseded.is_empty()
             || !self.unreadable.is_empty()
     }
 }
@@ -376,8 +377,8 @@ pub trait TimerStore: Send + Sync + 'static {
         loop {
             let page = self.load_page(slots, bucket_ms, after, 100_000).await?;
             out.timers.extend(page.rows.timers);
-            out.cancelled += page.rows.cancelled;
-            out.superseded += page.rows.superseded;
+            out.cancelled.extend(page.rows.cancelled);
+            out.superseded.extend(page.rows.superseded);
             out.unreadable.extend(page.rows.unreadable);
             match page.next {
                 Some(n) => after = Some(n),
@@ -395,8 +396,16 @@ pub trait TimerStore: Send + Sync + 'static {
         until_ms: u64,
     ) -> Result<Option<u64>>;
 
-    /// Removes every row of `bucket_ms` for `slots` (its timers all fired or were cancelled).
-    async fn delete_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<()>;
+    /// Removes the rows of `bucket_ms` for `slots` (its timers all fired or were
+    /// cancelled): every row (`only: None`), or just the rows `only` names, the ones its
+    /// range read (a cluster member: a row another member wrote after this one read the
+    /// bucket stays, for the slot's owner to find by id and fire).
+    async fn delete_bucket(
+        &self,
+        slots: SlotRange,
+        bucket_ms: u64,
+        only: Option<&[TimerId]>,
+    ) -> Result<()>;
 
     /// The oldest bucket of `slots` that may still hold unfired timers (the minimum over
     /// the slots), or `None` if none was ever recorded.

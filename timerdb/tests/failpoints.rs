@@ -600,13 +600,33 @@ mod cluster {
 
     /// A settled three-member cluster whose node 1 runs with `failpoints`.
     async fn with_node_1_failing(failpoints: &str) -> LocalCluster {
-        let c = LocalCluster::up(3);
+        with_node_1_failing_among("", failpoints).await
+    }
+
+    /// [`with_node_1_failing`], every member also running with `everywhere`.
+    async fn with_node_1_failing_among(everywhere: &str, failpoints: &str) -> LocalCluster {
+        let env: &[(&str, &str)] = if everywhere.is_empty() {
+            &[]
+        } else {
+            &[("FAILPOINTS", everywhere)]
+        };
+        let c = LocalCluster::up_env(3, env);
         c.wait_settled(1, 3).await;
         c.run(&["stop", "1"]);
-        c.run_env(&["start", "1"], &[("FAILPOINTS", failpoints)]);
+        let both = [everywhere, failpoints]
+            .into_iter()
+            .filter(|f| !f.is_empty())
+            .collect::<Vec<_>>()
+            .join(";");
+        c.run_env(&["start", "1"], &[("FAILPOINTS", &both)]);
         c.wait_stable(1, 3).await;
         c
     }
+
+    /// Members that delete a fired bucket's whole partitions, as earlier versions did (a
+    /// rolling upgrade meets them): a row that landed after the owner read the bucket goes
+    /// with it, unfired.
+    const PARTITION_DELETES: &str = "scheduler.delete_whole_partitions=return";
 
     /// `timerdb admin --server <node 2> ARGS`, which must succeed.
     fn admin(c: &LocalCluster, args: &[&str]) {
@@ -1005,17 +1025,71 @@ mod cluster {
 
     /// The row lands (4.5 s after the call) after the slot's new owner read its bucket, and
     /// the member asks the owner to adopt it only 7 s later (failpoint), when the owner has
-    /// fired the rest of that bucket and deleted it, the row with it, unfired. The member
-    /// carries the timer by value (a 7 KiB payload, near the most a header carries): the
-    /// owner takes it into memory and fires it, once, not early, and the caller hears its
-    /// id. (Before: the member withdrew it and answered UNAVAILABLE.)
+    /// fired the rest of that bucket and deleted the rows it read: the late row stays, the
+    /// owner finds it by id and fires it, once, not early, and the caller hears its id.
+    /// (Before, the owner deleted whole partitions, the row went unfired, and the member
+    /// withdrew the timer and answered UNAVAILABLE.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_landing_after_its_owner_read_the_bucket_outlives_the_buckets_delete() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_outlives");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = with_node_1_failing(
+            "api.before_store=1*off->1*return(delay:4500);api.adopt=1*return(delay:7000)",
+        )
+        .await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        let fire_at = now_ms() + HELD_DUE_MS;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("outlives")
+            .idempotency_key("outlives-1");
+        companions(&c, &topic, fire_at).await;
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let call = tokio::spawn(async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        admin(&c, &["drain", "1", "--no-wait"]);
+        let id = call
+            .await
+            .unwrap()
+            .expect("the call itself answers")
+            .remove(0)
+            .unwrap_or_else(|e| panic!("the adopted timer is acknowledged: {e:?}\n{}", c.logs()));
+        let fired = deliveries(&consumer, b"outlives", &id).await;
+        let logs = c.logs();
+        assert_eq!(
+            fired.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            vec![id.as_str()],
+            "the acknowledged timer fires once\n{logs}"
+        );
+        assert!(fired[0].1 >= fire_at, "fired early");
+        assert!(
+            logs.contains("whose bucket was deleted without it"),
+            "the owner had deleted the bucket and found the row still there\n{logs}"
+        );
+        assert!(
+            !logs.contains("adopted a timer by value"),
+            "the row was there: nothing was carried\n{logs}"
+        );
+    }
+
+    /// As above, among members that delete whole partitions (as earlier versions did): the
+    /// row goes with its bucket, unfired. The member carries the timer by value (a 7 KiB
+    /// payload, near the most a header carries): the owner takes it into memory and fires
+    /// it, once, not early, and the caller hears its id. (Before: the member withdrew it
+    /// and answered UNAVAILABLE.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_row_its_new_owner_deleted_unfired_is_adopted_by_value() {
         let Some(s) = services() else { return };
         let _one = ONE_AT_A_TIME.lock().await;
         let topic = unique("fp_carried");
         create_topic(&s.kafka, &topic, 1).await;
-        let c = with_node_1_failing(
+        let c = with_node_1_failing_among(
+            PARTITION_DELETES,
             "api.before_store=1*off->1*return(delay:4500);api.adopt=1*return(delay:7000)",
         )
         .await;
@@ -1063,8 +1137,9 @@ mod cluster {
     }
 
     /// A repeat finds the first id's row gone while the first call is still under way: the
-    /// row landed (4.5 s) after the new owner read its bucket, the owner deleted the bucket
-    /// with it, unfired, and the first call is held (10 s more) before it settles. The repeat
+    /// row landed (4.5 s) after the new owner read its bucket, the owner (deleting whole
+    /// partitions, as earlier versions did) deleted the bucket with it, unfired, and the
+    /// first call is held (10 s more) before it settles. The repeat
     /// confirms the key's claim and answers with the first id; the first call then fails
     /// to have it adopted (failpoint), cannot withdraw it (confirmed), and keeps asking
     /// the owner, by value, until it is adopted. The id the repeat was told fires, once.
@@ -1076,7 +1151,8 @@ mod cluster {
         let _one = ONE_AT_A_TIME.lock().await;
         let topic = unique("fp_gone");
         create_topic(&s.kafka, &topic, 1).await;
-        let c = with_node_1_failing(
+        let c = with_node_1_failing_among(
+            PARTITION_DELETES,
             "api.before_store=1*off->1*return(delay:4500);\
              api.after_store=1*off->1*return(delay:10000);api.adopt=1*return",
         )
@@ -1121,6 +1197,55 @@ mod cluster {
                 .await
                 .contains("timerdb_cluster_moved_writes_total{outcome=\"confirmed\"} 1"),
             "node 1 found the claim confirmed, kept the timer and had it adopted\n{logs}"
+        );
+    }
+
+    /// The writer dies (failpoint: the process aborts) right after its row landed, 4.5 s
+    /// after the call and after the slot's new owner read the bucket, so nobody settles
+    /// it. The owner fires the rest of that bucket and deletes the rows it read; the late
+    /// row stays. A repeat of the call (same key, another member) then finds the row,
+    /// has the owner adopt it, and is told an id that fires, once, not early. (Before: the
+    /// owner deleted whole partitions, the row went with them unfired, and the repeat,
+    /// finding it gone, was told an id that never fired.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_dying_before_it_settles_leaves_a_repeat_an_id_that_fires() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_writer_died");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = with_node_1_failing(
+            "api.before_store=1*off->1*return(delay:4500);\
+             api.after_store=1*off->1*return(abort)",
+        )
+        .await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        let fire_at = now_ms() + HELD_DUE_MS;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("writer-died")
+            .idempotency_key("died-1");
+        // The first call through the failpoints passes; the second is held, then dies.
+        companions(&c, &topic, fire_at).await;
+        abandoned_during_a_drain(&c, &timer).await;
+        // Past the bucket's end, its grace (2 s) and the owner's delete.
+        let bucket_end = fire_at - fire_at % 1_000 + 1_000;
+        let repeat_at = bucket_end + 2_000 + 2_500;
+        tokio::time::sleep(Duration::from_millis(repeat_at.saturating_sub(now_ms()))).await;
+        let id = retry_until_acknowledged(&c.nodes[1], &timer).await;
+        let fired = deliveries(&consumer, b"writer-died", &id).await;
+        let logs = c.logs();
+        assert!(
+            logs.contains("failpoint api.after_store: aborting the process"),
+            "the writer died after its row landed\n{logs}"
+        );
+        assert_eq!(
+            fired.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            vec![id.as_str()],
+            "the id the repeat was told fires, once\n{logs}"
+        );
+        assert!(fired[0].1 >= fire_at, "fired early");
+        assert!(
+            !logs.contains("whose row is gone"),
+            "the owner's delete left the row it had not read\n{logs}"
         );
     }
 

@@ -79,6 +79,9 @@ struct Bucket {
     /// Holds rows that could not be decoded: settled like a deleted bucket, but its rows
     /// stay in the store for an operator to inspect.
     keep_in_store: bool,
+    /// Rows read but not loaded (cancelled, or their key belongs to another timer): a
+    /// cluster member deletes these and the rows of `entries`, and no other.
+    skipped: Vec<TimerId>,
 }
 
 /// Records the low-water mark of `range`, under `fence` (its epoch) for a cluster member;
@@ -324,19 +327,26 @@ impl Loader {
         m::loaded(loaded.timers.len());
         let LoadedBucket {
             timers,
-            cancelled,
-            superseded,
+            mut cancelled,
+            mut superseded,
             mut unreadable,
         } = loaded;
         let total = timers.len();
         let mut parts = slices(timers, LOAD_SLICE).peekable();
         while let Some(timers) = parts.next() {
             let last_slice = parts.peek().is_none();
-            let counts = |n: usize| if last_slice { n } else { 0 };
+            // The skipped rows go with the last slice.
+            let rest = |v: &mut Vec<_>| {
+                if last_slice {
+                    std::mem::take(v)
+                } else {
+                    Vec::new()
+                }
+            };
             let part = LoadedBucket {
                 timers,
-                cancelled: counts(cancelled),
-                superseded: counts(superseded),
+                cancelled: rest(&mut cancelled),
+                superseded: rest(&mut superseded),
                 unreadable: if last_slice {
                     std::mem::take(&mut unreadable)
                 } else {
@@ -798,6 +808,8 @@ impl RangeTask {
             // deleted; one with unreadable rows is settled but left in the store.
             let b = self.buckets.entry(bucket).or_default();
             b.keep_in_store |= !loaded.unreadable.is_empty();
+            b.skipped.extend(loaded.cancelled);
+            b.skipped.extend(loaded.superseded);
             // Room for the whole bucket at its first slice: no rehashing while it comes in.
             b.entries.reserve(total.saturating_sub(b.entries.len()));
         }
@@ -1093,11 +1105,29 @@ impl RangeTask {
             .filter(|(b, bucket)| **b < self.next_unsettled && bucket.open == 0 && !bucket.deleting)
             .map(|(b, _)| *b)
             .collect();
+        // A cluster member deletes only the rows it read or was handed: a row another member
+        // wrote after this one read the bucket (its range moved during the write) stays
+        // unfired in the store, where the slot's owner finds it by id when its writer, or a
+        // repeat of its call, asks it to adopt it. A partition delete would take it with the
+        // rest, and a writer that died before it settled would leave a repeat told an id
+        // that never fires. A single node is the only writer of its slots, and its write
+        // guard holds deletes back while a write is under way: it deletes whole partitions.
+        // (Failpoint `scheduler.delete_whole_partitions`: a member that deletes partitions,
+        // as earlier versions did, so the tests still reach what a rolling upgrade can
+        // meet: a row gone unfired, adopted by value.)
+        let by_row = self.config.fence(self.tag).is_some()
+            && crate::failpoint::hit("scheduler.delete_whole_partitions").is_ok();
         for b in ready {
             let mut keep = false;
+            let mut only = None;
             if let Some(bucket) = self.buckets.get_mut(&b) {
                 bucket.deleting = true;
                 keep = bucket.keep_in_store;
+                if by_row {
+                    let mut ids: Vec<TimerId> = bucket.entries.keys().copied().collect();
+                    ids.extend_from_slice(&bucket.skipped);
+                    only = Some(ids);
+                }
             }
             let store = self.store.clone();
             let tx = self.tx.clone();
@@ -1109,7 +1139,7 @@ impl RangeTask {
                 continue;
             }
             tokio::spawn(async move {
-                let ok = match store.delete_bucket(range, b).await {
+                let ok = match store.delete_bucket(range, b, only.as_deref()).await {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::warn!(range = %range, bucket_ms = b, error = %e, "scheduler.delete_bucket failed; will retry");
@@ -1268,10 +1298,27 @@ impl RangeTask {
             }
             return;
         }
+        self.deleted.insert(bucket);
+        // A timer adopted into the bucket while its delete was under way is still to fire
+        // (a cluster member's delete left its row): the bucket stays with it, and is
+        // deleted again once it fired. Dropping it with the rest lost the timer.
+        if let Some(b) = self.buckets.get_mut(&bucket)
+            && b.open > 0
+        {
+            b.deleting = false;
+            b.skipped.clear();
+            b.entries.retain(|_, e| {
+                matches!(
+                    e.state,
+                    State::Pending | State::InFlight | State::Cancelling { .. }
+                )
+            });
+            m::bucket_deleted();
+            return;
+        }
         if self.buckets.remove(&bucket).is_some() {
             m::bucket_deleted();
         }
-        self.deleted.insert(bucket);
     }
 }
 

@@ -137,7 +137,13 @@ enum WriteOp {
     Cancel(TimerId, oneshot::Sender<Result<CancelOutcome>>),
     Abandon(TimerId, Option<String>, oneshot::Sender<Result<Abandoned>>),
     ConfirmKey(String, TimerId, oneshot::Sender<Result<bool>>),
-    DeleteBucket(SlotRange, u64, oneshot::Sender<Result<()>>),
+    /// The rows of a bucket in a slot range: all, or only the ids listed.
+    DeleteBucket(
+        SlotRange,
+        u64,
+        Option<Vec<TimerId>>,
+        oneshot::Sender<Result<()>>,
+    ),
     SetLowWater(SlotRange, u64, oneshot::Sender<Result<()>>),
     Claim(SlotRange, u64, oneshot::Sender<Result<()>>),
     SetLowWaterFenced(SlotRange, u64, u64, oneshot::Sender<Result<()>>),
@@ -578,12 +584,24 @@ impl Writer {
                         };
                         replies.push(Reply::Flag(reply, names_id));
                     }
-                    WriteOp::DeleteBucket(slots, bucket, reply) => {
-                        let (lo, hi) = bucket_keys(bucket);
+                    WriteOp::DeleteBucket(slots, bucket, only, reply) => {
                         let layout = self.layout;
-                        timers.retain_in(lo.as_slice()..=hi.as_slice(), |k, _| {
-                            !in_slots(&layout, slots, k)
-                        })?;
+                        match only {
+                            None => {
+                                let (lo, hi) = bucket_keys(bucket);
+                                timers.retain_in(lo.as_slice()..=hi.as_slice(), |k, _| {
+                                    !in_slots(&layout, slots, k)
+                                })?;
+                            }
+                            Some(ids) => {
+                                for id in ids {
+                                    let k = row_key(id);
+                                    if id.bucket_ms == bucket && in_slots(&layout, slots, &k) {
+                                        timers.remove(k.as_slice())?;
+                                    }
+                                }
+                            }
+                        }
                         replies.push(Reply::Unit(reply));
                     }
                     WriteOp::SetLowWater(slots, bucket, reply) => {
@@ -825,11 +843,17 @@ impl TimerStore for EmbeddedStore {
         .await
     }
 
-    async fn delete_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<()> {
+    async fn delete_bucket(
+        &self,
+        slots: SlotRange,
+        bucket_ms: u64,
+        only: Option<&[TimerId]>,
+    ) -> Result<()> {
         let started = Instant::now();
         let (tx, rx) = oneshot::channel();
+        let only = only.map(<[TimerId]>::to_vec);
         let out = self
-            .write(WriteOp::DeleteBucket(slots, bucket_ms, tx), rx)
+            .write(WriteOp::DeleteBucket(slots, bucket_ms, only, tx), rx)
             .await;
         m::store_op("delete_bucket", started.elapsed());
         out

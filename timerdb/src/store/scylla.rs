@@ -601,23 +601,59 @@ impl ScyllaStore {
                 }
             }
         }
-        let insert = &self.st.insert_timer;
+        self.execute_groups(&self.st.insert_timer, groups, "writing timers")
+            .await
+    }
+
+    /// Executes `statement` once per row of each group, a group (rows of one partition)
+    /// in one unlogged batch, up to `FAN_OUT` groups at a time.
+    async fn execute_groups<V>(
+        &self,
+        statement: &PreparedStatement,
+        groups: Vec<Vec<V>>,
+        what: &str,
+    ) -> Result<()>
+    where
+        V: scylla::serialize::row::SerializeRow + Send + Sync,
+    {
         stream::iter(groups.into_iter().map(|mut group| async move {
             if group.len() == 1 {
                 let row = group.pop().expect("one row");
-                return self.session.execute_unpaged(insert, row).await.map(|_| ());
+                return self
+                    .session
+                    .execute_unpaged(statement, row)
+                    .await
+                    .map(|_| ());
             }
             let mut batch = Batch::new(BatchType::Unlogged);
             for _ in &group {
-                batch.append_statement(insert.clone());
+                batch.append_statement(statement.clone());
             }
             self.session.batch(&batch, group).await.map(|_| ())
         }))
         .buffer_unordered(FAN_OUT)
         .try_collect::<Vec<_>>()
         .await
-        .map_err(|e| unavailable("writing timers", e))?;
+        .map_err(|e| unavailable(what, e))?;
         Ok(())
+    }
+
+    /// Deletes timer rows by key with one request per partition (an unlogged batch of at
+    /// most `BATCH_ROWS` row deletes, applied as one mutation), as [`Self::insert_rows`]
+    /// writes them.
+    async fn delete_rows(&self, mut rows: Vec<(i32, i64, i64)>) -> Result<()> {
+        rows.sort_unstable();
+        let mut groups: Vec<Vec<(i32, i64, i64)>> = Vec::new();
+        for row in rows {
+            match groups.last_mut() {
+                Some(g) if (g[0].0, g[0].1) == (row.0, row.1) && g.len() < BATCH_ROWS => {
+                    g.push(row)
+                }
+                _ => groups.push(vec![row]),
+            }
+        }
+        self.execute_groups(&self.st.delete_timer, groups, "deleting timers")
+            .await
     }
 
     /// The CQL primary key of a timer's row: (slot, bucket, rand).
@@ -773,7 +809,7 @@ impl ScyllaStore {
             .transpose()
     }
 
-    /// Which of `timers` (loaded from one bucket) may fire, and how many were superseded.
+    /// Which of `timers` (loaded from one bucket) may fire, and which were superseded.
     ///
     /// A keyed row is superseded when its key belongs to another timer whose claim was made
     /// before this row was written or within `CLAIM_RACE_WINDOW` (or the retention, if
@@ -783,7 +819,7 @@ impl ScyllaStore {
     /// row still inside its retention (with the rest of it as TTL), so a writer's claim
     /// arriving later loses to it or finds its own id. Rows past their retention with no
     /// holder fire as they are.
-    async fn resolve_keys(&self, timers: Vec<Timer>) -> Result<(Vec<Timer>, usize)> {
+    async fn resolve_keys(&self, timers: Vec<Timer>) -> Result<(Vec<Timer>, Vec<TimerId>)> {
         let mut by_key: HashMap<String, Vec<(TimerId, u64)>> = HashMap::new();
         for t in &timers {
             if let Some(k) = &t.spec.idempotency_key {
@@ -794,7 +830,7 @@ impl ScyllaStore {
             }
         }
         if by_key.is_empty() {
-            return Ok((timers, 0));
+            return Ok((timers, Vec::new()));
         }
         let now = self.now();
         let retention_ms = self.retention.as_millis() as u64;
@@ -845,12 +881,11 @@ impl ScyllaStore {
         .try_collect()
         .await?;
         let superseded: HashSet<TimerId> = verdicts.into_iter().flatten().collect();
-        let n = superseded.len();
         let kept = timers
             .into_iter()
             .filter(|t| !superseded.contains(&t.id))
             .collect();
-        Ok((kept, n))
+        Ok((kept, superseded.into_iter().collect()))
     }
 
     /// Removes the row of a call that lost its idempotency key, trying a few times; a row
@@ -1364,16 +1399,35 @@ impl TimerStore for ScyllaStore {
         Ok(None)
     }
 
-    async fn delete_bucket(&self, slots: SlotRange, bucket_ms: u64) -> Result<()> {
+    async fn delete_bucket(
+        &self,
+        slots: SlotRange,
+        bucket_ms: u64,
+        only: Option<&[TimerId]>,
+    ) -> Result<()> {
         let started = Instant::now();
-        let present = self.slots_in(slots, bucket_ms).await?;
         let st = &self.st;
-        let partitions: Vec<(i32, i64)> = present
-            .iter()
-            .map(|&s| (s as i32, bucket_ms as i64))
-            .collect();
-        self.execute_all(&st.delete_partition, partitions, "deleting bucket")
-            .await?;
+        match only {
+            None => {
+                let present = self.slots_in(slots, bucket_ms).await?;
+                let partitions: Vec<(i32, i64)> = present
+                    .iter()
+                    .map(|&s| (s as i32, bucket_ms as i64))
+                    .collect();
+                self.execute_all(&st.delete_partition, partitions, "deleting bucket")
+                    .await?;
+            }
+            Some(ids) => {
+                let rows = ids
+                    .iter()
+                    .filter(|id| {
+                        id.bucket_ms == bucket_ms && slots.contains(self.layout.slot_of(id.rand))
+                    })
+                    .map(|&id| self.row_key(id))
+                    .collect();
+                self.delete_rows(rows).await?;
+            }
+        }
         // Index rows go after the data, so an interrupted delete is simply done again.
         crate::failpoint::hit_async("scylla.between_partition_and_index_delete").await?;
         self.session

@@ -58,6 +58,11 @@ impl LocalCluster {
     /// outgoing connections take theirs), free when checked, and tried again elsewhere if
     /// one was taken meanwhile.
     pub fn up(n: u32) -> LocalCluster {
+        Self::up_env(n, &[])
+    }
+
+    /// [`LocalCluster::up`] with extra environment for every node (`FAILPOINTS`).
+    pub fn up_env(n: u32, env: &[(&str, &str)]) -> LocalCluster {
         let mut attempt = 0;
         let (c, out) = loop {
             attempt += 1;
@@ -72,7 +77,7 @@ impl LocalCluster {
                 base,
                 nodes: Vec::new(),
             };
-            let out = c.try_run(&["up", &n.to_string()]);
+            let out = c.try_run_env(&["up", &n.to_string()], env);
             if out.status.success() {
                 break (c, String::from_utf8(out.stdout).unwrap());
             }
