@@ -25,6 +25,7 @@ pub const NAMES: &[&str] = &[
     "scheduler.before_low_water",
     "scheduler.before_load",
     "scheduler.before_progress",
+    "scheduler.before_delete",
     "scheduler.delete_whole_partitions",
 ];
 

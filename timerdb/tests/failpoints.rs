@@ -320,6 +320,144 @@ async fn a_range_stopped_before_it_caught_up_keeps_its_predecessors_record() {
     );
 }
 
+/// A cluster member's range in this process (an authority that always grants), on the
+/// embedded store, with failpoints set in-process.
+mod in_process {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use async_trait::async_trait;
+    use timerdb::scheduler::{Adoption, Authority, Scheduler, SchedulerConfig};
+    use timerdb::sink::{Delivery, Sink};
+    use timerdb::store::conformance::insert_ok;
+    use timerdb::store::embedded::EmbeddedStore;
+    use timerdb::store::{StoreOptions, TimerStore};
+    use timerdb::timer::{Timer, TimerId, TimerSpec, now_ms};
+
+    /// Refuses the first `failures` attempts at each timer on topic "flaky".
+    struct Refusing {
+        failures: u32,
+        attempts: Mutex<std::collections::HashMap<TimerId, u32>>,
+        delivered: Mutex<Vec<TimerId>>,
+    }
+
+    #[async_trait]
+    impl Sink for Refusing {
+        async fn deliver(&self, batch: &[Timer], _fired_at_ms: u64) -> Vec<Delivery> {
+            let mut attempts = self.attempts.lock().unwrap();
+            let mut delivered = self.delivered.lock().unwrap();
+            batch
+                .iter()
+                .map(|t| {
+                    let n = attempts.entry(t.id).or_insert(0);
+                    *n += 1;
+                    if t.spec.topic == "flaky" && *n <= self.failures {
+                        Delivery::Failed(format!("attempt {n} refused on purpose"))
+                    } else {
+                        delivered.push(t.id);
+                        Delivery::Delivered
+                    }
+                })
+                .collect()
+        }
+
+        async fn flush(&self) -> timerdb::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn spec(fire_at_ms: u64, topic: &str) -> TimerSpec {
+        TimerSpec {
+            fire_at_ms,
+            topic: topic.into(),
+            partition: 0,
+            key: None,
+            headers: vec![],
+            payload: "p".into(),
+            idempotency_key: None,
+        }
+    }
+
+    /// A timer adopted into a bucket while the range's delete of that bucket is under way
+    /// (held 1.5 s), whose delivery is still being retried when the delete completes, stays
+    /// in memory and is delivered. (Before, the delete's completion dropped the whole
+    /// bucket from memory and the timer never fired.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timer_adopted_while_its_bucket_is_deleted_still_fires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn TimerStore> = Arc::new(
+            EmbeddedStore::open(dir.path(), StoreOptions::default())
+                .await
+                .unwrap(),
+        );
+        let config = SchedulerConfig {
+            authority: Some(Authority(Arc::new(|_, _| true))),
+            grace: Duration::from_millis(100),
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_millis(500),
+            ..SchedulerConfig::default()
+        };
+        let sink = Arc::new(Refusing {
+            failures: 4,
+            attempts: Mutex::default(),
+            delivered: Mutex::default(),
+        });
+        let scheduler = Scheduler::new(store.clone(), sink.clone(), config);
+        scheduler
+            .assign(vec![store.layout().all_slots()])
+            .await
+            .unwrap();
+        fail::cfg("scheduler.before_delete", "return(delay:1500)").unwrap();
+        // Stored and handed off, as a write does (its bucket is inside the look-ahead).
+        let (at, created_ms) = (now_ms() + 50, now_ms());
+        let first = insert_ok(&*store, &[spec(at, "ok")]).await[0].id;
+        scheduler.hand_off(
+            vec![Timer {
+                id: first,
+                created_ms,
+                spec: spec(at, "ok"),
+            }],
+            None,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sink.delivered.lock().unwrap().contains(&first) {
+            assert!(Instant::now() < deadline, "the stored timer never fired");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Its bucket's delete begins once the bucket is over (plus 100 ms of grace).
+        let bucket_end = first.bucket_ms + store.layout().bucket_ms;
+        tokio::time::sleep(Duration::from_millis(
+            (bucket_end + 600).saturating_sub(now_ms()),
+        ))
+        .await;
+        let adopted = Timer {
+            id: TimerId {
+                bucket_ms: first.bucket_ms,
+                rand: rand::random(),
+            },
+            created_ms: first.bucket_ms,
+            spec: spec(first.bucket_ms + 10, "flaky"),
+        };
+        assert_eq!(
+            scheduler.adopt(adopted.clone(), false).await,
+            Some(Adoption::Admitted),
+            "adopted while the delete is held"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sink.delivered.lock().unwrap().contains(&adopted.id) {
+            assert!(
+                Instant::now() < deadline,
+                "the timer adopted during the delete never fired ({} attempts)",
+                sink.attempts.lock().unwrap().get(&adopted.id).unwrap_or(&0)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        fail::remove("scheduler.before_delete");
+        scheduler.shutdown().await;
+        store.close().await.unwrap();
+    }
+}
+
 /// The Scylla store's two orderings, against the real Cassandra of the test command.
 mod scylla {
     use super::*;

@@ -82,6 +82,9 @@ struct Bucket {
     /// Rows read but not loaded (cancelled, or their key belongs to another timer): a
     /// cluster member deletes these and the rows of `entries`, and no other.
     skipped: Vec<TimerId>,
+    /// Entries that came in while the bucket's delete was under way (adopted, cancelled):
+    /// that delete does not name their rows, so the bucket stays for them.
+    added_while_deleting: Vec<TimerId>,
 }
 
 /// Records the low-water mark of `range`, under `fence` (its epoch) for a cluster member;
@@ -785,6 +788,9 @@ impl RangeTask {
             attempts: 0,
             timer: Some(Box::new(t)),
         });
+        if b.deleting {
+            b.added_while_deleting.push(id);
+        }
         b.open += 1;
         self.due.push(due_ms, id);
         self.hold(bytes);
@@ -836,12 +842,17 @@ impl RangeTask {
     /// known (a late duplicate of it is not admitted) but does not fire again.
     fn admit_fired(&mut self, id: TimerId) {
         let b = self.buckets.entry(id.bucket_ms).or_default();
-        b.entries.entry(id).or_insert(Entry {
-            due_ms: 0,
-            state: State::Fired,
-            attempts: 0,
-            timer: None,
-        });
+        if let std::collections::hash_map::Entry::Vacant(slot) = b.entries.entry(id) {
+            slot.insert(Entry {
+                due_ms: 0,
+                state: State::Fired,
+                attempts: 0,
+                timer: None,
+            });
+            if b.deleting {
+                b.added_while_deleting.push(id);
+            }
+        }
         m::skipped_as_fired(1);
     }
 
@@ -989,6 +1000,9 @@ impl RangeTask {
             },
             None => {
                 // Not in memory (yet): leave a marker so a load racing the cancel skips it.
+                if b.deleting {
+                    b.added_while_deleting.push(id);
+                }
                 b.entries.insert(
                     id,
                     Entry {
@@ -1132,14 +1146,21 @@ impl RangeTask {
             let store = self.store.clone();
             let tx = self.tx.clone();
             let range = self.range;
-            if keep {
+            if keep && only.is_none() {
                 tracing::warn!(range = %range, bucket_ms = b,
                     "scheduler: bucket holds rows that cannot be decoded; leaving it in the store");
                 let _ = tx.send(Msg::BucketDeleted(b, true));
                 continue;
             }
+            // A member deleting by row still deletes the rows it read and fired (left there,
+            // a repeat of a keyed call would find them pending and fire them again); the
+            // rows it could not decode are not named, so they stay.
             tokio::spawn(async move {
-                let ok = match store.delete_bucket(range, b, only.as_deref()).await {
+                let deleted = match crate::failpoint::hit_async("scheduler.before_delete").await {
+                    Ok(()) => store.delete_bucket(range, b, only.as_deref()).await,
+                    Err(e) => Err(e),
+                };
+                let ok = match deleted {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::warn!(range = %range, bucket_ms = b, error = %e, "scheduler.delete_bucket failed; will retry");
@@ -1295,25 +1316,27 @@ impl RangeTask {
         if !ok {
             if let Some(b) = self.buckets.get_mut(&bucket) {
                 b.deleting = false;
+                // The next delete names them with the rest.
+                b.added_while_deleting.clear();
             }
             return;
         }
         self.deleted.insert(bucket);
-        // A timer adopted into the bucket while its delete was under way is still to fire
-        // (a cluster member's delete left its row): the bucket stays with it, and is
-        // deleted again once it fired. Dropping it with the rest lost the timer.
+        // Entries that came in while the delete was under way (a timer adopted, a cancel)
+        // were not named by it: a cluster member's delete left their rows. The bucket stays
+        // with just those, and is deleted again (naming them) once they settled. Dropped
+        // with the rest, a pending one was lost, and a fired one left its row pending in
+        // the store, where a keyed repeat would have it adopted and fired again.
         if let Some(b) = self.buckets.get_mut(&bucket)
-            && b.open > 0
+            && !b.added_while_deleting.is_empty()
         {
+            let added: HashSet<TimerId> = std::mem::take(&mut b.added_while_deleting)
+                .into_iter()
+                .collect();
+            b.entries.retain(|id, _| added.contains(id));
+            b.entries.shrink_to_fit();
+            b.skipped = Vec::new();
             b.deleting = false;
-            b.skipped.clear();
-            b.entries.retain(|_, e| {
-                matches!(
-                    e.state,
-                    State::Pending | State::InFlight | State::Cancelling { .. }
-                )
-            });
-            m::bucket_deleted();
             return;
         }
         if self.buckets.remove(&bucket).is_some() {

@@ -626,6 +626,8 @@ impl ScyllaStore {
                     .map(|_| ());
             }
             let mut batch = Batch::new(BatchType::Unlogged);
+            // Its statements are (each writes the same values again when retried).
+            batch.set_is_idempotent(statement.get_is_idempotent());
             for _ in &group {
                 batch.append_statement(statement.clone());
             }
