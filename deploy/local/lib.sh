@@ -459,7 +459,7 @@ cassandra_start() {
         exec setsid java \
             -Dtimerdb.local.service=cassandra \
             -Dtimerdb.local.dir="$STATE" \
-            -Xms2g -Xmx2g -Xss512k \
+            -Xms3g -Xmx3g -Xss512k \
             "${jvm_opts[@]}" \
             -Dcassandra.config="file://$d/conf/cassandra.yaml" \
             -Dcassandra.storagedir="$d" \
