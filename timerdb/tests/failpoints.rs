@@ -323,48 +323,15 @@ async fn a_range_stopped_before_it_caught_up_keeps_its_predecessors_record() {
 /// A cluster member's range in this process (an authority that always grants), on the
 /// embedded store, with failpoints set in-process.
 mod in_process {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use async_trait::async_trait;
+    use super::common::flaky::FlakySink;
     use timerdb::scheduler::{Adoption, Authority, Scheduler, SchedulerConfig};
-    use timerdb::sink::{Delivery, Sink};
     use timerdb::store::conformance::insert_ok;
     use timerdb::store::embedded::EmbeddedStore;
     use timerdb::store::{StoreOptions, TimerStore};
     use timerdb::timer::{Timer, TimerId, TimerSpec, now_ms};
-
-    /// Refuses the first `failures` attempts at each timer on topic "flaky".
-    struct Refusing {
-        failures: u32,
-        attempts: Mutex<std::collections::HashMap<TimerId, u32>>,
-        delivered: Mutex<Vec<TimerId>>,
-    }
-
-    #[async_trait]
-    impl Sink for Refusing {
-        async fn deliver(&self, batch: &[Timer], _fired_at_ms: u64) -> Vec<Delivery> {
-            let mut attempts = self.attempts.lock().unwrap();
-            let mut delivered = self.delivered.lock().unwrap();
-            batch
-                .iter()
-                .map(|t| {
-                    let n = attempts.entry(t.id).or_insert(0);
-                    *n += 1;
-                    if t.spec.topic == "flaky" && *n <= self.failures {
-                        Delivery::Failed(format!("attempt {n} refused on purpose"))
-                    } else {
-                        delivered.push(t.id);
-                        Delivery::Delivered
-                    }
-                })
-                .collect()
-        }
-
-        async fn flush(&self) -> timerdb::Result<()> {
-            Ok(())
-        }
-    }
 
     fn spec(fire_at_ms: u64, topic: &str) -> TimerSpec {
         TimerSpec {
@@ -397,11 +364,7 @@ mod in_process {
             retry_max: Duration::from_millis(500),
             ..SchedulerConfig::default()
         };
-        let sink = Arc::new(Refusing {
-            failures: 4,
-            attempts: Mutex::default(),
-            delivered: Mutex::default(),
-        });
+        let sink = FlakySink::failing(4);
         let scheduler = Scheduler::new(store.clone(), sink.clone(), config);
         scheduler
             .assign(vec![store.layout().all_slots()])
@@ -420,7 +383,14 @@ mod in_process {
             None,
         );
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sink.delivered.lock().unwrap().contains(&first) {
+        let delivered = |id: TimerId| {
+            sink.delivered
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(t, _)| t.id == id)
+        };
+        while !delivered(first) {
             assert!(Instant::now() < deadline, "the stored timer never fired");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -444,11 +414,15 @@ mod in_process {
             "adopted while the delete is held"
         );
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sink.delivered.lock().unwrap().contains(&adopted.id) {
+        while !delivered(adopted.id) {
             assert!(
                 Instant::now() < deadline,
                 "the timer adopted during the delete never fired ({} attempts)",
-                sink.attempts.lock().unwrap().get(&adopted.id).unwrap_or(&0)
+                sink.attempts
+                    .lock()
+                    .unwrap()
+                    .get(&adopted.id.to_string())
+                    .unwrap_or(&0)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -734,7 +708,7 @@ mod cluster {
 
     use super::common::kafka::{collect, consumer, create_topic};
     use super::common::local_cluster::{LocalCluster, ONE_AT_A_TIME};
-    use super::common::{now_ms, services, unique};
+    use super::common::{Services, now_ms, services, unique};
 
     /// A settled three-member cluster whose node 1 runs with `failpoints`.
     async fn with_node_1_failing(failpoints: &str) -> LocalCluster {
@@ -1161,28 +1135,31 @@ mod cluster {
         }
     }
 
-    /// The row lands (4.5 s after the call) after the slot's new owner read its bucket, and
-    /// the member asks the owner to adopt it only 7 s later (failpoint), when the owner has
-    /// fired the rest of that bucket and deleted the rows it read: the late row stays, the
-    /// owner finds it by id and fires it, once, not early, and the caller hears its id.
-    /// (Before, the owner deleted whole partitions, the row went unfired, and the member
-    /// withdrew the timer and answered UNAVAILABLE.)
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_row_landing_after_its_owner_read_the_bucket_outlives_the_buckets_delete() {
-        let Some(s) = services() else { return };
-        let _one = ONE_AT_A_TIME.lock().await;
-        let topic = unique("fp_outlives");
-        create_topic(&s.kafka, &topic, 1).await;
-        let c = with_node_1_failing(
+    /// Node 1 (of a cluster whose members all run with `everywhere`) writes a keyed timer
+    /// carrying `payload` whose write is held 4.5 s and its adoption 7 s more, while it is
+    /// drained: the row lands after the slot's new owner read its bucket, and the owner is
+    /// asked to adopt it only once it fired the rest of that bucket and deleted it. The
+    /// call must be acknowledged, and the timer fire once, not early. The logs, for what
+    /// the owner found.
+    async fn held_past_the_buckets_delete(
+        s: &Services,
+        everywhere: &str,
+        topic: &str,
+        payload: &[u8],
+    ) -> String {
+        create_topic(&s.kafka, topic, 1).await;
+        let c = with_node_1_failing_among(
+            everywhere,
             "api.before_store=1*off->1*return(delay:4500);api.adopt=1*return(delay:7000)",
         )
         .await;
-        let consumer = consumer(&s.kafka, &[&topic]);
+        let consumer = consumer(&s.kafka, &[topic]);
         let fire_at = now_ms() + HELD_DUE_MS;
-        let timer = NewTimer::new(fire_at, &topic, 0)
-            .payload("outlives")
-            .idempotency_key("outlives-1");
-        companions(&c, &topic, fire_at).await;
+        let timer = NewTimer::new(fire_at, topic, 0)
+            .payload(payload.to_vec())
+            .idempotency_key("held-1");
+        // The first call through the failpoints passes; the second is held.
+        companions(&c, topic, fire_at).await;
         let addr = c.nodes[0].clone();
         let first = timer.clone();
         let call = tokio::spawn(async move {
@@ -1197,7 +1174,7 @@ mod cluster {
             .expect("the call itself answers")
             .remove(0)
             .unwrap_or_else(|e| panic!("the adopted timer is acknowledged: {e:?}\n{}", c.logs()));
-        let fired = deliveries(&consumer, b"outlives", &id).await;
+        let fired = deliveries(&consumer, payload, &id).await;
         let logs = c.logs();
         assert_eq!(
             fired.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
@@ -1205,6 +1182,24 @@ mod cluster {
             "the acknowledged timer fires once\n{logs}"
         );
         assert!(fired[0].1 >= fire_at, "fired early");
+        assert!(
+            c.metrics_text(1)
+                .await
+                .contains("timerdb_cluster_moved_writes_total{outcome=\"adopted\"} 1"),
+            "node 1 counts the adoption"
+        );
+        logs
+    }
+
+    /// [`held_past_the_buckets_delete`]: the owner deleted only the rows it read, so the
+    /// late row is still there; it finds it by id and fires it. (Before, the owner deleted
+    /// whole partitions, the row went unfired, and the member withdrew the timer and
+    /// answered UNAVAILABLE.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_landing_after_its_owner_read_the_bucket_outlives_the_buckets_delete() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let logs = held_past_the_buckets_delete(&s, "", &unique("fp_outlives"), b"outlives").await;
         assert!(
             logs.contains("whose bucket was deleted without it"),
             "the owner had deleted the bucket and found the row still there\n{logs}"
@@ -1215,62 +1210,22 @@ mod cluster {
         );
     }
 
-    /// As above, among members that delete whole partitions (as earlier versions did): the
-    /// row goes with its bucket, unfired. The member carries the timer by value (a 7 KiB
-    /// payload, near the most a header carries): the owner takes it into memory and fires
-    /// it, once, not early, and the caller hears its id. (Before: the member withdrew it
-    /// and answered UNAVAILABLE.)
+    /// [`held_past_the_buckets_delete`] among members that delete whole partitions (as
+    /// earlier versions did): the row goes with its bucket, unfired. The member carries
+    /// the timer by value (a 7 KiB payload, near the most a header carries), and the owner
+    /// takes it into memory and fires it. (Before: the member withdrew it and answered
+    /// UNAVAILABLE.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_row_its_new_owner_deleted_unfired_is_adopted_by_value() {
         let Some(s) = services() else { return };
         let _one = ONE_AT_A_TIME.lock().await;
-        let topic = unique("fp_carried");
-        create_topic(&s.kafka, &topic, 1).await;
-        let c = with_node_1_failing_among(
-            PARTITION_DELETES,
-            "api.before_store=1*off->1*return(delay:4500);api.adopt=1*return(delay:7000)",
-        )
-        .await;
-        let consumer = consumer(&s.kafka, &[&topic]);
-        let fire_at = now_ms() + HELD_DUE_MS;
         let payload: Vec<u8> = (0..7 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
-        let timer = NewTimer::new(fire_at, &topic, 0)
-            .payload(payload.clone())
-            .idempotency_key("carried-1");
-        // The first call through the failpoints passes; the second is held.
-        companions(&c, &topic, fire_at).await;
-        let addr = c.nodes[0].clone();
-        let first = timer.clone();
-        let call = tokio::spawn(async move {
-            let mut client = Client::connect(&addr).await.unwrap();
-            client.set_timeouts(vec![first]).await
-        });
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        admin(&c, &["drain", "1", "--no-wait"]);
-        let id = call
-            .await
-            .unwrap()
-            .expect("the call itself answers")
-            .remove(0)
-            .unwrap_or_else(|e| panic!("the adopted timer is acknowledged: {e:?}\n{}", c.logs()));
-        let fired = deliveries(&consumer, &payload, &id).await;
-        assert_eq!(
-            fired.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
-            vec![id.as_str()],
-            "the acknowledged timer fires once\n{}",
-            c.logs()
-        );
-        assert!(fired[0].1 >= fire_at, "fired early");
+        let logs =
+            held_past_the_buckets_delete(&s, PARTITION_DELETES, &unique("fp_carried"), &payload)
+                .await;
         assert!(
-            c.logs().contains("adopted a timer by value"),
-            "the owner found the row gone and adopted the timer by value\n{}",
-            c.logs()
-        );
-        assert!(
-            c.metrics_text(1)
-                .await
-                .contains("timerdb_cluster_moved_writes_total{outcome=\"adopted\"} 1"),
-            "node 1 counts the adoption"
+            logs.contains("adopted a timer by value"),
+            "the owner found the row gone and adopted the timer by value\n{logs}"
         );
     }
 

@@ -3,35 +3,17 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use common::flaky::FlakySink;
 use timerdb::scheduler::{Scheduler, SchedulerConfig};
 use timerdb::sink::{Delivery, Sink};
 use timerdb::store::conformance::insert_ok;
 use timerdb::store::embedded::EmbeddedStore;
 use timerdb::store::{StoreOptions, TimerStore};
 use timerdb::timer::{Timer, TimerSpec, now_ms};
-
-/// Fails the first `failures` attempts of every timer on topic "flaky".
-struct FlakySink {
-    failures: u32,
-    attempts: Mutex<HashMap<String, u32>>,
-    delivered: Mutex<Vec<(Timer, u64)>>,
-}
-
-impl FlakySink {
-    /// A sink that fails the first `failures` attempts of each timer on topic "flaky".
-    fn failing(failures: u32) -> Arc<FlakySink> {
-        Arc::new(FlakySink {
-            failures,
-            attempts: Mutex::default(),
-            delivered: Mutex::default(),
-        })
-    }
-}
 
 /// A scheduler on `store` owning every slot, firing into `sink`.
 async fn run_all_slots(
@@ -45,31 +27,6 @@ async fn run_all_slots(
         .await
         .unwrap();
     scheduler
-}
-
-#[async_trait]
-impl Sink for FlakySink {
-    async fn deliver(&self, batch: &[Timer], fired_at_ms: u64) -> Vec<Delivery> {
-        let mut attempts = self.attempts.lock().unwrap();
-        let mut delivered = self.delivered.lock().unwrap();
-        batch
-            .iter()
-            .map(|t| {
-                let n = attempts.entry(t.id.to_string()).or_insert(0);
-                *n += 1;
-                if t.spec.topic == "flaky" && *n <= self.failures {
-                    Delivery::Failed(format!("attempt {n} refused on purpose"))
-                } else {
-                    delivered.push((t.clone(), fired_at_ms));
-                    Delivery::Delivered
-                }
-            })
-            .collect()
-    }
-
-    async fn flush(&self) -> timerdb::Result<()> {
-        Ok(())
-    }
 }
 
 fn spec(fire_at_ms: u64, topic: &str) -> TimerSpec {

@@ -2,6 +2,7 @@
 //! child processes on loopback ports for the tests that kill them, and reads what they fired.
 #![allow(dead_code)]
 
+pub mod flaky;
 pub mod kafka;
 pub mod local_cluster;
 pub mod netns;
