@@ -7,7 +7,7 @@
 //! - [`engine`]: the pure step, event + user state → new state + commands;
 //! - [`clock`]: local time in the user's time zone;
 //! - [`audience`]: segment membership, journeyx's own or an external service's;
-//! - [`store`]: user records, published journeys and segments (embedded: redb);
+//! - [`store`]: user records, published journeys and segments (embedded: fjall);
 //! - [`runtime`]: the Kafka consumer, the effects, the offsets.
 
 pub mod audience;

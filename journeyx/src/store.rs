@@ -1,6 +1,6 @@
 //! Where journeyx keeps user records, published journeys and segments, and the loader's
 //! progress: a trait with one conformance suite, and its implementations
-//! ([`embedded`]: redb in one file, the laptop default; [`scylla`]: ScyllaDB / Cassandra,
+//! ([`embedded`]: fjall in one directory, the laptop default; [`scylla`]: ScyllaDB / Cassandra,
 //! shared by several processes).
 
 use async_trait::async_trait;
