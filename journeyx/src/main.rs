@@ -10,6 +10,12 @@ use http_body_util::{BodyExt, Full};
 use journeyx::runtime::{self, Settings};
 use serde_json::Value;
 
+// Every event allocates (its JSON, the user record read and written, the step's clone of
+// it): glibc's malloc/free were 13 % of journeyx's CPU in the profile of
+// docs/benchmarks.md, section 20.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "journeyx",
