@@ -7,7 +7,7 @@
 //! journeyx near 10,000 events/s (docs/benchmarks.md, section 20). Here a save is ~270
 //! bytes appended to the journal, and a group is one append and one `fdatasync`.
 //! A directory still holding the old `journeyx.redb` is copied over once at open
-//! ([`from_redb`]).
+//! (module `from_redb`).
 
 mod from_redb;
 
