@@ -326,24 +326,12 @@ mod in_process {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::common::flaky::FlakySink;
+    use super::common::flaky::{FlakySink, spec};
     use timerdb::scheduler::{Adoption, Authority, Scheduler, SchedulerConfig};
     use timerdb::store::conformance::insert_ok;
     use timerdb::store::embedded::EmbeddedStore;
     use timerdb::store::{StoreOptions, TimerStore};
-    use timerdb::timer::{Timer, TimerId, TimerSpec, now_ms};
-
-    fn spec(fire_at_ms: u64, topic: &str) -> TimerSpec {
-        TimerSpec {
-            fire_at_ms,
-            topic: topic.into(),
-            partition: 0,
-            key: None,
-            headers: vec![],
-            payload: "p".into(),
-            idempotency_key: None,
-        }
-    }
+    use timerdb::timer::{Timer, TimerId, now_ms};
 
     /// A timer adopted into a bucket while the range's delete of that bucket is under way
     /// (held 1.5 s), whose delivery is still being retried when the delete completes, stays

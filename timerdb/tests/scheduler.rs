@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use common::flaky::FlakySink;
+use common::flaky::{FlakySink, spec};
 use timerdb::scheduler::{Scheduler, SchedulerConfig};
 use timerdb::sink::{Delivery, Sink};
 use timerdb::store::conformance::insert_ok;
@@ -27,18 +27,6 @@ async fn run_all_slots(
         .await
         .unwrap();
     scheduler
-}
-
-fn spec(fire_at_ms: u64, topic: &str) -> TimerSpec {
-    TimerSpec {
-        fire_at_ms,
-        topic: topic.into(),
-        partition: 0,
-        key: None,
-        headers: vec![],
-        payload: "p".into(),
-        idempotency_key: None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use timerdb::sink::{Delivery, Sink};
-use timerdb::timer::Timer;
+use timerdb::timer::{Timer, TimerSpec};
 
 /// Fails the first `failures` attempts of every timer on topic "flaky".
 pub struct FlakySink {
@@ -48,5 +48,18 @@ impl Sink for FlakySink {
 
     async fn flush(&self) -> timerdb::Result<()> {
         Ok(())
+    }
+}
+
+/// A timer due at `fire_at_ms` on `topic` (partition 0, payload "p"), for such tests.
+pub fn spec(fire_at_ms: u64, topic: &str) -> TimerSpec {
+    TimerSpec {
+        fire_at_ms,
+        topic: topic.into(),
+        partition: 0,
+        key: None,
+        headers: vec![],
+        payload: "p".into(),
+        idempotency_key: None,
     }
 }
