@@ -12,7 +12,7 @@ use timerdb_proto::v1::timer_service_server::TimerService;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::cluster::{ADOPT, ADOPT_TIMER, FORWARDED, Member};
+use crate::cluster::{ADOPT, ADOPT_BY_WRITER, ADOPT_TIMER, FORWARDED, Member};
 use crate::config::Limits;
 use crate::metrics as m;
 use crate::scheduler::{Adoption as SchedAdoption, CancelProbe, MemState, Scheduler};
@@ -275,12 +275,16 @@ enum Adoption {
 /// see [`adopt_here`].
 /// `carried`, the timer itself, lets the owner adopt it even if its row is gone (sent
 /// along when it fits in a header, [`CARRY_MAX`]).
+///
+/// `writer`: this member wrote the row (it is settling that write), so an earlier owner's
+/// delivered-through mark does not stop the owner from firing it.
 async fn adopt(
     store: &Arc<dyn TimerStore>,
     scheduler: &Arc<Scheduler>,
     member: &Member,
     id: TimerId,
     carried: Option<&Timer>,
+    writer: bool,
 ) -> Result<Adoption> {
     crate::failpoint::hit_async("api.adopt").await?;
     let answer = match member.remote_owner_soon(id, None).await? {
@@ -291,12 +295,12 @@ async fn adopt(
             v1::GetTimerRequest {
                 timer_id: id.to_string(),
             },
-            Forwarding::Adopt(carried.and_then(encode_carried)),
+            Forwarding::Adopt(carried.and_then(encode_carried), writer),
             |mut c, r| async move { c.get_timer(r).await },
         )
         .await
         .map(|_| ()),
-        None => match adopt_here(store, scheduler, id, None, carried.cloned()).await? {
+        None => match adopt_here(store, scheduler, id, None, carried.cloned(), writer).await? {
             Some(_) => Ok(()),
             None => Err(not_found(id)),
         },
@@ -315,7 +319,8 @@ async fn adopt(
 /// overdue, the answer waits until it has fired, because the range's recorded progress
 /// may already claim its due time (the row landed after the load), and a member taking
 /// over after a crash would skip it. One the progress of an earlier owner claims
-/// delivered is refused: no range would fire it. `None`: no such row. `budget` caps the
+/// delivered is fired too if its `writer` asks (that owner may never have read its row),
+/// else refused. `None`: no such row. `budget` caps the
 /// wait for a fire (the asking member's deadline).
 ///
 /// `carried` is the timer as its writer holds it. If its row is gone, the bucket was
@@ -328,6 +333,7 @@ async fn adopt_here(
     id: TimerId,
     budget: Option<Duration>,
     carried: Option<Timer>,
+    writer: bool,
 ) -> Result<Option<StoredTimer>> {
     let started = tokio::time::Instant::now();
     let not_running = || {
@@ -337,7 +343,7 @@ async fn adopt_here(
     };
     let by_value = |timer: Timer| async {
         let verdict = scheduler
-            .adopt(timer.clone(), true)
+            .adopt(timer.clone(), true, writer)
             .await
             .ok_or_else(not_running)?;
         if verdict == SchedAdoption::Admitted {
@@ -354,7 +360,7 @@ async fn adopt_here(
         Some(stored) if stored.state != StoredState::Pending => return Ok(Some(stored)),
         Some(stored) => {
             let verdict = scheduler
-                .adopt(stored.timer.clone(), false)
+                .adopt(stored.timer.clone(), false, writer)
                 .await
                 .ok_or_else(not_running)?;
             (stored, verdict)
@@ -373,7 +379,7 @@ async fn adopt_here(
                 tracing::info!(timer_id = %id, "api: adopting a timer whose bucket was deleted without it (its row landed after the bucket was read)");
                 stored = again;
                 verdict = scheduler
-                    .adopt(stored.timer.clone(), true)
+                    .adopt(stored.timer.clone(), true, writer)
                     .await
                     .ok_or_else(not_running)?;
             }
@@ -385,7 +391,8 @@ async fn adopt_here(
         SchedAdoption::Covered => {
             return Err(Error::Unavailable(format!(
                 "timer {id} is stored in a bucket whose recorded progress, written by an \
-                 earlier owner of its slot, claims it delivered; it cannot be adopted"
+                 earlier owner of its slot, claims it delivered; only its writer can have it \
+                 fired again"
             )));
         }
         // Fired or cancelled already (perhaps its bucket deleted since): nothing to wait for.
@@ -471,7 +478,7 @@ async fn settle_moved(
         created_ms,
         spec: spec.clone(),
     };
-    match adopt(store, scheduler, member, id, Some(&timer)).await {
+    match adopt(store, scheduler, member, id, Some(&timer), true).await {
         Ok(Adoption::Adopted) => {
             m::moved_write("adopted");
             return Ok(id);
@@ -526,7 +533,7 @@ async fn keep_adopting(
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(100);
     loop {
-        match adopt(&store, &scheduler, &member, timer.id, Some(&timer)).await {
+        match adopt(&store, &scheduler, &member, timer.id, Some(&timer), true).await {
             Ok(Adoption::Adopted) => {
                 m::moved_write("confirmed");
                 return;
@@ -567,7 +574,7 @@ async fn settle_repeat(
     let adopted = if member.surely_unread(id) {
         Ok(Adoption::Adopted)
     } else {
-        adopt(store, scheduler, member, id, None).await
+        adopt(store, scheduler, member, id, None, false).await
     };
     match adopted {
         Ok(adoption) => {
@@ -782,6 +789,10 @@ impl TimerService for TimerApi {
         // A member asking this one, as the owner, to adopt a timer stored while its range
         // moved (see `adopt_here`); only ever sent as a forwarded call.
         let adopt = forwarded && request.metadata().contains_key(ADOPT);
+        let by_writer = request
+            .metadata()
+            .get(ADOPT)
+            .is_some_and(|v| v.as_bytes() == ADOPT_BY_WRITER.as_bytes());
         let carried = request
             .metadata()
             .get_bin(ADOPT_TIMER)
@@ -804,7 +815,7 @@ impl TimerService for TimerApi {
                         timer_id: req.timer_id.clone(),
                     },
                     match adopt {
-                        true => Forwarding::Adopt(carried),
+                        true => Forwarding::Adopt(carried, by_writer),
                         false => Forwarding::Plain,
                     },
                     |mut c, r| async move { c.get_timer(r).await },
@@ -817,7 +828,7 @@ impl TimerService for TimerApi {
                     Some(v) => self.check_carried(decode_carried(&v, id)?).await?,
                     None => None,
                 };
-                adopt_here(&self.store, &self.scheduler, id, left, carried).await?
+                adopt_here(&self.store, &self.scheduler, id, left, carried, by_writer).await?
             } else {
                 self.store.get(id).await?
             };
@@ -942,8 +953,8 @@ enum Forwarding {
     /// Nothing.
     Plain,
     /// To adopt the timer first ([`ADOPT`]), carrying it by value if it fits
-    /// ([`ADOPT_TIMER`]).
-    Adopt(Option<tonic::metadata::BinaryMetadataValue>),
+    /// ([`ADOPT_TIMER`]); asked by the timer's writer ([`ADOPT_BY_WRITER`]) or not.
+    Adopt(Option<tonic::metadata::BinaryMetadataValue>, bool),
 }
 
 /// Sends a call to the member that owns its timer, marked as forwarded; the owner's answer
@@ -969,10 +980,11 @@ where
     request
         .metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    if let Forwarding::Adopt(carried) = asking {
-        request
-            .metadata_mut()
-            .insert(ADOPT, tonic::metadata::MetadataValue::from_static("1"));
+    if let Forwarding::Adopt(carried, writer) = asking {
+        request.metadata_mut().insert(
+            ADOPT,
+            tonic::metadata::MetadataValue::from_static(if writer { ADOPT_BY_WRITER } else { "1" }),
+        );
         if let Some(timer) = carried {
             request.metadata_mut().insert_bin(ADOPT_TIMER, timer);
         }

@@ -27,6 +27,10 @@ pub const FORWARDED: &str = "timerdb-forwarded";
 /// timer's slot range moved: the owner makes sure the stored timer fires (it adopts it)
 /// before it answers.
 pub const ADOPT: &str = "timerdb-adopt";
+/// The value of [`ADOPT`] when the member asking wrote the timer (it is settling that
+/// write), as opposed to a repeat of its idempotency key ("1"; older members send "1"
+/// for both).
+pub const ADOPT_BY_WRITER: &str = "writer";
 /// Binary metadata beside [`ADOPT`]: the timer itself (postcard), sent by the member that
 /// wrote it, so the owner can adopt it even if its row is gone (deleted unfired with its
 /// bucket, when the row landed after the owner read the bucket).

@@ -24,6 +24,7 @@ const STORE_OP: &str = "timerdb_store_operation_duration_seconds";
 const STORE_GROUP: &str = "timerdb_store_commit_group_size";
 const BUCKETS_DELETED: &str = "timerdb_scheduler_buckets_deleted_total";
 const SKIPPED_AS_FIRED: &str = "timerdb_scheduler_timers_skipped_as_fired_total";
+const COVERED_ADOPTED: &str = "timerdb_scheduler_covered_timers_adopted_total";
 const KEY_LOSERS: &str = "timerdb_store_idempotency_losers_dropped_total";
 const UNREADABLE: &str = "timerdb_store_unreadable_rows_total";
 const MOVED_WRITES: &str = "timerdb_cluster_moved_writes_total";
@@ -106,6 +107,7 @@ fn describe() {
         LOADED,
         BUCKETS_DELETED,
         SKIPPED_AS_FIRED,
+        COVERED_ADOPTED,
         KEY_LOSERS,
         UNREADABLE,
         STORE_ERRORS,
@@ -144,6 +146,10 @@ fn describe() {
     describe_counter!(
         SKIPPED_AS_FIRED,
         "Timers read after a restart that the recorded progress shows as delivered, not fired again"
+    );
+    describe_counter!(
+        COVERED_ADOPTED,
+        "Timers an earlier owner's recorded progress showed as delivered, fired all the same because an adoption asked for them (a duplicate if that owner had fired them)"
     );
     describe_counter!(
         KEY_LOSERS,
@@ -233,6 +239,11 @@ pub fn bucket_deleted() {
 /// Loaded timers not fired again because the recorded progress covers them.
 pub fn skipped_as_fired(n: usize) {
     counter!(SKIPPED_AS_FIRED).increment(n as u64);
+}
+
+/// A timer an earlier owner's progress covers is fired because an adoption asked for it.
+pub fn fired_though_covered() {
+    counter!(COVERED_ADOPTED).increment(1);
 }
 
 /// A loaded row lost its idempotency key to another call's timer and is not fired.

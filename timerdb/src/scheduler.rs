@@ -129,8 +129,9 @@ pub enum Adoption {
     /// Its bucket was fired and deleted here: only a row written after that delete is
     /// still in the store (read it again, then adopt with `force`).
     BucketDeleted,
-    /// The progress an earlier owner recorded claims it delivered (its row landed after
-    /// that owner read its bucket): this range would never fire it.
+    /// The progress an earlier owner recorded claims it delivered, and a repeat of its key
+    /// (not its writer) asks: not taken in, since the timer most likely fired. Its writer,
+    /// if it is still settling the write, has it fired ([`Scheduler::adopt`]).
     Covered,
 }
 
@@ -205,8 +206,8 @@ enum Msg {
     EndCancel(TimerId, Option<CancelOutcome>),
     Status(TimerId, oneshot::Sender<Option<MemState>>),
     /// Adopt a stored timer (see [`Scheduler::adopt`]): (timer, its bucket is loaded,
-    /// admit it even if its bucket was deleted here, reply).
-    Adopt(Timer, bool, bool, oneshot::Sender<Adoption>),
+    /// admit it even if its bucket was deleted here, asked by its writer, reply).
+    Adopt(Timer, bool, bool, bool, oneshot::Sender<Adoption>),
     /// Stop; with a cutoff (ms), record no progress or low-water mark at or past it.
     Shutdown(oneshot::Sender<()>, Option<u64>),
 }
@@ -581,11 +582,17 @@ impl Scheduler {
     /// range knows it (held, or fired or cancelled lately) or an earlier owner's progress
     /// covers it: for a row read again after its bucket's delete, or a timer carried by
     /// value whose row that delete removed unfired.
-    pub async fn adopt(&self, timer: Timer, force: bool) -> Option<Adoption> {
+    ///
+    /// `writer`: the member that wrote the row asks (it found the slot's range moved during
+    /// the write), not a repeat of its key. Then a timer only the delivered-through mark of
+    /// an earlier owner's progress covers is fired all the same: that owner may never have
+    /// read the row.
+    pub async fn adopt(&self, timer: Timer, force: bool, writer: bool) -> Option<Adoption> {
         let loaded = self.is_loaded(timer.id);
         let tx = self.sender_for(timer.id)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(Msg::Adopt(timer, loaded, force, reply)).ok()?;
+        tx.send(Msg::Adopt(timer, loaded, force, writer, reply))
+            .ok()?;
         rx.await.ok()
     }
 

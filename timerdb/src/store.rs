@@ -151,10 +151,22 @@ struct ProgressV1 {
 impl Progress {
     /// Whether `timer`, read from bucket `bucket_ms`, was already delivered.
     pub fn covers(&self, bucket_ms: u64, timer: &Timer) -> bool {
-        bucket_ms < self.loaded_through
-            && ((timer.spec.fire_at_ms.max(timer.created_ms) <= self.fired_through_ms
-                && self.unconfirmed.binary_search(&timer.id).is_err())
-                || self.delivered_after.binary_search(&timer.id).is_ok())
+        self.coverage(bucket_ms, timer).is_some()
+    }
+
+    /// How this record says `timer`, read from bucket `bucket_ms`, was delivered, if it does.
+    pub fn coverage(&self, bucket_ms: u64, timer: &Timer) -> Option<Coverage> {
+        if bucket_ms >= self.loaded_through {
+            None
+        } else if self.delivered_after.binary_search(&timer.id).is_ok() {
+            Some(Coverage::Listed)
+        } else if timer.spec.fire_at_ms.max(timer.created_ms) <= self.fired_through_ms
+            && self.unconfirmed.binary_search(&timer.id).is_err()
+        {
+            Some(Coverage::Mark)
+        } else {
+            None
+        }
     }
 
     /// Whether this record covers at least the buckets and the due times `other` covers
@@ -264,6 +276,17 @@ impl Homing {
     }
 }
 
+/// How a progress record covers a timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coverage {
+    /// Its id is listed as delivered: its writer fired it.
+    Listed,
+    /// Its due time is at or before the delivered-through mark. Its writer fired every
+    /// timer it held that was due by then, but a row that landed after the writer read the
+    /// bucket is covered too, unfired.
+    Mark,
+}
+
 /// What the earlier owners of a range's slots recorded as delivered: each record speaks
 /// for the slots of its own range only.
 #[derive(Debug, Clone, Default)]
@@ -287,13 +310,21 @@ impl Resume {
     /// Whether `timer`, read from bucket `bucket_ms`, was already delivered according to a
     /// record for its slot.
     pub fn covers(&self, layout: Layout, bucket_ms: u64, timer: &Timer) -> bool {
+        self.coverage(layout, bucket_ms, timer).is_some()
+    }
+
+    /// How a record for its slot covers `timer`, read from bucket `bucket_ms`: by id if any
+    /// record lists it, else by a mark.
+    pub fn coverage(&self, layout: Layout, bucket_ms: u64, timer: &Timer) -> Option<Coverage> {
         if self.records.is_empty() {
-            return false;
+            return None;
         }
         let slot = layout.slot_of(timer.id.rand);
         self.records
             .iter()
-            .any(|(r, p)| r.contains(slot) && p.covers(bucket_ms, timer))
+            .filter(|(r, _)| r.contains(slot))
+            .filter_map(|(_, p)| p.coverage(bucket_ms, timer))
+            .min_by_key(|c| *c != Coverage::Listed)
     }
 
     /// Forgets the records that say nothing about buckets from `bucket_ms` on.
@@ -582,5 +613,13 @@ mod tests {
         assert!(!p.covers(0, &late));
         assert!(p.covers(0, &listed));
         assert!(!p.covers(1_000, &listed), "only buckets the record read");
+        // A listed id was fired by the record's writer; the mark speaks only of due times.
+        assert_eq!(p.coverage(0, &early), Some(Coverage::Mark));
+        assert_eq!(p.coverage(0, &listed), Some(Coverage::Listed));
+        let listed_early = Progress {
+            delivered_after: vec![early.id],
+            ..p.clone()
+        };
+        assert_eq!(listed_early.coverage(0, &early), Some(Coverage::Listed));
     }
 }

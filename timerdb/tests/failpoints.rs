@@ -397,7 +397,7 @@ mod in_process {
             spec: spec(first.bucket_ms + 10, "flaky"),
         };
         assert_eq!(
-            scheduler.adopt(adopted.clone(), false).await,
+            scheduler.adopt(adopted.clone(), false, true).await,
             Some(Adoption::Admitted),
             "adopted while the delete is held"
         );
@@ -1327,6 +1327,83 @@ mod cluster {
         assert!(
             !logs.contains("whose row is gone"),
             "the owner's delete left the row it had not read\n{logs}"
+        );
+    }
+
+    /// Moves every range owned by member `a` to member `b` and every range of `b` to `a`.
+    fn swap_ranges(c: &LocalCluster, a: u64, b: u64) {
+        let status = c.status(1);
+        for r in status["ranges"].as_array().expect("ranges") {
+            let to = match r["owner"].as_u64() {
+                Some(o) if o == a => b,
+                Some(o) if o == b => a,
+                _ => continue,
+            };
+            let span = format!("{}..{}", r["start"], r["end"]);
+            admin(c, &["move-range", &span, "--to", &to.to_string()]);
+        }
+    }
+
+    /// One range moving twice during one slow write. Node 1's keyed write is held 4.5 s
+    /// while node 1 is drained, so its row lands after the slot's new owner (A) read the
+    /// bucket. A fires the rest of that bucket and records progress past the timer's due
+    /// time, unaware of the row; then, before A deletes the bucket (every delete is held
+    /// 12 s here), the range moves on to the third member (C). C reads the bucket and finds
+    /// the row covered by A's record. Node 1 then settles its write (its adoption held
+    /// 8 s): C must fire the timer, since the record cannot say which rows A read. (Before:
+    /// C answered "fired" from A's record, and the caller was told an id that never fired.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_a_moved_range_never_read_fires_when_adopted_after_it_moved_again() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_two_moves");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = with_node_1_failing_among(
+            "scheduler.before_delete=return(delay:12000)",
+            "api.before_store=1*off->1*return(delay:4500);api.adopt=1*return(delay:8000)",
+        )
+        .await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        let fire_at = now_ms() + HELD_DUE_MS;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("two-moves")
+            .idempotency_key("two-moves-1");
+        // The first call through the failpoints passes; the second is held.
+        companions(&c, &topic, fire_at).await;
+        let addr = c.nodes[0].clone();
+        let first = timer.clone();
+        let call = tokio::spawn(async move {
+            let mut client = Client::connect(&addr).await.unwrap();
+            client.set_timeouts(vec![first]).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        admin(&c, &["drain", "1", "--no-wait"]);
+        // The companions fired and A's progress passed the due time: every range changes
+        // hands between the two other members.
+        tokio::time::sleep(Duration::from_millis(
+            (fire_at + 700).saturating_sub(now_ms()),
+        ))
+        .await;
+        swap_ranges(&c, 2, 3);
+        let id = call
+            .await
+            .unwrap()
+            .expect("the call itself answers")
+            .remove(0)
+            .unwrap_or_else(|e| panic!("the adopted timer is acknowledged: {e:?}\n{}", c.logs()));
+        let fired = deliveries(&consumer, b"two-moves", &id).await;
+        let logs = c.whole_logs();
+        assert_eq!(
+            fired.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            vec![id.as_str()],
+            "the acknowledged timer fires once\n{}",
+            c.logs()
+        );
+        assert!(fired[0].1 >= fire_at, "fired early");
+        assert!(
+            logs.contains("firing a timer an earlier owner's progress claims delivered"),
+            "the range's second owner found the row covered by the first one's record\n{}",
+            c.logs()
         );
     }
 

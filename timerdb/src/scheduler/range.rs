@@ -16,7 +16,7 @@ use super::{
 use crate::Result;
 use crate::metrics as m;
 use crate::sink::{Delivery, Sink};
-use crate::store::{CancelOutcome, LoadedBucket, Progress, Resume, TimerStore};
+use crate::store::{CancelOutcome, Coverage, LoadedBucket, Progress, Resume, TimerStore};
 use crate::timer::{Layout, SlotRange, Timer, TimerId, now_ms};
 
 /// Timers per `Loaded` message.
@@ -49,6 +49,12 @@ enum State {
     Pending,
     InFlight,
     Fired,
+    /// Read (or handed off) while an earlier owner's recorded progress claims it
+    /// delivered, so not fired here. The record cannot say which rows its writer read: a
+    /// row that landed after that owner read the bucket is covered too, unfired. Asked to
+    /// adopt such a timer (its writer, or a repeat of its key, says it may not have been
+    /// delivered), the range fires it ([`RangeTask::uncover`]).
+    Covered,
     /// A cancel is being written; `had_timer` says whether the timer was in memory.
     Cancelling {
         had_timer: bool,
@@ -610,8 +616,8 @@ impl RangeTask {
                     // Nor one the recorded progress shows delivered: a repeat, or a fresh
                     // timer the previous range of its slot fired after loading it while the
                     // write was still handing it off.
-                    if self.resume.covers(self.layout, t.id.bucket_ms, &t) {
-                        self.admit_fired(t.id);
+                    if let Some(how) = self.resume.coverage(self.layout, t.id.bucket_ms, &t) {
+                        self.admit_covered(t.id, how);
                         continue;
                     }
                     self.admit(t);
@@ -654,15 +660,29 @@ impl RangeTask {
                 // asked after that, it is still known as fired (not as unknown).
                 let _ = reply.send(self.mem_state(id).or_else(|| self.settled_lately(id)));
             }
-            Msg::Adopt(t, loaded, force, reply) => {
+            Msg::Adopt(t, loaded, force, writer, reply) => {
                 let id = t.id;
-                let verdict = if let Some(state) = self.mem_state(t.id) {
+                let verdict = if writer && self.entry_state(id) == Some(State::Covered) {
+                    self.uncover(t);
+                    Adoption::Admitted
+                } else if let Some(state) = self.mem_state(t.id) {
                     Adoption::Known(state)
                 } else if let Some(state) = force.then(|| self.settled_lately(t.id)).flatten() {
                     // Its bucket was deleted since it fired or was cancelled here.
                     Adoption::Known(state)
-                } else if self.resume.covers(self.layout, t.id.bucket_ms, &t) {
-                    Adoption::Covered
+                } else if let Some(how) = self.resume.coverage(self.layout, t.id.bucket_ms, &t) {
+                    match (self.settled_lately(id), how) {
+                        // Fired here after an adoption, or cancelled, its bucket since
+                        // deleted (this read of its row was older than that).
+                        (Some(state), _) => Adoption::Known(state),
+                        (None, Coverage::Listed) => Adoption::Known(MemState::Fired),
+                        (None, Coverage::Mark) if writer => {
+                            // Not read yet, or read and deleted as covered.
+                            self.uncover(t);
+                            Adoption::Admitted
+                        }
+                        (None, Coverage::Mark) => Adoption::Covered,
+                    }
                 } else if !loaded && !force {
                     Adoption::Unloaded
                 } else if self.deleted.contains(&t.id.bucket_ms) && !force {
@@ -722,16 +742,21 @@ impl RangeTask {
         );
     }
 
-    /// What memory knows of timer `id`, if it holds it.
-    fn mem_state(&self, id: TimerId) -> Option<MemState> {
-        let entry = self
-            .buckets
+    /// The state of timer `id` in memory, if it holds it.
+    fn entry_state(&self, id: TimerId) -> Option<State> {
+        self.buckets
             .get(&id.bucket_ms)
-            .and_then(|b| b.entries.get(&id))?;
-        Some(match entry.state {
+            .and_then(|b| b.entries.get(&id))
+            .map(|e| e.state)
+    }
+
+    /// What memory knows of timer `id`, if it holds it. One an earlier owner's record
+    /// covers counts as fired.
+    fn mem_state(&self, id: TimerId) -> Option<MemState> {
+        Some(match self.entry_state(id)? {
             State::Pending => MemState::Pending,
             State::InFlight => MemState::Firing,
-            State::Fired => MemState::Fired,
+            State::Fired | State::Covered => MemState::Fired,
             State::Cancelling { .. } | State::Cancelled => MemState::Cancelled,
         })
     }
@@ -821,8 +846,8 @@ impl RangeTask {
         }
         let resume = std::mem::take(&mut self.resume);
         for t in loaded.timers {
-            if resume.covers(self.layout, bucket, &t) {
-                self.admit_fired(t.id);
+            if let Some(how) = resume.coverage(self.layout, bucket, &t) {
+                self.admit_covered(t.id, how);
             } else {
                 self.admit(t);
             }
@@ -839,21 +864,46 @@ impl RangeTask {
     }
 
     /// Records a loaded timer that the last recorded progress says was delivered: it is
-    /// known (a late duplicate of it is not admitted) but does not fire again.
-    fn admit_fired(&mut self, id: TimerId) {
+    /// known (a late duplicate of it is not admitted) but does not fire again, unless its
+    /// writer asks for it to be adopted and only the record's mark covers it
+    /// ([`RangeTask::uncover`]).
+    fn admit_covered(&mut self, id: TimerId, how: Coverage) {
         let b = self.buckets.entry(id.bucket_ms).or_default();
         if let std::collections::hash_map::Entry::Vacant(slot) = b.entries.entry(id) {
             slot.insert(Entry {
                 due_ms: 0,
-                state: State::Fired,
+                state: match how {
+                    Coverage::Listed => State::Fired,
+                    Coverage::Mark => State::Covered,
+                },
                 attempts: 0,
                 timer: None,
             });
             if b.deleting {
                 b.added_while_deleting.push(id);
             }
+            m::skipped_as_fired(1);
         }
-        m::skipped_as_fired(1);
+    }
+
+    /// Takes `t`, whose due time an earlier owner's recorded progress claims delivered,
+    /// into memory to fire, because its writer asks for it to be adopted: the writer found
+    /// that its slot's range moved while the row was being written. The mark cannot tell
+    /// a timer the earlier owner fired from a row that landed after that owner read the
+    /// bucket (then moved the range on before deleting it); trusting it lost the second
+    /// kind: the writer was told "fired" and its caller an id that never fired. Firing it
+    /// costs a duplicate under the same id when the earlier owner had fired it, which
+    /// takes a row landing before that owner's read from a write still under way after
+    /// the range moved again. A keyed repeat, which asks for far more timers that did
+    /// fire (a retry after an answer was lost), is not given this.
+    fn uncover(&mut self, t: Timer) {
+        let id = t.id;
+        if let Some(b) = self.buckets.get_mut(&id.bucket_ms) {
+            b.entries.remove(&id);
+        }
+        tracing::info!(range = %self.range, timer_id = %id, "scheduler.adopt: firing a timer an earlier owner's progress claims delivered (its row may have landed after that owner read its bucket)");
+        m::fired_though_covered();
+        self.admit(t);
     }
 
     /// Whether this range may act now (fire, delete, write marks); remembers when it last
@@ -994,7 +1044,7 @@ impl RangeTask {
                     self.cancelling.insert(id, e.due_ms);
                     CancelProbe::Proceed
                 }
-                State::InFlight | State::Fired => CancelProbe::AlreadyFired,
+                State::InFlight | State::Fired | State::Covered => CancelProbe::AlreadyFired,
                 State::Cancelling { .. } => CancelProbe::InProgress,
                 State::Cancelled => CancelProbe::AlreadyCancelled,
             },

@@ -113,6 +113,16 @@ impl LocalCluster {
         out
     }
 
+    /// Every line of every node's log, for what happened early in a test.
+    pub fn whole_logs(&self) -> String {
+        (1..=4)
+            .filter_map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("node-{i}.log"))).ok()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn status(&self, via: usize) -> serde_json::Value {
         let out = Command::new(env!("CARGO_BIN_EXE_timerdb"))
             .args(["admin", "--server", &self.nodes[via], "status", "--json"])
