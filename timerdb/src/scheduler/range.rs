@@ -93,6 +93,54 @@ struct Bucket {
     added_while_deleting: Vec<TimerId>,
 }
 
+/// The pause a range takes in one kind of housekeeping store write after one failed:
+/// from 200 ms, doubling, up to 5 s, with jitter (ranges failing together do not retry
+/// together); a success of that kind ends it.
+#[derive(Default)]
+struct StoreRetry {
+    delays: Option<backon::ExponentialBackoff>,
+    until: Option<Instant>,
+}
+
+/// A [`StoreRetry`] per kind of housekeeping write: one kind succeeding (a progress
+/// record is a single small row) says little about another (a bucket's deletes).
+#[derive(Default)]
+struct HousekeepingRetry {
+    deletes: StoreRetry,
+    progress: StoreRetry,
+    low_water: StoreRetry,
+}
+
+impl StoreRetry {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MOST: Duration = Duration::from_secs(5);
+
+    /// Notes how a housekeeping write ended.
+    fn outcome(&mut self, ok: bool) {
+        if ok {
+            *self = StoreRetry::default();
+            return;
+        }
+        let delays = self.delays.get_or_insert_with(|| {
+            use backon::BackoffBuilder;
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Self::FIRST)
+                .with_max_delay(Self::MOST)
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        });
+        let pause = delays.next().unwrap_or(Self::MOST);
+        self.until = Some(Instant::now() + pause);
+    }
+
+    /// Whether the range should not try a housekeeping write yet.
+    fn waiting(&self) -> bool {
+        self.until.is_some_and(|u| Instant::now() < u)
+    }
+}
+
 /// Records the low-water mark of `range`, under `fence` (its epoch) for a cluster member;
 /// a refusal (a newer owner claimed a slot) is counted and logged.
 async fn write_low_water(
@@ -175,6 +223,7 @@ pub(super) async fn start(
     let stats = Arc::new(RangeStats::default());
     stats.low_water_ms.store(start_bucket, Ordering::Relaxed);
     let task = RangeTask {
+        retry: HousekeepingRetry::default(),
         tag,
         cutoff: None,
         acted_until_ms: 0,
@@ -435,6 +484,8 @@ impl DueQueue {
 
 struct RangeTask {
     stats: Arc<RangeStats>,
+    /// Holds bucket deletes, progress records and low-water marks back after one failed.
+    retry: HousekeepingRetry,
     /// Set when the range is given up while writes were under way (see `Scheduler::assign`).
     cutoff: Option<u64>,
     /// The last moment (ms) this range was seen allowed to act (its lease held). A member
@@ -637,6 +688,7 @@ impl RangeTask {
             }
             Msg::ProgressWritten(progress, ok) => {
                 self.progress_writing = false;
+                self.retry.progress.outcome(ok);
                 if ok {
                     self.progress_written = Some(progress);
                 }
@@ -644,6 +696,7 @@ impl RangeTask {
             Msg::BucketDeleted(bucket, ok) => self.bucket_deleted(bucket, ok),
             Msg::LowWaterWritten(lwm, ok) => {
                 self.lwm_writing = false;
+                self.retry.low_water.outcome(ok);
                 if ok {
                     self.lwm_written = self.lwm_written.max(lwm);
                     self.stats
@@ -1154,6 +1207,7 @@ impl RangeTask {
         if !self.acting() {
             return;
         }
+
         let now = now_ms();
         let w = self.layout.bucket_ms;
         let grace = self.config.grace.as_millis() as u64;
@@ -1181,6 +1235,15 @@ impl RangeTask {
         // meet: a row gone unfired, adopted by value.)
         let by_row = self.config.fence(self.tag).is_some()
             && crate::failpoint::hit("scheduler.delete_whole_partitions").is_ok();
+        // A store that just failed a write of one kind is given time (backing off to 5 s)
+        // before the next of that kind: asked every 100 ms by every range, a store that is
+        // down or overloaded would take a request (and the node's log a warning) per range
+        // and bucket each time.
+        let ready = if self.retry.deletes.waiting() {
+            Vec::new()
+        } else {
+            ready
+        };
         for b in ready {
             let mut keep = false;
             let mut only = None;
@@ -1220,7 +1283,10 @@ impl RangeTask {
                 let _ = tx.send(Msg::BucketDeleted(b, ok));
             });
         }
-        if !self.progress_writing && self.last_progress_write.elapsed() >= PROGRESS_EVERY {
+        if !self.progress_writing
+            && self.last_progress_write.elapsed() >= PROGRESS_EVERY
+            && !self.retry.progress.waiting()
+        {
             let progress = self.progress_candidate();
             if let Some(progress) = progress.filter(|p| Some(p) != self.progress_written.as_ref()) {
                 self.progress_writing = true;
@@ -1258,7 +1324,11 @@ impl RangeTask {
         } else {
             Duration::from_secs(1)
         };
-        if lwm > self.lwm_written && !self.lwm_writing && self.last_lwm_write.elapsed() >= every {
+        if lwm > self.lwm_written
+            && !self.lwm_writing
+            && self.last_lwm_write.elapsed() >= every
+            && !self.retry.low_water.waiting()
+        {
             self.lwm_writing = true;
             self.last_lwm_write = Instant::now();
             let store = self.store.clone();
@@ -1363,6 +1433,7 @@ impl RangeTask {
     }
 
     fn bucket_deleted(&mut self, bucket: u64, ok: bool) {
+        self.retry.deletes.outcome(ok);
         if !ok {
             if let Some(b) = self.buckets.get_mut(&bucket) {
                 b.deleting = false;
