@@ -250,9 +250,10 @@ async fn failing_progress_and_low_water_writes_lose_nothing() {
 }
 
 /// A store that keeps failing bucket deletes is not asked again every 100 ms (nor its
-/// failure logged that often): the range backs off, doubling from 200 ms to 5 s. Over the
-/// first 5 s of failures that is at most 5 attempts for the one bucket; the timer in it
-/// fired all the same. (Before: a retry, and a warning, every 100 ms: ~50.)
+/// failure logged that often): the range backs off, doubling from 200 ms (to at most 5 s
+/// with its jitter). Over the first 5 s of failures that is at most 5 attempts for the one
+/// bucket; the timer in it fired all the same. (Before: a retry, and a warning, every
+/// 100 ms: ~50.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_bucket_delete_is_retried_with_backoff() {
     let dir = tempfile::tempdir().unwrap();

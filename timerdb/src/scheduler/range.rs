@@ -94,12 +94,16 @@ struct Bucket {
 }
 
 /// The pause a range takes in one kind of housekeeping store write after one failed:
-/// from 200 ms, doubling, up to 5 s, with jitter (ranges failing together do not retry
-/// together); a success of that kind ends it.
+/// from 200 ms, doubling to 2.5 s, each with up to as much again of jitter (so at most
+/// 5 s; ranges failing together do not retry together). It ends after a round of that
+/// kind (the writes one housekeeping tick started) with no failure: a round in which
+/// some deletes succeed and others fail, as against an overloaded store, keeps it growing.
 #[derive(Default)]
 struct StoreRetry {
     delays: Option<backon::ExponentialBackoff>,
     until: Option<Instant>,
+    /// A write of the current round failed.
+    failed: bool,
 }
 
 /// A [`StoreRetry`] per kind of housekeeping write: one kind succeeding (a progress
@@ -113,14 +117,23 @@ struct HousekeepingRetry {
 
 impl StoreRetry {
     const FIRST: Duration = Duration::from_millis(200);
-    const MOST: Duration = Duration::from_secs(5);
+    const MOST: Duration = Duration::from_millis(2_500);
+
+    /// A round of writes begins; the one before it, if none of its writes failed, ended
+    /// the backoff.
+    fn round(&mut self) {
+        if !self.failed {
+            self.delays = None;
+        }
+        self.failed = false;
+    }
 
     /// Notes how a housekeeping write ended.
     fn outcome(&mut self, ok: bool) {
         if ok {
-            *self = StoreRetry::default();
             return;
         }
+        self.failed = true;
         let delays = self.delays.get_or_insert_with(|| {
             use backon::BackoffBuilder;
             backon::ExponentialBuilder::default()
@@ -131,11 +144,12 @@ impl StoreRetry {
                 .without_max_times()
                 .build()
         });
-        let pause = delays.next().unwrap_or(Self::MOST);
+        // Never exhausted (no most times); the jitter may double the delay.
+        let pause = delays.next().unwrap_or(2 * Self::MOST);
         self.until = Some(Instant::now() + pause);
     }
 
-    /// Whether the range should not try a housekeeping write yet.
+    /// Whether the range should not try a housekeeping write of this kind yet.
     fn waiting(&self) -> bool {
         self.until.is_some_and(|u| Instant::now() < u)
     }
@@ -1244,6 +1258,9 @@ impl RangeTask {
         } else {
             ready
         };
+        if !ready.is_empty() {
+            self.retry.deletes.round();
+        }
         for b in ready {
             let mut keep = false;
             let mut only = None;
@@ -1290,6 +1307,7 @@ impl RangeTask {
             let progress = self.progress_candidate();
             if let Some(progress) = progress.filter(|p| Some(p) != self.progress_written.as_ref()) {
                 self.progress_writing = true;
+                self.retry.progress.round();
                 self.last_progress_write = Instant::now();
                 let store = self.store.clone();
                 let tx = self.tx.clone();
@@ -1330,6 +1348,7 @@ impl RangeTask {
             && !self.retry.low_water.waiting()
         {
             self.lwm_writing = true;
+            self.retry.low_water.round();
             self.last_lwm_write = Instant::now();
             let store = self.store.clone();
             let tx = self.tx.clone();
