@@ -1081,6 +1081,56 @@ mod cluster {
         }
     }
 
+    /// The member withdraws such a timer (not adopted, by a failpoint) and is held 4 s
+    /// between releasing the key and cancelling the row. Meanwhile the slot's new owner
+    /// loads the row's bucket: it reads the row still pending and its key free. It must not
+    /// claim the key for that row again: the caller, told the timer was withdrawn, retries
+    /// with the same key, and a key naming the withdrawn row would answer the retry with
+    /// an id that is cancelled a moment later and never fires.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_loader_reading_a_row_being_withdrawn_leaves_its_key_to_the_retry() {
+        let Some(s) = services() else { return };
+        let _one = ONE_AT_A_TIME.lock().await;
+        let topic = unique("fp_reclaim");
+        create_topic(&s.kafka, &topic, 1).await;
+        let c = with_node_1_failing(
+            "api.before_store=1*return(delay:1200);api.adopt=1*return;\
+             scylla.between_key_release_and_cancel=1*return(delay:2500)",
+        )
+        .await;
+        let consumer = consumer(&s.kafka, &[&topic]);
+        // Just after a bucket's start (buckets are 1 s wide), so that the row's bucket
+        // starts 3.95 s in: the row lands 1.2 s in and its key is released; the new owner
+        // reads the bucket (2 s of look-ahead) 1.95 s in; the row is cancelled ~3.7 s in.
+        // (A near-term timer, homed in a slot of node 1's, and one whose bucket its owner
+        // may have read when the row lands.)
+        tokio::time::sleep(Duration::from_millis((1_050 - now_ms() % 1_000) % 1_000)).await;
+        let fire_at = now_ms() + 4_900;
+        let timer = NewTimer::new(fire_at, &topic, 0)
+            .payload("reclaimed")
+            .idempotency_key("reclaim-1");
+        let e = withdrawn_during_a_drain(&c, &timer).await;
+        let id = retry_until_acknowledged(&c.nodes[1], &timer).await;
+        let got = collect(&consumer, Duration::from_secs(30), |m| {
+            m.iter().any(|r| r.timer_id() == id)
+        })
+        .await;
+        assert!(
+            got.iter().any(|r| r.timer_id() == id),
+            "the acknowledged retry {id} never fired (the first call: {})\n{}",
+            e.message(),
+            c.logs()
+        );
+        for r in &got {
+            assert!(r.header_ms("timerdb-fired-at") >= fire_at, "fired early");
+        }
+        assert!(
+            c.logs().contains("withdrawn by its writer"),
+            "the owner saw the withdrawn row and left it\n{}",
+            c.logs()
+        );
+    }
+
     /// Every payload of `want` that arrives within 30 s of the call (and 3 s more, for a
     /// late repeat): (timer id, fired-at header) per delivery.
     async fn deliveries(

@@ -108,7 +108,7 @@ fn timerdb_migrate_applies_the_schema_once() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    assert!(run().contains("applied migrations [1, 2, 3, 4]"));
+    assert!(run().contains("applied migrations [1, 2, 3, 4, 5]"));
     assert!(run().contains("is up to date"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
         .args(["migrate", "--store", "scylla://127.0.0.1:1/bad-keyspace"])
@@ -147,7 +147,7 @@ async fn an_older_keyspace_is_migrated_forward() {
     let applied = timerdb::store::scylla::migrate(&session, &parsed)
         .await
         .unwrap();
-    assert_eq!(applied, vec![2, 3, 4], "only the missing migrations run");
+    assert_eq!(applied, vec![2, 3, 4, 5], "only the missing migrations run");
     let store = ScyllaStore::open(&url, StoreOptions::default())
         .await
         .unwrap();
@@ -207,6 +207,113 @@ async fn an_unreadable_row_is_skipped_and_the_rest_of_its_bucket_loads() {
         .expect("one bad row must not fail the load");
     let got: Vec<_> = loaded.timers.iter().map(|t| t.id).collect();
     assert_eq!(got, vec![ids[0].id]);
+}
+
+/// A member withdrawing a timer releases its key, then cancels its row; one that dies
+/// between the two leaves the row pending. A load of its bucket must neither fire that row
+/// nor keep the free key claimed for it (the caller, told the timer was withdrawn, retries
+/// with the key and must not be answered with the withdrawn id): the withdraw recorded the
+/// row first. The retry stores the timer anew, and only it fires. Withdrawn twice (the
+/// retry's timer too), the first row stays withdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_withdrawn_but_not_yet_cancelled_is_not_fired_nor_given_its_key_again() {
+    use timerdb::store::{Abandoned, TimerStore};
+    use timerdb::timer::now_ms;
+    let Some(svc) = common::services() else {
+        return;
+    };
+    let ks = common::unique("withdrawn");
+    let url = format!("scylla://{}/{ks}", svc.scylla);
+    let store = ScyllaStore::open(&url, StoreOptions::default())
+        .await
+        .unwrap();
+    let l = store.layout();
+    let parsed = timerdb::store::scylla::ScyllaUrl::parse(&url).unwrap();
+    let session = timerdb::store::scylla::connect(&parsed).await.unwrap();
+    // As if the withdrawing member died after the release, before the cancel.
+    let uncancel = |id: timerdb::timer::TimerId| {
+        let session = &session;
+        let ks = &ks;
+        async move {
+            session
+                .query_unpaged(
+                    format!(
+                        "UPDATE {ks}.timers SET state = 0 WHERE slot = ? AND bucket = ? AND rand = ?"
+                    ),
+                    (
+                        l.slot_of(id.rand) as i32,
+                        id.bucket_ms as i64,
+                        id.rand as i64,
+                    ),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let fire = now_ms() + 60_000;
+    let bucket = l.bucket_start(fire);
+    let insert = |key: &'static str| {
+        let store = &store;
+        let mut spec = timerdb::store::conformance::spec(fire, 1);
+        spec.idempotency_key = Some(key.into());
+        async move {
+            timerdb::store::conformance::insert_ok(store, std::slice::from_ref(&spec)).await[0]
+        }
+    };
+
+    let first = insert("signup-5").await.id;
+    assert_eq!(
+        store.abandon(first, Some("signup-5")).await.unwrap(),
+        Abandoned::Withdrawn
+    );
+    uncancel(first).await;
+    let loaded = store.load_bucket(l.all_slots(), bucket).await.unwrap();
+    assert!(loaded.timers.is_empty(), "the withdrawn row is not fired");
+    assert_eq!(loaded.superseded, vec![first]);
+    assert!(
+        !store.confirm_key("signup-5", first).await.unwrap(),
+        "the load left the key free"
+    );
+    let retry = insert("signup-5").await;
+    assert!(retry.created, "the retry stores the timer anew");
+    assert_ne!(retry.id, first);
+    let loaded = store.load_bucket(l.all_slots(), bucket).await.unwrap();
+    let ids: Vec<_> = loaded.timers.iter().map(|t| t.id).collect();
+    assert_eq!(ids, vec![retry.id], "only the retry fires");
+
+    // A loader claimed the released key for the withdrawn row (as a load that read the row
+    // while it was pending does): a repeated call confirming that claim is refused and
+    // frees the key, so its retry stores the timer anew.
+    let second = insert("signup-6").await.id;
+    store.abandon(second, Some("signup-6")).await.unwrap();
+    uncancel(second).await;
+    session
+        .query_unpaged(
+            format!("INSERT INTO {ks}.idempotency (key, timer_id, created_ms) VALUES (?, ?, ?)"),
+            ("signup-6", second.to_bytes().to_vec(), now_ms() as i64),
+        )
+        .await
+        .unwrap();
+    assert!(
+        !store.confirm_key("signup-6", second).await.unwrap(),
+        "a repeat is never answered with a withdrawn id"
+    );
+    let again = insert("signup-6").await;
+    assert!(again.created && again.id != second, "the key was freed");
+
+    // Two withdraws under one key: the first row is still known as withdrawn.
+    let third = insert("signup-7").await.id;
+    store.abandon(third, Some("signup-7")).await.unwrap();
+    uncancel(third).await;
+    let fourth = insert("signup-7").await;
+    assert!(fourth.created);
+    store.abandon(fourth.id, Some("signup-7")).await.unwrap();
+    let loaded = store.load_bucket(l.all_slots(), bucket).await.unwrap();
+    assert!(
+        !loaded.timers.iter().any(|t| t.id == third),
+        "a row withdrawn before another withdraw of its key is not fired"
+    );
+    assert!(!store.confirm_key("signup-7", third).await.unwrap());
 }
 
 /// Partitions larger than the server's 5,000-row pages: with three slots and 15,000

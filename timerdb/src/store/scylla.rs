@@ -54,6 +54,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "confirmed idempotency claims (a withdraw and a repeated call's answer exclude each other)",
         include_str!("../../migrations/scylla/0004_confirmed_keys.cql"),
     ),
+    (
+        5,
+        "withdrawn keys (a released key is not claimed or confirmed again for its withdrawn timer)",
+        include_str!("../../migrations/scylla/0005_withdrawn_keys.cql"),
+    ),
 ];
 
 const HOUR_MS: u64 = 3_600_000;
@@ -206,6 +211,15 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Unavailable(format!("scylla {what}: {e}"))
 }
 
+/// What a conditional release of a key's claim found.
+#[derive(Debug, PartialEq, Eq)]
+enum ReleaseOutcome {
+    /// The claim is gone: released now, or it named another timer (or none).
+    Released,
+    /// A repeated call confirmed the claim: it stays.
+    Confirmed,
+}
+
 struct Statements {
     insert_timer: PreparedStatement,
     insert_bucket_slot: PreparedStatement,
@@ -215,6 +229,10 @@ struct Statements {
     release_idempotency: PreparedStatement,
     read_key_ttl: PreparedStatement,
     confirm_idempotency: PreparedStatement,
+    release_own_idempotency: PreparedStatement,
+    mark_withdrawn: PreparedStatement,
+    unmark_withdrawn: PreparedStatement,
+    read_withdrawn: PreparedStatement,
     delete_timer: PreparedStatement,
     get_timer: PreparedStatement,
     cancel_timer: PreparedStatement,
@@ -419,6 +437,22 @@ impl ScyllaStore {
             .await?,
             confirm_idempotency: prep(format!(
                 "UPDATE {ks}.idempotency USING TTL ? SET confirmed = true WHERE key = ? IF timer_id = ?"
+            ))
+            .await?,
+            release_own_idempotency: prep(format!(
+                "DELETE FROM {ks}.idempotency WHERE key = ? IF timer_id = ?"
+            ))
+            .await?,
+            mark_withdrawn: prep(format!(
+                "INSERT INTO {ks}.withdrawn_keys (key, timer_id) VALUES (?, ?) USING TTL ?"
+            ))
+            .await?,
+            unmark_withdrawn: prep(format!(
+                "DELETE FROM {ks}.withdrawn_keys WHERE key = ? AND timer_id = ?"
+            ))
+            .await?,
+            read_withdrawn: prep(format!(
+                "SELECT timer_id FROM {ks}.withdrawn_keys WHERE key = ? AND timer_id = ?"
             ))
             .await?,
             delete_timer: prep(format!(
@@ -811,6 +845,55 @@ impl ScyllaStore {
             .transpose()
     }
 
+    /// Whether a member withdrew `id` under `key` within the retention ([`TimerStore::abandon`]
+    /// records it before it releases the key).
+    async fn is_withdrawn(&self, key: &str, id: TimerId) -> Result<bool> {
+        let what = "reading withdrawn keys";
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.read_withdrawn, (key, id.to_bytes().to_vec()))
+            .await
+            .map_err(|e| unavailable(what, e))?
+            .into_rows_result()
+            .map_err(|e| unavailable(what, e))?;
+        Ok(rows.rows_num() > 0)
+    }
+
+    /// Releases `key` if it names `id`, however its claim was made or confirmed: the caller
+    /// found `id` withdrawn after claiming or confirming the key for it.
+    async fn release_withdrawn(&self, key: &str, id: TimerId) -> Result<()> {
+        self.session
+            .execute_unpaged(
+                &self.st.release_own_idempotency,
+                (key, id.to_bytes().to_vec()),
+            )
+            .await
+            .map_err(|e| unavailable("releasing idempotency key", e))?;
+        Ok(())
+    }
+
+    /// Releases `key` if it names `id` and no repeated call confirmed the claim (one
+    /// lightweight transaction against the confirmation's); whether it did.
+    async fn release_unconfirmed(&self, key: &str, id: TimerId) -> Result<ReleaseOutcome> {
+        let r = self
+            .session
+            .execute_unpaged(&self.st.release_idempotency, (key, id.to_bytes().to_vec()))
+            .await
+            .map_err(|e| unavailable("releasing idempotency key", e))?
+            .into_rows_result()
+            .map_err(|e| unavailable("releasing idempotency key", e))?;
+        let (applied, held) = lwt_outcome_of(&r, &["timer_id", "confirmed"])?;
+        let holder = held[0].as_ref().and_then(|v| v.as_blob());
+        let confirmed = held[1].as_ref().and_then(|v| v.as_boolean());
+        Ok(
+            if !applied && holder == Some(&id.to_bytes().to_vec()) && confirmed == Some(true) {
+                ReleaseOutcome::Confirmed
+            } else {
+                ReleaseOutcome::Released
+            },
+        )
+    }
+
     /// Which of `timers` (loaded from one bucket) may fire, and which were superseded.
     ///
     /// A keyed row is superseded when its key belongs to another timer whose claim was made
@@ -821,6 +904,13 @@ impl ScyllaStore {
     /// row still inside its retention (with the rest of it as TTL), so a writer's claim
     /// arriving later loses to it or finds its own id. Rows past their retention with no
     /// holder fire as they are.
+    ///
+    /// A row claimed here may be one a member is withdrawing: it released the key, and has
+    /// not cancelled the row yet (or died before it did). The withdraw records the row in
+    /// `withdrawn_keys` before it releases the key, so a claim that succeeded after that
+    /// release finds the record: the key is released again (unless a repeated call
+    /// confirmed it meanwhile; that call finds the record too, and releases it), the row is
+    /// superseded, and the next row of the key is tried.
     async fn resolve_keys(&self, timers: Vec<Timer>) -> Result<(Vec<Timer>, Vec<TimerId>)> {
         let mut by_key: HashMap<String, Vec<(TimerId, u64)>> = HashMap::new();
         for t in &timers {
@@ -848,27 +938,43 @@ impl ScyllaStore {
                     }
                     Err(e) => return Err(e),
                 };
-                let holder = match holder {
-                    Some(h) => Some(h),
-                    None => match rows.iter().find(|(_, c)| c + retention_ms > now) {
-                        None => None,
-                        Some(&(id, created)) => {
-                            let ttl = Duration::from_millis(created + retention_ms - now);
-                            let won = self.claim_key(&key, id, created, ttl).await?;
-                            if won == id {
-                                Some((id, created))
-                            } else {
-                                self.key_holder(&key).await?.or(Some((won, 0)))
-                            }
+                let mut withdrawn: Vec<TimerId> = Vec::new();
+                let mut holder = holder;
+                if holder.is_none() {
+                    // The first row still inside its retention, unless it was withdrawn.
+                    for &(id, created) in &rows {
+                        if created + retention_ms <= now {
+                            continue;
                         }
-                    },
-                };
+                        let ttl = Duration::from_millis(created + retention_ms - now);
+                        let won = self.claim_key(&key, id, created, ttl).await?;
+                        if won != id {
+                            holder = self.key_holder(&key).await?.or(Some((won, 0)));
+                            break;
+                        }
+                        if !self.is_withdrawn(&key, id).await? {
+                            holder = Some((id, created));
+                            break;
+                        }
+                        self.release_unconfirmed(&key, id).await?;
+                        withdrawn.push(id);
+                    }
+                }
+                for id in &withdrawn {
+                    tracing::info!(timer_id = %id, key,
+                        "not firing a stored timer withdrawn by its writer (its idempotency key was released for a retry)");
+                    m::key_loser_dropped();
+                }
                 let Some((holder, claimed_ms)) = holder else {
-                    return Ok(Vec::new());
+                    return Ok(withdrawn);
                 };
                 let superseded: Vec<TimerId> = rows
                     .iter()
-                    .filter(|&&(id, created)| id != holder && claimed_ms < created + race_window_ms)
+                    .filter(|&&(id, created)| {
+                        id != holder
+                            && claimed_ms < created + race_window_ms
+                            && !withdrawn.contains(&id)
+                    })
                     .map(|&(id, _)| id)
                     .collect();
                 for id in &superseded {
@@ -876,7 +982,8 @@ impl ScyllaStore {
                         "not firing a stored timer whose idempotency key belongs to another timer");
                     m::key_loser_dropped();
                 }
-                Ok::<_, Error>(superseded)
+                withdrawn.extend(superseded);
+                Ok::<_, Error>(withdrawn)
             },
         ))
         .buffer_unordered(FAN_OUT)
@@ -1217,22 +1324,31 @@ impl TimerStore for ScyllaStore {
 
     async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<Abandoned> {
         // The key first: stopped between the two (a crash, a failed call), the retry then
-        // stores the timer anew and the old row fires at most as a duplicate. The other
-        // order would leave a retry answered with a cancelled row that never fires.
+        // stores the timer anew, and the old row is superseded when its bucket loads (the
+        // loader finds it recorded as withdrawn). The other order would leave a retry
+        // answered with a cancelled row that never fires.
         // The release applies only while no repeated call confirmed the claim (one
         // lightweight transaction against the confirmation's, so exactly one wins).
         if let Some(key) = key {
-            let r = self
-                .session
-                .execute_unpaged(&self.st.release_idempotency, (key, id.to_bytes().to_vec()))
+            // Recorded before the release: a loader that read the row still pending, and
+            // claims the released key for it again, or a repeated call that then confirms
+            // that claim, finds the record and releases the key again.
+            let ttl = self.retention.as_secs().clamp(1, i32::MAX as u64) as i32;
+            self.session
+                .execute_unpaged(&self.st.mark_withdrawn, (key, id.to_bytes().to_vec(), ttl))
                 .await
-                .map_err(|e| unavailable("releasing idempotency key", e))?
-                .into_rows_result()
-                .map_err(|e| unavailable("releasing idempotency key", e))?;
-            let (applied, held) = lwt_outcome_of(&r, &["timer_id", "confirmed"])?;
-            let holder = held[0].as_ref().and_then(|v| v.as_blob());
-            let confirmed = held[1].as_ref().and_then(|v| v.as_boolean());
-            if !applied && holder == Some(&id.to_bytes().to_vec()) && confirmed == Some(true) {
+                .map_err(|e| unavailable("recording a withdrawn key", e))?;
+            if self.release_unconfirmed(key, id).await? == ReleaseOutcome::Confirmed {
+                // Kept: the record must not make later repeats of the key release it. A
+                // record left by a failed delete costs at most a retry stored anew (a
+                // second id) for a repeat within the retention, never a loss.
+                if let Err(e) = self
+                    .session
+                    .execute_unpaged(&self.st.unmark_withdrawn, (key, id.to_bytes().to_vec()))
+                    .await
+                {
+                    tracing::warn!(key, timer_id = %id, error = %e, "could not remove the record of a withdraw that a repeated call's confirmation overruled");
+                }
                 return Ok(Abandoned::Kept);
             }
         }
@@ -1280,7 +1396,19 @@ impl TimerStore for ScyllaStore {
             .map_err(|e| unavailable(what, e))?
             .into_rows_result()
             .map_err(|e| unavailable(what, e))?;
-        Ok(lwt_outcome(&r, "timer_id")?.0)
+        if !lwt_outcome(&r, "timer_id")?.0 {
+            return Ok(false);
+        }
+        // A withdraw records its timer before it releases the key: a key that names a
+        // recorded timer was claimed for it again by a loader after that release (or its
+        // withdraw is still deciding, and will keep the timer: then the caller retries and
+        // stores a second timer, a duplicate, never a loss). Not the answer: released.
+        if self.is_withdrawn(key, id).await? {
+            tracing::info!(key, timer_id = %id, "a repeated idempotency key names a timer its writer withdrew; releasing the key");
+            self.release_withdrawn(key, id).await?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     async fn load_page(
