@@ -500,7 +500,7 @@ async fn settle_moved(
             )))
         }
         Ok(Abandoned::Kept) => {
-            // A repeated call was told the id already: see to it that it fires, without
+            // A repeated call is answering with the id: see to it that it fires, without
             // holding up this call (and the write's guard) meanwhile.
             tokio::spawn(keep_adopting(
                 store.clone(),

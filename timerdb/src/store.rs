@@ -374,16 +374,20 @@ pub trait TimerStore: Send + Sync + 'static {
     /// no range may ever read, then marks the row cancelled, so no later load fires it.
     ///
     /// Unless the key's claim by `id` was confirmed ([`TimerStore::confirm_key`]): a retry
-    /// had the owner adopt the timer and answered with its id, so nothing is changed and
-    /// [`Abandoned::Kept`] is returned. Release and confirmation exclude each other (one
-    /// conditional write each), so a retry is never answered with a withdrawn id.
+    /// had the owner adopt the timer and is answering with its id, so the timer is kept
+    /// (pending) and [`Abandoned::Kept`] is returned. Release and confirmation exclude each
+    /// other (one conditional write each), and so do keeping and a confirming call's
+    /// release of a key it finds withdrawn, so a retry is never answered with a withdrawn
+    /// id, and a kept timer's id is never given up by the call that confirmed it.
     async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<Abandoned>;
 
     /// Marks `key`'s claim by `id` confirmed: a repeated call found `id` holding the key and
     /// made sure the timer's owner has it, and is about to answer with `id`; from now on
-    /// [`TimerStore::abandon`] leaves the timer alone. `false` (nothing changed) when `key`
-    /// no longer names `id`: its writer withdrew it, and the repeated call must not answer
-    /// with it.
+    /// [`TimerStore::abandon`] leaves the timer alone (on Scylla, the claim is confirmed,
+    /// then marked kept: two lightweight transactions). `false` when `key` no longer names
+    /// `id` (its writer withdrew it; nothing changed), or names it again only because a
+    /// loader claimed it for the row after the withdraw released it (the key is released
+    /// again): the repeated call must not answer with it.
     async fn confirm_key(&self, key: &str, id: TimerId) -> Result<bool>;
 
     /// Marks a pending timer cancelled, durably.

@@ -214,7 +214,8 @@ async fn an_unreadable_row_is_skipped_and_the_rest_of_its_bucket_loads() {
 /// nor keep the free key claimed for it (the caller, told the timer was withdrawn, retries
 /// with the key and must not be answered with the withdrawn id): the withdraw recorded the
 /// row first. The retry stores the timer anew, and only it fires. Withdrawn twice (the
-/// retry's timer too), the first row stays withdrawn.
+/// retry's timer too), the first row stays withdrawn. A repeated call and a withdraw
+/// interleaved either way agree on whether the timer is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_withdrawn_but_not_yet_cancelled_is_not_fired_nor_given_its_key_again() {
     use timerdb::store::{Abandoned, TimerStore};
@@ -314,6 +315,55 @@ async fn a_row_withdrawn_but_not_yet_cancelled_is_not_fired_nor_given_its_key_ag
         "a row withdrawn before another withdraw of its key is not fired"
     );
     assert!(!store.confirm_key("signup-7", third).await.unwrap());
+
+    // A repeated call and a withdraw of the same timer, each between the other's steps.
+    // The withdraw's record, then the call's confirmation and release: the withdraw
+    // finds the key gone and withdraws; neither answers with the timer.
+    let record = |key: &'static str, id: timerdb::timer::TimerId| {
+        let session = &session;
+        let ks = &ks;
+        async move {
+            session
+                .query_unpaged(
+                    format!("INSERT INTO {ks}.withdrawn_keys (key, timer_id) VALUES (?, ?)"),
+                    (key, id.to_bytes().to_vec()),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let fifth = insert("signup-8").await.id;
+    record("signup-8", fifth).await;
+    assert!(!store.confirm_key("signup-8", fifth).await.unwrap());
+    assert_eq!(
+        store.abandon(fifth, Some("signup-8")).await.unwrap(),
+        Abandoned::Withdrawn
+    );
+    let retried = insert("signup-8").await;
+    assert!(retried.created && retried.id != fifth);
+    // The record, then the call's confirmation, then the withdraw's release (refused)
+    // and its keep, then the call's release (refused): both answer with the timer, and
+    // it fires.
+    let sixth = insert("signup-9").await.id;
+    record("signup-9", sixth).await;
+    session
+        .query_unpaged(
+            format!("UPDATE {ks}.idempotency SET confirmed = true WHERE key = ? IF timer_id = ?"),
+            ("signup-9", sixth.to_bytes().to_vec()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.abandon(sixth, Some("signup-9")).await.unwrap(),
+        Abandoned::Kept
+    );
+    assert!(store.confirm_key("signup-9", sixth).await.unwrap());
+    let loaded = store.load_bucket(l.all_slots(), bucket).await.unwrap();
+    assert!(
+        loaded.timers.iter().any(|t| t.id == sixth),
+        "the kept timer fires"
+    );
+    assert!(!loaded.timers.iter().any(|t| t.id == fifth));
 }
 
 /// Partitions larger than the server's 5,000-row pages: with three slots and 15,000

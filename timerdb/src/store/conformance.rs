@@ -373,6 +373,10 @@ pub async fn a_confirmed_key_keeps_its_timer_from_a_withdraw(store: Arc<dyn Time
     );
     let got = store.get(first.id).await.unwrap().expect("row kept");
     assert_eq!(got.state, StoredState::Pending);
+    assert!(
+        store.confirm_key("cart-9", first.id).await.unwrap(),
+        "a repeat after the withdraw kept the timer is still answered with it"
+    );
     let again = insert_ok(&*store, std::slice::from_ref(&a)).await[0];
     assert_eq!((again.id, again.created), (first.id, false));
     let bucket = store

@@ -229,9 +229,9 @@ struct Statements {
     release_idempotency: PreparedStatement,
     read_key_ttl: PreparedStatement,
     confirm_idempotency: PreparedStatement,
-    release_own_idempotency: PreparedStatement,
+    release_unkept_idempotency: PreparedStatement,
+    keep_idempotency: PreparedStatement,
     mark_withdrawn: PreparedStatement,
-    unmark_withdrawn: PreparedStatement,
     read_withdrawn: PreparedStatement,
     delete_timer: PreparedStatement,
     get_timer: PreparedStatement,
@@ -439,16 +439,16 @@ impl ScyllaStore {
                 "UPDATE {ks}.idempotency USING TTL ? SET confirmed = true WHERE key = ? IF timer_id = ?"
             ))
             .await?,
-            release_own_idempotency: prep(format!(
-                "DELETE FROM {ks}.idempotency WHERE key = ? IF timer_id = ?"
+            release_unkept_idempotency: prep(format!(
+                "DELETE FROM {ks}.idempotency WHERE key = ? IF timer_id = ? AND kept = null"
+            ))
+            .await?,
+            keep_idempotency: prep(format!(
+                "UPDATE {ks}.idempotency USING TTL ? SET kept = true WHERE key = ? IF timer_id = ? AND confirmed = true"
             ))
             .await?,
             mark_withdrawn: prep(format!(
                 "INSERT INTO {ks}.withdrawn_keys (key, timer_id) VALUES (?, ?) USING TTL ?"
-            ))
-            .await?,
-            unmark_withdrawn: prep(format!(
-                "DELETE FROM {ks}.withdrawn_keys WHERE key = ? AND timer_id = ?"
             ))
             .await?,
             read_withdrawn: prep(format!(
@@ -859,17 +859,52 @@ impl ScyllaStore {
         Ok(rows.rows_num() > 0)
     }
 
-    /// Releases `key` if it names `id`, however its claim was made or confirmed: the caller
-    /// found `id` withdrawn after claiming or confirming the key for it.
-    async fn release_withdrawn(&self, key: &str, id: TimerId) -> Result<()> {
-        self.session
+    /// Releases `key`, confirmed for `id` by the caller, unless `id`'s withdraw found the
+    /// confirmation first and kept the timer (one lightweight transaction against the
+    /// withdraw's `kept`): `true` if released; `false` if kept, and `id` is the answer.
+    async fn release_unkept(&self, key: &str, id: TimerId) -> Result<bool> {
+        let what = "releasing idempotency key";
+        let r = self
+            .session
             .execute_unpaged(
-                &self.st.release_own_idempotency,
+                &self.st.release_unkept_idempotency,
                 (key, id.to_bytes().to_vec()),
             )
             .await
-            .map_err(|e| unavailable("releasing idempotency key", e))?;
-        Ok(())
+            .map_err(|e| unavailable(what, e))?
+            .into_rows_result()
+            .map_err(|e| unavailable(what, e))?;
+        let (applied, held) = lwt_outcome_of(&r, &["timer_id", "kept"])?;
+        let holder = held[0].as_ref().and_then(|v| v.as_blob());
+        let kept = held[1].as_ref().and_then(|v| v.as_boolean());
+        Ok(applied || holder != Some(&id.to_bytes().to_vec()) || kept != Some(true))
+    }
+
+    /// The remaining TTL of `key`'s claim, if it names `id` (a cell written beside the
+    /// claim must not outlive it: a lone cell keeps the key's row, and so refuses its
+    /// later claims, past the retention).
+    async fn claim_ttl(&self, key: &str, id: TimerId) -> Result<Option<i32>> {
+        let what = "reading idempotency key";
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.read_key_ttl, (key,))
+            .await
+            .map_err(|e| unavailable(what, e))?
+            .into_rows_result()
+            .map_err(|e| unavailable(what, e))?;
+        let Some((holder, ttl)) = rows
+            .maybe_first_row::<(Option<Vec<u8>>, Option<i32>)>()
+            .map_err(|e| unavailable(what, e))?
+        else {
+            return Ok(None);
+        };
+        if holder.as_deref() != Some(id.to_bytes().as_slice()) {
+            return Ok(None);
+        }
+        Ok(Some(ttl.map_or(
+            self.retention.as_secs().clamp(1, i32::MAX as u64) as i32,
+            |t| (t - 1).max(1),
+        )))
     }
 
     /// Releases `key` if it names `id` and no repeated call confirmed the claim (one
@@ -894,6 +929,26 @@ impl ScyllaStore {
         )
     }
 
+    /// Marks `key`'s confirmed claim by `id` kept (alive for `ttl` seconds, no longer than
+    /// the claim): the timer's withdraw, finding the claim confirmed, keeps the timer, and a
+    /// repeated call answers with `id` only once this is set. Refused (`false`) once the
+    /// key no longer names `id`: a repeated call that found `id` withdrawn released it
+    /// first (one lightweight transaction against that release, `IF kept = null`).
+    async fn keep(&self, key: &str, id: TimerId, ttl: i32) -> Result<bool> {
+        let what = "keeping a confirmed idempotency key";
+        let r = self
+            .session
+            .execute_unpaged(
+                &self.st.keep_idempotency,
+                (ttl, key, id.to_bytes().to_vec()),
+            )
+            .await
+            .map_err(|e| unavailable(what, e))?
+            .into_rows_result()
+            .map_err(|e| unavailable(what, e))?;
+        Ok(lwt_outcome(&r, "timer_id")?.0)
+    }
+
     /// Which of `timers` (loaded from one bucket) may fire, and which were superseded.
     ///
     /// A keyed row is superseded when its key belongs to another timer whose claim was made
@@ -910,7 +965,7 @@ impl ScyllaStore {
     /// `withdrawn_keys` before it releases the key, so a claim that succeeded after that
     /// release finds the record: the key is released again (unless a repeated call
     /// confirmed it meanwhile; that call finds the record too, and releases it), the row is
-    /// superseded, and the next row of the key is tried.
+    /// superseded, and the key's other rows are left unclaimed (they fire as they are).
     async fn resolve_keys(&self, timers: Vec<Timer>) -> Result<(Vec<Timer>, Vec<TimerId>)> {
         let mut by_key: HashMap<String, Vec<(TimerId, u64)>> = HashMap::new();
         for t in &timers {
@@ -958,6 +1013,10 @@ impl ScyllaStore {
                         }
                         self.release_unconfirmed(&key, id).await?;
                         withdrawn.push(id);
+                        // No later row of the key is claimed in this pass: one may be a
+                        // retry's row whose call lost the key to this one and deleted it,
+                        // held then only here. Unclaimed, they fire as they are.
+                        break;
                     }
                 }
                 for id in &withdrawn {
@@ -1324,8 +1383,8 @@ impl TimerStore for ScyllaStore {
 
     async fn abandon(&self, id: TimerId, key: Option<&str>) -> Result<Abandoned> {
         // The key first: stopped between the two (a crash, a failed call), the retry then
-        // stores the timer anew, and the old row is superseded when its bucket loads (the
-        // loader finds it recorded as withdrawn). The other order would leave a retry
+        // stores the timer anew, and the old row is not fired by a load that claims its key
+        // (the loader finds it recorded as withdrawn). The other order would leave a retry
         // answered with a cancelled row that never fires.
         // The release applies only while no repeated call confirmed the claim (one
         // lightweight transaction against the confirmation's, so exactly one wins).
@@ -1339,17 +1398,23 @@ impl TimerStore for ScyllaStore {
                 .await
                 .map_err(|e| unavailable("recording a withdrawn key", e))?;
             if self.release_unconfirmed(key, id).await? == ReleaseOutcome::Confirmed {
-                // Kept: the record must not make later repeats of the key release it. A
-                // record left by a failed delete costs at most a retry stored anew (a
-                // second id) for a repeat within the retention, never a loss.
-                if let Err(e) = self
-                    .session
-                    .execute_unpaged(&self.st.unmark_withdrawn, (key, id.to_bytes().to_vec()))
-                    .await
-                {
-                    tracing::warn!(key, timer_id = %id, error = %e, "could not remove the record of a withdraw that a repeated call's confirmation overruled");
+                let kept = match self.claim_ttl(key, id).await {
+                    Ok(Some(ttl)) => self.keep(key, id, ttl).await,
+                    Ok(None) => Ok(false),
+                    Err(e) => Err(e),
+                };
+                match kept {
+                    Ok(true) => return Ok(Abandoned::Kept),
+                    // The repeated call that confirmed the claim found the record first
+                    // and released the key (its caller retries): withdrawn after all.
+                    Ok(false) => {}
+                    // Unknown: a repeated call may have answered with the id. Kept, at
+                    // worst a duplicate (the call may have released the key instead).
+                    Err(e) => {
+                        tracing::warn!(key, timer_id = %id, error = %e, "could not mark a confirmed idempotency key kept; keeping its timer");
+                        return Ok(Abandoned::Kept);
+                    }
                 }
-                return Ok(Abandoned::Kept);
             }
         }
         crate::failpoint::hit_async("scylla.between_key_release_and_cancel").await?;
@@ -1363,29 +1428,10 @@ impl TimerStore for ScyllaStore {
 
     async fn confirm_key(&self, key: &str, id: TimerId) -> Result<bool> {
         let what = "confirming idempotency key";
-        // The confirmation lives no longer than the claim (a second less than what is left
-        // of it): a lone `confirmed` cell would keep the key's row, and so its later claims,
-        // alive past the retention.
-        let rows = self
-            .session
-            .execute_unpaged(&self.st.read_key_ttl, (key,))
-            .await
-            .map_err(|e| unavailable(what, e))?
-            .into_rows_result()
-            .map_err(|e| unavailable(what, e))?;
-        let Some((holder, ttl)) = rows
-            .maybe_first_row::<(Option<Vec<u8>>, Option<i32>)>()
-            .map_err(|e| unavailable(what, e))?
-        else {
+        // The confirmation lives no longer than the claim.
+        let Some(ttl) = self.claim_ttl(key, id).await? else {
             return Ok(false);
         };
-        if holder.as_deref() != Some(id.to_bytes().as_slice()) {
-            return Ok(false);
-        }
-        let ttl = ttl.map_or(
-            self.retention.as_secs().clamp(1, i32::MAX as u64) as i32,
-            |t| (t - 1).max(1),
-        );
         let r = self
             .session
             .execute_unpaged(
@@ -1399,16 +1445,22 @@ impl TimerStore for ScyllaStore {
         if !lwt_outcome(&r, "timer_id")?.0 {
             return Ok(false);
         }
-        // A withdraw records its timer before it releases the key: a key that names a
-        // recorded timer was claimed for it again by a loader after that release (or its
-        // withdraw is still deciding, and will keep the timer: then the caller retries and
-        // stores a second timer, a duplicate, never a loss). Not the answer: released.
+        // A withdraw records its timer before it releases the key, so a confirmation that
+        // came after a release (the key claimed for the row again by a loader) finds the
+        // record. The key is then released, unless the withdraw, finding the claim
+        // confirmed, kept the timer first (one lightweight transaction each).
         if self.is_withdrawn(key, id).await? {
-            tracing::info!(key, timer_id = %id, "a repeated idempotency key names a timer its writer withdrew; releasing the key");
-            self.release_withdrawn(key, id).await?;
-            return Ok(false);
+            if self.release_unkept(key, id).await? {
+                tracing::info!(key, timer_id = %id, "a repeated idempotency key names a timer its writer withdrew; released the key");
+                return Ok(false);
+            }
+            return Ok(true);
         }
-        Ok(true)
+        // No record yet: no release came before the confirmation, so a withdraw from now
+        // on finds the claim confirmed. The answer is the id once the key says kept, which
+        // a repeated call that finds a record written meanwhile cannot undo (its release
+        // is `IF kept = null`); refused, such a call released the key first.
+        self.keep(key, id, ttl).await
     }
 
     async fn load_page(
