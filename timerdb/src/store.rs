@@ -155,11 +155,14 @@ impl Progress {
     }
 
     /// How this record says `timer`, read from bucket `bucket_ms`, was delivered, if it does.
+    /// A listed id was delivered whatever its bucket (a range fires timers handed to it by
+    /// writes in buckets its loader has not finished yet); the mark speaks only of the
+    /// buckets the record's range had loaded.
     pub fn coverage(&self, bucket_ms: u64, timer: &Timer) -> Option<Coverage> {
-        if bucket_ms >= self.loaded_through {
-            None
-        } else if self.delivered_after.binary_search(&timer.id).is_ok() {
+        if self.delivered_after.binary_search(&timer.id).is_ok() {
             Some(Coverage::Listed)
+        } else if bucket_ms >= self.loaded_through {
+            None
         } else if timer.spec.fire_at_ms.max(timer.created_ms) <= self.fired_through_ms
             && self.unconfirmed.binary_search(&timer.id).is_err()
         {
@@ -204,7 +207,7 @@ impl Progress {
             .chain(
                 fired_past
                     .iter()
-                    .filter(|(due, _)| *due > through)
+                    .filter(|(due, id)| *due > through || id.bucket_ms >= self.loaded_through)
                     .map(|(_, id)| *id),
             )
             .collect();
@@ -327,9 +330,13 @@ impl Resume {
             .min_by_key(|c| *c != Coverage::Listed)
     }
 
-    /// Forgets the records that say nothing about buckets from `bucket_ms` on.
+    /// Forgets the records that say nothing about buckets from `bucket_ms` on: neither
+    /// their mark nor an id they list.
     pub fn forget_before(&mut self, bucket_ms: u64) {
-        self.records.retain(|(_, p)| p.loaded_through > bucket_ms);
+        self.records.retain(|(_, p)| {
+            p.loaded_through > bucket_ms
+                || p.delivered_after.iter().any(|id| id.bucket_ms >= bucket_ms)
+        });
     }
 
     /// The record written by an earlier owner of exactly `range` (the one this range's own
@@ -616,7 +623,14 @@ mod tests {
         assert!(p.covers(0, &early));
         assert!(!p.covers(0, &late));
         assert!(p.covers(0, &listed));
-        assert!(!p.covers(1_000, &listed), "only buckets the record read");
+        assert!(
+            p.covers(1_000, &listed),
+            "a listed id was delivered, also in a bucket the record's range had not loaded"
+        );
+        assert!(
+            !p.covers(1_000, &early),
+            "the mark speaks only of loaded buckets"
+        );
         // A listed id was fired by the record's writer; the mark speaks only of due times.
         assert_eq!(p.coverage(0, &early), Some(Coverage::Mark));
         assert_eq!(p.coverage(0, &listed), Some(Coverage::Listed));
@@ -625,5 +639,37 @@ mod tests {
             ..p.clone()
         };
         assert_eq!(listed_early.coverage(0, &early), Some(Coverage::Listed));
+    }
+
+    /// A range fired a timer handed to it by a write, in a bucket its loader had not
+    /// reached, and gave the range up: the next owner, loading that bucket, must find the
+    /// id listed (the record is kept past its loaded buckets for it), and not fire it again.
+    #[test]
+    fn a_listed_id_beyond_the_loaded_buckets_stays_covered_until_its_bucket() {
+        let layout = Layout {
+            slots: 1,
+            bucket_ms: 1_000,
+        };
+        let mut handed = timer(5_500, 4_000);
+        handed.id = TimerId::generate(5_000);
+        let p = Progress {
+            fired_through_ms: 3_000,
+            loaded_through: 4_000,
+            unconfirmed: vec![],
+            delivered_after: vec![handed.id],
+        };
+        let mut resume = Resume::new(vec![(layout.all_slots(), p)], 10_000);
+        resume.forget_before(4_000);
+        resume.forget_before(5_000);
+        assert_eq!(
+            resume.coverage(layout, 5_000, &handed),
+            Some(Coverage::Listed)
+        );
+        resume.forget_before(6_000);
+        assert_eq!(
+            resume.coverage(layout, 5_000, &handed),
+            None,
+            "forgotten past its bucket"
+        );
     }
 }

@@ -457,6 +457,77 @@ mod in_process {
         scheduler.shutdown().await;
         store.close().await.unwrap();
     }
+
+    /// A range whose loader is held up reading a bucket (a slow store) fires a timer a
+    /// write handed to it meanwhile in a later bucket, inside the look-ahead, then is given
+    /// up. The range that takes the slots next loads that bucket and must not fire the
+    /// timer again: the record lists it (its mark speaks only of the buckets the range had
+    /// loaded). Before, the next owner fired it a second time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timer_fired_before_its_bucket_was_loaded_does_not_fire_again_after_a_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn TimerStore> = Arc::new(
+            EmbeddedStore::open(dir.path(), StoreOptions::default())
+                .await
+                .unwrap(),
+        );
+        let config = SchedulerConfig {
+            authority: Some(Authority(Arc::new(|_, _| true))),
+            ..SchedulerConfig::default()
+        };
+        let sink = FlakySink::failing(0);
+        let scheduler = Scheduler::new(store.clone(), sink.clone(), config.clone());
+        let all = store.layout().all_slots();
+        // The bucket the loader is stuck on.
+        let stuck = insert_ok(&*store, &[spec(now_ms() + 200, "ok")]).await[0].id;
+        fail::cfg("scheduler.before_load", "return(delay:20000)").unwrap();
+        scheduler.assign(vec![all]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (at, created_ms) = (now_ms() + 1_500, now_ms());
+        let id = insert_ok(&*store, &[spec(at, "ok")]).await[0].id;
+        scheduler.hand_off(
+            vec![Timer {
+                id,
+                created_ms,
+                spec: spec(at, "ok"),
+            }],
+            None,
+        );
+        let deliveries_of = |id: TimerId| {
+            sink.delivered
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, _)| t.id == id)
+                .count()
+        };
+        let deliveries = || deliveries_of(id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while deliveries() == 0 {
+            assert!(Instant::now() < deadline, "the handed timer never fired");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Given up (its record written), then taken by another member's range (another
+        // scheduler: nothing remembered in memory), which loads freely.
+        scheduler.assign(vec![]).await.unwrap();
+        scheduler.shutdown().await;
+        fail::remove("scheduler.before_load");
+        let next = Scheduler::new(store.clone(), sink.clone(), config);
+        next.assign(vec![all]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(
+            deliveries(),
+            1,
+            "fired again by the range that took the slots next"
+        );
+        assert_eq!(
+            deliveries_of(stuck),
+            1,
+            "the stuck bucket's timer fires once"
+        );
+        next.shutdown().await;
+        store.close().await.unwrap();
+    }
 }
 
 /// The Scylla store's two orderings, against the real Cassandra of the test command.

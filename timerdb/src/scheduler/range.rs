@@ -1198,9 +1198,13 @@ impl RangeTask {
         // Fired timers well behind the mark need no listing: the mark can still move back
         // (a range given up records its mark before writes then under way, and a late
         // hand-off can hold it back), so a few seconds of fires are kept.
+        // Fires in buckets not loaded yet (handed over by writes) are kept too: the mark
+        // does not speak of those buckets, only the list does.
         if let Some(p) = self.progress_candidate() {
             let keep_after = p.fired_through_ms.saturating_sub(RECENT_FIRED_MS);
-            self.recent_fired.retain(|(due, _)| *due > keep_after);
+            let unloaded = self.next_unsettled;
+            self.recent_fired
+                .retain(|(due, id)| *due > keep_after || id.bucket_ms >= unloaded);
         }
         while self
             .remembered
@@ -1416,11 +1420,14 @@ impl RangeTask {
         }
         let mut unconfirmed: Vec<TimerId> = self.retrying.iter().copied().collect();
         unconfirmed.sort_unstable();
-        // Fired past the mark (only a range given up under writes has many).
+        // Fired past the mark (only a range given up under writes has many), or in a
+        // bucket the loader has not finished (handed over by a write): the record's mark
+        // speaks only of loaded buckets, so the next owner would fire those again.
+        let unloaded = self.next_unsettled;
         let mut delivered_after: Vec<TimerId> = self
             .recent_fired
             .iter()
-            .filter(|(due, _)| *due > through)
+            .filter(|(due, id)| *due > through || id.bucket_ms >= unloaded)
             .map(|(_, id)| *id)
             .take(MAX_UNCONFIRMED)
             .collect();
