@@ -589,6 +589,25 @@ impl ScyllaStore {
         Ok(store)
     }
 
+    /// Executes `statement` once (a read or a lightweight transaction) and returns its rows;
+    /// an error names `what` was being done.
+    async fn rows<V>(
+        &self,
+        statement: &PreparedStatement,
+        values: V,
+        what: &str,
+    ) -> Result<scylla::response::query_result::QueryRowsResult>
+    where
+        V: scylla::serialize::row::SerializeRow,
+    {
+        self.session
+            .execute_unpaged(statement, values)
+            .await
+            .map_err(|e| unavailable(what, e))?
+            .into_rows_result()
+            .map_err(|e| unavailable(what, e))
+    }
+
     /// Executes `statement` once per row of values, up to `FAN_OUT` at a time.
     async fn execute_all<V>(
         &self,
@@ -779,15 +798,12 @@ impl ScyllaStore {
     ) -> Result<TimerId> {
         let ttl = ttl.as_millis().div_ceil(1000).clamp(1, i32::MAX as u128) as i32;
         let r = self
-            .session
-            .execute_unpaged(
+            .rows(
                 &self.st.claim_idempotency,
                 (key, id.to_bytes().to_vec(), created_ms as i64, ttl),
+                "claiming idempotency key",
             )
-            .await
-            .map_err(|e| unavailable("claiming idempotency key", e))?
-            .into_rows_result()
-            .map_err(|e| unavailable("claiming idempotency key", e))?;
+            .await?;
         let (applied, existing) = lwt_outcome(&r, "timer_id")?;
         if applied {
             return Ok(id);
@@ -833,12 +849,8 @@ impl ScyllaStore {
     /// the caller then claims, which finishes or loses to it.
     async fn key_holder(&self, key: &str) -> Result<Option<(TimerId, u64)>> {
         let rows = self
-            .session
-            .execute_unpaged(&self.st.read_idempotency, (key,))
-            .await
-            .map_err(|e| unavailable("reading idempotency key", e))?
-            .into_rows_result()
-            .map_err(|e| unavailable("reading idempotency key", e))?;
+            .rows(&self.st.read_idempotency, (key,), "reading idempotency key")
+            .await?;
         rows.maybe_first_row::<(Vec<u8>, i64)>()
             .map_err(|e| unavailable("reading idempotency key", e))?
             .map(|(b, created)| Ok((id_from_blob(Some(&b), key)?, created as u64)))
@@ -850,12 +862,8 @@ impl ScyllaStore {
     async fn is_withdrawn(&self, key: &str, id: TimerId) -> Result<bool> {
         let what = "reading withdrawn keys";
         let rows = self
-            .session
-            .execute_unpaged(&self.st.read_withdrawn, (key, id.to_bytes().to_vec()))
-            .await
-            .map_err(|e| unavailable(what, e))?
-            .into_rows_result()
-            .map_err(|e| unavailable(what, e))?;
+            .rows(&self.st.read_withdrawn, (key, id.to_bytes().to_vec()), what)
+            .await?;
         Ok(rows.rows_num() > 0)
     }
 
@@ -865,15 +873,12 @@ impl ScyllaStore {
     async fn release_unkept(&self, key: &str, id: TimerId) -> Result<bool> {
         let what = "releasing idempotency key";
         let r = self
-            .session
-            .execute_unpaged(
+            .rows(
                 &self.st.release_unkept_idempotency,
                 (key, id.to_bytes().to_vec()),
+                what,
             )
-            .await
-            .map_err(|e| unavailable(what, e))?
-            .into_rows_result()
-            .map_err(|e| unavailable(what, e))?;
+            .await?;
         let (applied, held) = lwt_outcome_of(&r, &["timer_id", "kept"])?;
         let holder = held[0].as_ref().and_then(|v| v.as_blob());
         let kept = held[1].as_ref().and_then(|v| v.as_boolean());
@@ -885,13 +890,7 @@ impl ScyllaStore {
     /// later claims, past the retention).
     async fn claim_ttl(&self, key: &str, id: TimerId) -> Result<Option<i32>> {
         let what = "reading idempotency key";
-        let rows = self
-            .session
-            .execute_unpaged(&self.st.read_key_ttl, (key,))
-            .await
-            .map_err(|e| unavailable(what, e))?
-            .into_rows_result()
-            .map_err(|e| unavailable(what, e))?;
+        let rows = self.rows(&self.st.read_key_ttl, (key,), what).await?;
         let Some((holder, ttl)) = rows
             .maybe_first_row::<(Option<Vec<u8>>, Option<i32>)>()
             .map_err(|e| unavailable(what, e))?
@@ -911,12 +910,12 @@ impl ScyllaStore {
     /// lightweight transaction against the confirmation's); whether it did.
     async fn release_unconfirmed(&self, key: &str, id: TimerId) -> Result<ReleaseOutcome> {
         let r = self
-            .session
-            .execute_unpaged(&self.st.release_idempotency, (key, id.to_bytes().to_vec()))
-            .await
-            .map_err(|e| unavailable("releasing idempotency key", e))?
-            .into_rows_result()
-            .map_err(|e| unavailable("releasing idempotency key", e))?;
+            .rows(
+                &self.st.release_idempotency,
+                (key, id.to_bytes().to_vec()),
+                "releasing idempotency key",
+            )
+            .await?;
         let (applied, held) = lwt_outcome_of(&r, &["timer_id", "confirmed"])?;
         let holder = held[0].as_ref().and_then(|v| v.as_blob());
         let confirmed = held[1].as_ref().and_then(|v| v.as_boolean());
@@ -937,15 +936,12 @@ impl ScyllaStore {
     async fn keep(&self, key: &str, id: TimerId, ttl: i32) -> Result<bool> {
         let what = "keeping a confirmed idempotency key";
         let r = self
-            .session
-            .execute_unpaged(
+            .rows(
                 &self.st.keep_idempotency,
                 (ttl, key, id.to_bytes().to_vec()),
+                what,
             )
-            .await
-            .map_err(|e| unavailable(what, e))?
-            .into_rows_result()
-            .map_err(|e| unavailable(what, e))?;
+            .await?;
         Ok(lwt_outcome(&r, "timer_id")?.0)
     }
 
@@ -1088,12 +1084,8 @@ impl ScyllaStore {
         // Each round loses only to another claim, which raised the epoch meanwhile.
         for _ in 0..8 {
             let r = self
-                .session
-                .execute_unpaged(&self.st.claim_new_slot, (slot as i32, epoch as i64))
-                .await
-                .map_err(|e| unavailable(what, e))?
-                .into_rows_result()
-                .map_err(|e| unavailable(what, e))?;
+                .rows(&self.st.claim_new_slot, (slot as i32, epoch as i64), what)
+                .await?;
             let (applied, held) = lwt_outcome(&r, "epoch")?;
             let held = held.as_ref().and_then(|v| v.as_bigint());
             match (applied, held) {
@@ -1103,15 +1095,12 @@ impl ScyllaStore {
                 _ => {}
             }
             let r = self
-                .session
-                .execute_unpaged(
+                .rows(
                     &self.st.claim_raise_slot,
                     (epoch as i64, slot as i32, epoch as i64),
+                    what,
                 )
-                .await
-                .map_err(|e| unavailable(what, e))?
-                .into_rows_result()
-                .map_err(|e| unavailable(what, e))?;
+                .await?;
             let (applied, held) = lwt_outcome(&r, "epoch")?;
             match (applied, held.as_ref().and_then(|v| v.as_bigint())) {
                 (true, _) => return Ok(()),
@@ -1129,15 +1118,12 @@ impl ScyllaStore {
     /// Slots of `range` that have rows in `bucket`.
     async fn slots_in(&self, range: SlotRange, bucket: u64) -> Result<Vec<u32>> {
         let rows = self
-            .session
-            .execute_unpaged(
+            .rows(
                 &self.st.bucket_slots,
                 (bucket as i64, range.first as i32, range.last as i32),
+                "reading bucket index",
             )
-            .await
-            .map_err(|e| unavailable("reading bucket index", e))?
-            .into_rows_result()
-            .map_err(|e| unavailable("reading bucket index", e))?;
+            .await?;
         rows.rows::<(i32,)>()
             .map_err(|e| unavailable("reading bucket index", e))?
             .map(|r| r.map(|(s,)| s as u32))
@@ -1343,12 +1329,8 @@ impl TimerStore for ScyllaStore {
     async fn get(&self, id: TimerId) -> Result<Option<StoredTimer>> {
         let started = Instant::now();
         let rows = self
-            .session
-            .execute_unpaged(&self.st.get_timer, self.row_key(id))
-            .await
-            .map_err(|e| unavailable("reading timer", e))?
-            .into_rows_result()
-            .map_err(|e| unavailable("reading timer", e))?;
+            .rows(&self.st.get_timer, self.row_key(id), "reading timer")
+            .await?;
         let row = rows
             .maybe_first_row::<(i8, i64, Vec<u8>)>()
             .map_err(|e| unavailable("reading timer", e))?;
@@ -1367,12 +1349,8 @@ impl TimerStore for ScyllaStore {
         }
         // IF EXISTS: a plain UPDATE would recreate a row whose bucket was just deleted.
         let r = self
-            .session
-            .execute_unpaged(&self.st.cancel_timer, self.row_key(id))
-            .await
-            .map_err(|e| unavailable("cancelling timer", e))?
-            .into_rows_result()
-            .map_err(|e| unavailable("cancelling timer", e))?;
+            .rows(&self.st.cancel_timer, self.row_key(id), "cancelling timer")
+            .await?;
         let (applied, _) = lwt_outcome(&r, "state")?;
         Ok(if applied {
             CancelOutcome::Cancelled
@@ -1433,15 +1411,12 @@ impl TimerStore for ScyllaStore {
             return Ok(false);
         };
         let r = self
-            .session
-            .execute_unpaged(
+            .rows(
                 &self.st.confirm_idempotency,
                 (ttl, key, id.to_bytes().to_vec()),
+                what,
             )
-            .await
-            .map_err(|e| unavailable(what, e))?
-            .into_rows_result()
-            .map_err(|e| unavailable(what, e))?;
+            .await?;
         if !lwt_outcome(&r, "timer_id")?.0 {
             return Ok(false);
         }
@@ -1559,15 +1534,12 @@ impl TimerStore for ScyllaStore {
         let mut hour = from_ms / HOUR_MS;
         while hour * HOUR_MS <= until_ms {
             let rows = self
-                .session
-                .execute_unpaged(
+                .rows(
                     &self.st.next_in_hour,
                     (hour as i64, from_ms as i64, until_ms as i64),
+                    "reading bucket index",
                 )
-                .await
-                .map_err(|e| unavailable("reading bucket index", e))?
-                .into_rows_result()
-                .map_err(|e| unavailable("reading bucket index", e))?;
+                .await?;
             if let Some((b,)) = rows
                 .maybe_first_row::<(i64,)>()
                 .map_err(|e| unavailable("reading bucket index", e))?
@@ -1620,12 +1592,12 @@ impl TimerStore for ScyllaStore {
             .await
             .map_err(|e| unavailable("deleting bucket index", e))?;
         let others = self
-            .session
-            .execute_unpaged(&st.bucket_has_slots, (bucket_ms as i64,))
-            .await
-            .map_err(|e| unavailable("reading bucket index", e))?
-            .into_rows_result()
-            .map_err(|e| unavailable("reading bucket index", e))?
+            .rows(
+                &st.bucket_has_slots,
+                (bucket_ms as i64,),
+                "reading bucket index",
+            )
+            .await?
             .rows_num();
         if others == 0 {
             self.session
@@ -1691,12 +1663,12 @@ impl TimerStore for ScyllaStore {
         let outcomes: Vec<(u32, bool, Option<CqlValue>)> =
             stream::iter((slots.first..=slots.last).map(|slot| async move {
                 let r = self
-                    .session
-                    .execute_unpaged(st, (bucket_ms as i64, slot as i32, epoch as i64))
-                    .await
-                    .map_err(|e| unavailable("writing fenced low-water marks", e))?
-                    .into_rows_result()
-                    .map_err(|e| unavailable("writing fenced low-water marks", e))?;
+                    .rows(
+                        st,
+                        (bucket_ms as i64, slot as i32, epoch as i64),
+                        "writing fenced low-water marks",
+                    )
+                    .await?;
                 let (applied, holder) = lwt_outcome(&r, "epoch")?;
                 Ok::<_, Error>((slot, applied, holder))
             }))
@@ -1736,12 +1708,8 @@ impl TimerStore for ScyllaStore {
         // The table holds one small row per slot range ever owned (hundreds at most): read
         // it whole and keep the overlapping ones.
         let rows = self
-            .session
-            .execute_unpaged(&self.st.get_progress, ())
-            .await
-            .map_err(|e| unavailable("reading range progress", e))?
-            .into_rows_result()
-            .map_err(|e| unavailable("reading range progress", e))?;
+            .rows(&self.st.get_progress, (), "reading range progress")
+            .await?;
         let mut out = Vec::new();
         for row in rows
             .rows::<(i32, i32, Vec<u8>)>()
