@@ -372,6 +372,21 @@ mod in_process {
     use timerdb::store::{StoreOptions, TimerStore};
     use timerdb::timer::{Timer, TimerId, now_ms};
 
+    /// An embedded store in `dir`.
+    async fn embedded(dir: &tempfile::TempDir) -> Arc<dyn TimerStore> {
+        Arc::new(
+            EmbeddedStore::open(dir.path(), StoreOptions::default())
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// The authority of a cluster member whose lease always holds (ranges act, and record
+    /// as a member's do).
+    fn always_acting() -> Option<Authority> {
+        Some(Authority(Arc::new(|_, _| true)))
+    }
+
     /// A timer adopted into a bucket while the range's delete of that bucket is under way
     /// (held 1.5 s), whose delivery is still being retried when the delete completes, stays
     /// in memory and is delivered. (Before, the delete's completion dropped the whole
@@ -379,13 +394,9 @@ mod in_process {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_timer_adopted_while_its_bucket_is_deleted_still_fires() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn TimerStore> = Arc::new(
-            EmbeddedStore::open(dir.path(), StoreOptions::default())
-                .await
-                .unwrap(),
-        );
+        let store = embedded(&dir).await;
         let config = SchedulerConfig {
-            authority: Some(Authority(Arc::new(|_, _| true))),
+            authority: always_acting(),
             grace: Duration::from_millis(100),
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_millis(500),
@@ -466,13 +477,9 @@ mod in_process {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_timer_fired_before_its_bucket_was_loaded_does_not_fire_again_after_a_move() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn TimerStore> = Arc::new(
-            EmbeddedStore::open(dir.path(), StoreOptions::default())
-                .await
-                .unwrap(),
-        );
+        let store = embedded(&dir).await;
         let config = SchedulerConfig {
-            authority: Some(Authority(Arc::new(|_, _| true))),
+            authority: always_acting(),
             ..SchedulerConfig::default()
         };
         let sink = FlakySink::failing(0);
