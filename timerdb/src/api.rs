@@ -620,7 +620,9 @@ async fn unload_withdrawn(
         )
         .await
         .map(|_| ()),
-        Ok(None) => cancel_in_task(store.clone(), scheduler.clone(), id)
+        // The row is cancelled already: this only keeps the range here from firing it,
+        // lease or not.
+        Ok(None) => cancel_in_task(store.clone(), scheduler.clone(), id, false)
             .await
             .map(|_| ()),
         Err(e) => Err(e),
@@ -632,12 +634,23 @@ async fn unload_withdrawn(
 
 /// Both phases of a cancel, in a task of their own so that a caller going away between
 /// them cannot leave the timer blocked from firing.
+///
+/// `clustered`: a caller's cancel on a cluster member. It holds only where the range of the
+/// timer's slot runs here and may act (its lease valid) both before and after the store
+/// write; otherwise the answer is `UNAVAILABLE`, and before the write nothing changed.
 async fn cancel_in_task(
     store: Arc<dyn TimerStore>,
     scheduler: Arc<Scheduler>,
     id: TimerId,
+    clustered: bool,
 ) -> Result<v1::CancelTimeoutResponse> {
-    match scheduler.begin_cancel(id).await? {
+    let not_acting = |what: &str| {
+        Error::Unavailable(format!(
+            "timer {id}: this member {what} (its slot may be moving to another member); \
+             retry the cancel"
+        ))
+    };
+    match scheduler.begin_cancel(id, clustered).await? {
         Some(CancelProbe::AlreadyFired) => {
             return Err(Error::FailedPrecondition(format!(
                 "timer {id} has already fired; it can no longer be cancelled"
@@ -651,13 +664,35 @@ async fn cancel_in_task(
                 "timer {id} is being cancelled by another call"
             )));
         }
+        Some(CancelProbe::NotActing) => {
+            return Err(not_acting(
+                "holds no lease on its slot now; nothing was changed",
+            ));
+        }
+        // No range here runs the slot. On a member, another may hold the timer loaded,
+        // which a cancel written to the store only would not stop.
+        None if clustered => {
+            return Err(not_acting(
+                "runs no range of its slot now; nothing was changed",
+            ));
+        }
         Some(CancelProbe::Proceed) | None => {}
     }
     let outcome = match crate::failpoint::hit_async("api.cancel_between_phases").await {
         Ok(()) => store.cancel(id).await,
         Err(e) => Err(e),
     };
-    scheduler.end_cancel(id, outcome.as_ref().ok().copied());
+    let done = outcome.as_ref().ok().copied();
+    // A member's cancel holds only if its lease outlived the write: a successor starts
+    // after that lease, and reads the row as cancelled.
+    if clustered && !scheduler.end_cancel_acting(id, done).await && outcome.is_ok() {
+        return Err(not_acting(
+            "lost its lease on the slot while the cancel was written: the timer may fire yet",
+        ));
+    }
+    if !clustered {
+        scheduler.end_cancel(id, done);
+    }
     match outcome? {
         CancelOutcome::Cancelled => {
             m::cancelled();
@@ -938,6 +973,7 @@ impl TimerService for TimerApi {
                 self.store.clone(),
                 self.scheduler.clone(),
                 id,
+                self.member.is_some(),
             ))
             .await
             .map_err(|e| Error::Internal(format!("cancel task: {e}")))?

@@ -146,6 +146,9 @@ pub enum CancelProbe {
     AlreadyCancelled,
     /// Another cancel of the same timer is being written.
     InProgress,
+    /// The range may not act now (a cluster member whose lease lapsed, or whose range is
+    /// moving): another member may hold the timer loaded, so nothing was changed.
+    NotActing,
 }
 
 /// The writes under way, by the time each began.
@@ -202,8 +205,12 @@ enum Msg {
     ProgressWritten(crate::store::Progress, bool),
     BucketDeleted(u64, bool),
     LowWaterWritten(u64, bool),
-    BeginCancel(TimerId, oneshot::Sender<CancelProbe>),
-    EndCancel(TimerId, Option<CancelOutcome>),
+    BeginCancel(TimerId, bool, oneshot::Sender<CancelProbe>),
+    EndCancel(
+        TimerId,
+        Option<CancelOutcome>,
+        Option<oneshot::Sender<bool>>,
+    ),
     Status(TimerId, oneshot::Sender<Option<MemState>>),
     /// Adopt a stored timer (see [`Scheduler::adopt`]): (timer, its bucket is loaded,
     /// admit it even if its bucket was deleted here, asked by its writer, reply).
@@ -555,13 +562,15 @@ impl Scheduler {
     }
 
     /// Blocks the timer from firing while a cancel is written. `None` when this node does
-    /// not own the timer's slot (the store alone decides then).
-    pub async fn begin_cancel(&self, id: TimerId) -> Result<Option<CancelProbe>> {
+    /// not own the timer's slot (the store alone decides then). With `must_act`, a range
+    /// that may not act now (a member whose lease lapsed) changes nothing and answers
+    /// [`CancelProbe::NotActing`].
+    pub async fn begin_cancel(&self, id: TimerId, must_act: bool) -> Result<Option<CancelProbe>> {
         let Some(tx) = self.sender_for(id) else {
             return Ok(None);
         };
         let (reply, rx) = oneshot::channel();
-        tx.send(Msg::BeginCancel(id, reply))
+        tx.send(Msg::BeginCancel(id, must_act, reply))
             .map_err(|_| Error::ShuttingDown)?;
         rx.await.map(Some).map_err(|_| Error::ShuttingDown)
     }
@@ -570,8 +579,23 @@ impl Scheduler {
     /// (the timer becomes pending again).
     pub fn end_cancel(&self, id: TimerId, outcome: Option<CancelOutcome>) {
         if let Some(tx) = self.sender_for(id) {
-            let _ = tx.send(Msg::EndCancel(id, outcome));
+            let _ = tx.send(Msg::EndCancel(id, outcome, None));
         }
+    }
+
+    /// [`end_cancel`](Self::end_cancel), answering whether the range running `id`'s slot
+    /// still may act once the cancel's store write is done. Only then is the cancel sure:
+    /// a member taking the slot over starts only after this one's lease could be valid,
+    /// so it reads the row as cancelled. `false` when no range here runs the slot.
+    pub async fn end_cancel_acting(&self, id: TimerId, outcome: Option<CancelOutcome>) -> bool {
+        let Some(tx) = self.sender_for(id) else {
+            return false;
+        };
+        let (reply, rx) = oneshot::channel();
+        if tx.send(Msg::EndCancel(id, outcome, Some(reply))).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// Asks the range running `timer`'s slot to make sure the stored, pending `timer` fires

@@ -3,7 +3,9 @@
 //! longer than its lease, a member cut off from the others (but not from Kafka and
 //! Cassandra), the whole cluster stopped and started, a fourth member joining.
 //! Each asserts what a user would notice: every acknowledged timer arrives on Kafka, none
-//! before its epoch, and duplicates stay within the bound the fault allows.
+//! before its epoch, no timer whose cancel was acknowledged arrives (the load cancels
+//! every eighth timer through another member), and duplicates stay within the bound the
+//! fault allows.
 
 mod common;
 
@@ -41,15 +43,29 @@ impl LocalCluster {
     }
 }
 
+/// What a write load was told: the timers acknowledged (with their epochs) that must
+/// fire, and those whose cancel was acknowledged, which must not.
+#[derive(Default)]
+struct Load {
+    acked: HashMap<String, u64>,
+    cancelled: HashMap<String, u64>,
+}
+
+/// Every how many acknowledged timers one is cancelled at once.
+const CANCEL_EVERY: usize = 8;
+
 /// Sends near-term timers (due 0.5–3 s ahead) to every member in turn that is not in
-/// `skip`, for `for_how_long`; returns every acknowledged id with its epoch.
+/// `skip`, for `for_how_long`, and cancels every [`CANCEL_EVERY`]th acknowledged one right
+/// away through the next member (so most cancels are forwarded to the owner). A cancel
+/// that is refused because the timer fired leaves it expected; one without an answer
+/// leaves it out of both sets (it may or may not fire).
 async fn write_load(
     nodes: Vec<String>,
     topic: String,
     for_how_long: Duration,
     skip: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
-) -> HashMap<String, u64> {
-    let mut acked = HashMap::new();
+) -> Load {
+    let mut load = Load::default();
     let started = Instant::now();
     let mut round = 0u64;
     let mut clients: Vec<Option<Client>> = nodes.iter().map(|_| None).collect();
@@ -79,18 +95,49 @@ async fn write_load(
             .collect();
         let due: Vec<u64> = timers.iter().map(|t| t.fire_at_ms).collect();
         let call = tokio::time::timeout(Duration::from_secs(3), client.set_timeouts(timers));
+        let mut to_cancel = Vec::new();
         if let Ok(Ok(results)) = call.await {
-            for (r, d) in results.into_iter().zip(due) {
+            for (n, (r, d)) in results.into_iter().zip(due).enumerate() {
                 if let Ok(id) = r {
-                    acked.insert(id, d);
+                    if (round as usize + n).is_multiple_of(CANCEL_EVERY) {
+                        to_cancel.push((id, d));
+                    } else {
+                        load.acked.insert(id, d);
+                    }
                 }
             }
         } else {
             clients[i] = None;
         }
+        let j = (i + 1) % nodes.len();
+        let via = if skip.lock().unwrap().contains(&j) {
+            i
+        } else {
+            j
+        };
+        for (id, due) in to_cancel {
+            if clients[via].is_none() {
+                clients[via] = Client::connect(&nodes[via]).await.ok();
+            }
+            let Some(client) = clients[via].as_mut() else {
+                continue;
+            };
+            match tokio::time::timeout(Duration::from_secs(3), client.cancel(&id)).await {
+                Ok(Ok(_)) => {
+                    load.cancelled.insert(id, due);
+                }
+                Ok(Err(timerdb_client::Error::Status(s)))
+                    if s.code() == tonic::Code::FailedPrecondition =>
+                {
+                    load.acked.insert(id, due);
+                }
+                // No answer: it may or may not fire.
+                _ => clients[via] = None,
+            }
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    acked
+    load
 }
 
 struct Verdict {
@@ -103,10 +150,26 @@ struct Verdict {
 }
 
 /// Every acknowledged timer arrived, on time or late but never early, each at most a
-/// few times.
-fn check(acked: &HashMap<String, u64>, got: &[Received]) -> Verdict {
+/// few times; no timer whose cancel was acknowledged arrived.
+fn check(load: &Load, got: &[Received]) -> Verdict {
+    let acked = &load.acked;
     let mut fired: HashMap<String, Vec<u64>> = HashMap::new();
     let mut max_late_ms = 0;
+    let cancelled_fired: Vec<&String> = got
+        .iter()
+        .filter_map(|m| {
+            load.cancelled
+                .get_key_value(&m.timer_id())
+                .map(|(id, _)| id)
+        })
+        .collect();
+    assert!(
+        cancelled_fired.is_empty(),
+        "{} of {} timers whose cancel was acknowledged fired, e.g. {:?}",
+        cancelled_fired.len(),
+        load.cancelled.len(),
+        &cancelled_fired[..cancelled_fired.len().min(5)]
+    );
     for m in got {
         let id = m.timer_id();
         let Some(due) = acked.get(&id) else { continue };
@@ -140,11 +203,14 @@ fn check(acked: &HashMap<String, u64>, got: &[Received]) -> Verdict {
     }
 }
 
-async fn arrived_all(kafka: &str, topic: &str, acked: &HashMap<String, u64>) -> Vec<Received> {
+/// What arrived on `topic`, read until every timer of `load` that must fire has arrived
+/// and every cancelled one is 1.5 s past its epoch (it would have fired by then).
+async fn arrived_all(kafka: &str, topic: &str, load: &Load) -> Vec<Received> {
     let c = consumer(kafka, &[topic]);
+    let quiet_after = load.cancelled.values().max().map_or(0, |d| d + 1_500);
     collect(&c, Duration::from_secs(60), |got| {
         let seen: std::collections::HashSet<String> = got.iter().map(|m| m.timer_id()).collect();
-        acked.keys().all(|id| seen.contains(id))
+        load.acked.keys().all(|id| seen.contains(id)) && now_ms() >= quiet_after
     })
     .await
 }
@@ -158,12 +224,7 @@ async fn cluster_under_load(
     kafka: &str,
     name: &str,
     for_how_long: Duration,
-) -> (
-    LocalCluster,
-    String,
-    Skip,
-    tokio::task::JoinHandle<HashMap<String, u64>>,
-) {
+) -> (LocalCluster, String, Skip, tokio::task::JoinHandle<Load>) {
     let c = LocalCluster::up(3);
     let topic = unique(name);
     create_topic(kafka, &topic, 3).await;
@@ -198,17 +259,26 @@ async fn restart_and_check(
     topic: &str,
     victim: usize,
     skip: &Skip,
-    writer: tokio::task::JoinHandle<HashMap<String, u64>>,
+    writer: tokio::task::JoinHandle<Load>,
 ) -> (Verdict, usize) {
     c.run(&["start", &victim.to_string()]);
     skip.lock().unwrap().clear();
-    let acked = writer.await.unwrap();
+    let load = writer.await.unwrap();
     // Enough load to matter; how much depends on the machine.
-    assert!(acked.len() > 100, "only {} acknowledged", acked.len());
-    let got = arrived_all(kafka, topic, &acked).await;
-    let verdict = check(&acked, &got);
-    c.assert_none_lost(&verdict, acked.len());
-    (verdict, acked.len())
+    assert!(
+        load.acked.len() > 100,
+        "only {} acknowledged",
+        load.acked.len()
+    );
+    assert!(
+        load.cancelled.len() > 10,
+        "only {} cancelled",
+        load.cancelled.len()
+    );
+    let got = arrived_all(kafka, topic, &load).await;
+    let verdict = check(&load, &got);
+    c.assert_none_lost(&verdict, load.acked.len());
+    (verdict, load.acked.len())
 }
 
 /// Kills member `victim` (or the leader) with SIGKILL after 3 s of load and starts it again
@@ -276,13 +346,16 @@ async fn a_member_paused_past_its_lease_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     c.run(&["resume", &victim.to_string()]);
     skip.lock().unwrap().clear();
-    let acked = writer.await.unwrap();
-    let got = arrived_all(&s.kafka, &topic, &acked).await;
-    let v = check(&acked, &got);
+    let load = writer.await.unwrap();
+    let acked = &load.acked;
+    let got = arrived_all(&s.kafka, &topic, &load).await;
+    let v = check(&load, &got);
     c.assert_none_lost(&v, acked.len());
     eprintln!(
-        "member paused 4 s: {} acknowledged, 0 lost, {} duplicates, latest {} ms late",
+        "member paused 4 s: {} acknowledged, {} cancelled, 0 lost, none cancelled fired, \
+         {} duplicates, latest {} ms late",
         acked.len(),
+        load.cancelled.len(),
         v.duplicates,
         v.max_late_ms
     );
@@ -376,6 +449,39 @@ async fn a_member_cut_off_from_the_others_stops_at_lease_end_and_rejoins() {
         "timerdb_scheduler_timers_fired_total",
     );
     assert!(fired_before > 0.0, "the member fired before the cut");
+    // Timers in the member's slots, due 3.6 s after the cut: the member taking its ranges
+    // over holds them in memory by the time they are cancelled, through the cut-off
+    // member, 2.3 s after the cut.
+    let owned: Vec<(u64, u64)> = c.status(survivor)["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["owner"] == victim as u64)
+        .map(|r| (r["start"].as_u64().unwrap(), r["end"].as_u64().unwrap()))
+        .collect();
+    let mut through_cut = Client::connect(&format!("127.0.0.1:{client_port}"))
+        .await
+        .unwrap();
+    let due = now_ms() + 3_600;
+    let to_cancel: Vec<String> = through_cut
+        .set_timeouts(
+            (0..30)
+                .map(|k| NewTimer::new(due, &topic, k % 3).payload(format!("cut-{k}")))
+                .collect(),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .filter(|id| {
+            let slot = u64::from(timerdb_client::slot_of(id, 256).unwrap());
+            owned.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+        })
+        .collect();
+    assert!(
+        !to_cancel.is_empty(),
+        "no timer landed in the member's slots"
+    );
     let cut_at = Instant::now();
     bridge.cut();
     c.wait_settled(survivor, 2).await;
@@ -390,6 +496,17 @@ async fn a_member_cut_off_from_the_others_stops_at_lease_end_and_rejoins() {
         0.0,
         "cut off for 2.3 s, the member holds no lease"
     );
+    // A cancel on the cut-off member cannot stop a timer its successor holds: it is refused
+    // (UNAVAILABLE), changes nothing, and the timer fires.
+    for id in &to_cancel {
+        match through_cut.cancel(id).await {
+            Err(timerdb_client::Error::Status(s)) if s.code() == tonic::Code::Unavailable => {}
+            other => panic!(
+                "a cancel on the member cut off from the others, past its lease, answered \
+                 {other:?} for {id} (its successor holds the timer)"
+            ),
+        }
+    }
     tokio::time::sleep(Duration::from_millis(6_000).saturating_sub(cut_at.elapsed())).await;
     let text = c.metrics_text(victim as u16).await;
     assert_eq!(
@@ -401,18 +518,24 @@ async fn a_member_cut_off_from_the_others_stops_at_lease_end_and_rejoins() {
     bridge.heal();
     c.wait_settled(survivor, 3).await;
     let rejoined = cut_at.elapsed();
-    let acked = writer.await.unwrap();
+    let mut load = writer.await.unwrap();
+    load.acked
+        .extend(to_cancel.iter().map(|id| (id.clone(), due)));
+    let acked = &load.acked;
     assert!(acked.len() > 100, "only {} acknowledged", acked.len());
-    let got = arrived_all(&s.kafka, &topic, &acked).await;
-    let v = check(&acked, &got);
+    let got = arrived_all(&s.kafka, &topic, &load).await;
+    let v = check(&load, &got);
     c.assert_none_lost(&v, acked.len());
     eprintln!(
-        "member cut off 6 s: {} acknowledged, 0 lost, {} duplicates, latest {} ms late; \
+        "member cut off 6 s: {} acknowledged, {} cancelled, 0 lost, {} duplicates, latest {} ms late; \
+         {} cancels on it past its lease refused, their timers fired; \
          its ranges ran elsewhere {:.1} s after the cut; it rejoined {:.1} s after the cut; \
          {fenced} of its writes fenced by the store",
         acked.len(),
+        load.cancelled.len(),
         v.duplicates,
         v.max_late_ms,
+        to_cancel.len(),
         taken_over.as_secs_f64(),
         rejoined.as_secs_f64(),
     );
@@ -457,8 +580,13 @@ async fn the_whole_cluster_stops_and_starts_with_nothing_lost() {
     for id in 1..=3 {
         c.run(&["start", &id.to_string()]);
     }
-    let got = arrived_all(&s.kafka, &topic, &acked).await;
-    let v = check(&acked, &got);
+    let load = Load {
+        acked,
+        cancelled: HashMap::new(),
+    };
+    let got = arrived_all(&s.kafka, &topic, &load).await;
+    let v = check(&load, &got);
+    let acked = load.acked;
     c.assert_none_lost(&v, acked.len());
     for r in &v.repeated {
         eprintln!("repeated: {r}");
@@ -535,22 +663,54 @@ async fn a_member_stopped_gracefully_hands_its_ranges_over_and_rejoins_when_star
     assert!(its >= 80, "the restarted member owns {its} slots: {status}");
 }
 
-/// A fourth member joins (`--join`): the slots spread over four.
+/// A fourth member joins (`--join`) while timers are written and cancelled on the other
+/// three: the slots spread over four, every acknowledged timer arrives, none early, no
+/// cancelled one fires, and duplicates stay within the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fourth_member_joins_and_the_slots_spread_over_four() {
-    if services().is_none() {
-        return;
-    }
+async fn a_fourth_member_joins_under_load_and_the_slots_spread_over_four() {
+    let Some(s) = services() else { return };
     let _one = ONE_AT_A_TIME.lock().await;
-    let c = LocalCluster::up(3);
+    let (c, topic, _skip, writer) =
+        cluster_under_load(&s.kafka, "cluster_join", Duration::from_secs(9)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let joining = Instant::now();
     c.run(&["start", "4"]);
     c.wait_settled(0, 4).await;
-    let s = c.status(1);
+    let took = joining.elapsed();
+    let status = c.status(1);
     let mut per_owner: HashMap<u64, u64> = HashMap::new();
-    for r in s["ranges"].as_array().unwrap() {
+    for r in status["ranges"].as_array().unwrap() {
         *per_owner.entry(r["owner"].as_u64().unwrap()).or_default() +=
             r["end"].as_u64().unwrap() - r["start"].as_u64().unwrap() + 1;
     }
-    assert_eq!(per_owner.len(), 4, "{s}");
+    assert_eq!(per_owner.len(), 4, "{status}");
     assert!(per_owner.values().all(|n| *n == 64), "{per_owner:?}");
+    let load = writer.await.unwrap();
+    assert!(
+        load.acked.len() > 100,
+        "only {} acknowledged",
+        load.acked.len()
+    );
+    assert!(
+        load.cancelled.len() > 10,
+        "only {} cancelled",
+        load.cancelled.len()
+    );
+    let got = arrived_all(&s.kafka, &topic, &load).await;
+    let v = check(&load, &got);
+    c.assert_none_lost(&v, load.acked.len());
+    eprintln!(
+        "a fourth member joined under load in {took:?}: {} acknowledged, {} cancelled, 0 lost, \
+         none cancelled fired, {} duplicates, latest {} ms late",
+        load.acked.len(),
+        load.cancelled.len(),
+        v.duplicates,
+        v.max_late_ms
+    );
+    assert!(
+        v.duplicates * 20 <= load.acked.len(),
+        "{} duplicates: {:#?}",
+        v.duplicates,
+        v.repeated
+    );
 }

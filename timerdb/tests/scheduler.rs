@@ -123,7 +123,7 @@ async fn a_failed_cancel_during_the_load_leaves_the_timer_to_fire() {
     let id = insert_ok(&*store, &[spec(fire_at, "good")]).await[0].id;
     assert!(!scheduler.is_loaded(id));
     assert_eq!(
-        scheduler.begin_cancel(id).await.unwrap(),
+        scheduler.begin_cancel(id, false).await.unwrap(),
         Some(timerdb::scheduler::CancelProbe::Proceed)
     );
     // The durable cancel is slow: its bucket is read meanwhile...

@@ -718,10 +718,23 @@ impl RangeTask {
                         .store(self.lwm_written, Ordering::Relaxed);
                 }
             }
-            Msg::BeginCancel(id, reply) => {
-                let _ = reply.send(self.begin_cancel(id));
+            Msg::BeginCancel(id, must_act, reply) => {
+                // A range that may not act (lease lapsed, or moving away) changes nothing:
+                // its successor may hold the timer loaded, and a cancel written to the
+                // store only would not keep it from firing there.
+                let probe = if !must_act || self.acting() {
+                    self.begin_cancel(id)
+                } else {
+                    CancelProbe::NotActing
+                };
+                let _ = reply.send(probe);
             }
-            Msg::EndCancel(id, outcome) => self.end_cancel(id, outcome),
+            Msg::EndCancel(id, outcome, acting) => {
+                self.end_cancel(id, outcome);
+                if let Some(reply) = acting {
+                    let _ = reply.send(self.acting());
+                }
+            }
             Msg::Status(id, reply) => {
                 // An adopted timer that fired may have its bucket deleted a moment later;
                 // asked after that, it is still known as fired (not as unknown).
