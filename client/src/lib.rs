@@ -44,7 +44,15 @@ pub enum Error {
     },
     /// The server answered with an error.
     #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
+}
+
+/// Not `#[from]`: that would make the status the error's source too, and a report of the
+/// whole chain (`{:#}`) would say the same thing twice.
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Status(s)
+    }
 }
 
 /// Result of a client call.

@@ -549,6 +549,73 @@ async fn the_cli_sets_and_reads_timers_through_host_and_port() {
     assert!(shown.contains("fired"), "{shown}");
 }
 
+/// The client commands print one JSON object with `--json`, and an error as JSON too
+/// (on stderr, exit status 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_commands_answer_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::embedded(dir.path(), Overrides::default()).await;
+    let server = node.grpc.to_string();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_timerdb"))
+            .args(args)
+            .args(["--server", &server, "--json"])
+            .output()
+            .unwrap();
+        let text = if out.status.success() {
+            out.stdout
+        } else {
+            out.stderr
+        };
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap_or_else(|e| {
+            panic!("timerdb {args:?}: {e}: {}", String::from_utf8_lossy(&text))
+        });
+        (out.status.success(), v)
+    };
+    let (ok, set) = cli(&[
+        "set-timeout",
+        "--at",
+        "1893456000000",
+        "--topic",
+        "cli-json",
+        "--payload",
+        "hey",
+    ]);
+    assert!(ok, "{set}");
+    assert_eq!(set["fire_at_ms"], 1_893_456_000_000u64, "{set}");
+    assert!(
+        set["fire_at"]
+            .as_str()
+            .unwrap()
+            .starts_with("2030-01-01T00:00:00"),
+        "{set}"
+    );
+    let id = set["timer_id"].as_str().unwrap().to_owned();
+    let (ok, got) = cli(&["get", &id]);
+    assert!(ok, "{got}");
+    assert_eq!(got["timer_id"], id.as_str());
+    assert_eq!(got["state"], "pending");
+    assert_eq!(got["topic"], "cli-json");
+    assert_eq!(got["partition"], 0);
+    assert_eq!(got["payload_size"], 3);
+    assert_eq!(got["has_idempotency_key"], false);
+    let (ok, cancelled) = cli(&["cancel", &id]);
+    assert!(ok, "{cancelled}");
+    assert_eq!(
+        cancelled,
+        serde_json::json!({"timer_id": id, "cancelled": true})
+    );
+    let (ok, again) = cli(&["cancel", &id]);
+    assert!(ok, "{again}");
+    assert_eq!(again["cancelled"], false);
+    let (ok, err) = cli(&["get", "not-an-id"]);
+    assert!(!ok);
+    assert!(
+        err["error"].as_str().unwrap().contains("not-an-id"),
+        "{err}"
+    );
+}
+
 /// A batch over the largest message the server takes gets `INVALID_ARGUMENT` naming the
 /// limit (not a transport error), and nothing of it is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

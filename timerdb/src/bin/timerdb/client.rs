@@ -42,6 +42,9 @@ pub struct SetTimeoutArgs {
     /// Idempotency key: repeating it returns the first id.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Print one JSON object: `timer_id`, `fire_at_ms`, `fire_at`.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `timerdb get ID` / `timerdb cancel ID`
@@ -52,6 +55,9 @@ pub struct IdArgs {
     pub server: String,
     /// Timer id as printed by set-timeout.
     pub id: String,
+    /// Print one JSON object (`get`: the timer's fields; `cancel`: `timer_id`, `cancelled`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 async fn connect(server: &str) -> anyhow::Result<Client> {
@@ -90,13 +96,40 @@ pub async fn set_timeout(a: SetTimeoutArgs) -> anyhow::Result<()> {
         timer = timer.idempotency_key(key);
     }
     let id = connect(&a.server).await?.set_timeout(timer).await?;
-    println!("{id}");
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "timer_id": id,
+                "fire_at_ms": fire_at_ms,
+                "fire_at": format_rfc3339(fire_at_ms),
+            })
+        );
+    } else {
+        println!("{id}");
+    }
     Ok(())
 }
 
 /// Prints what the node knows of a timer.
 pub async fn get(a: IdArgs) -> anyhow::Result<()> {
     let t = connect(&a.server).await?.get(&a.id).await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "timer_id": t.id,
+                "state": state_name(t.state),
+                "fire_at_ms": t.fire_at_ms,
+                "fire_at": format_rfc3339(t.fire_at_ms),
+                "topic": t.topic,
+                "partition": t.partition,
+                "payload_size": t.payload_size,
+                "has_idempotency_key": t.has_idempotency_key,
+            })
+        );
+        return Ok(());
+    }
     println!("id:           {}", t.id);
     println!("state:        {}", state_name(t.state));
     println!("fire_at:      {}", format_rfc3339(t.fire_at_ms));
@@ -108,7 +141,13 @@ pub async fn get(a: IdArgs) -> anyhow::Result<()> {
 
 /// Cancels a timer.
 pub async fn cancel(a: IdArgs) -> anyhow::Result<()> {
-    if connect(&a.server).await?.cancel(&a.id).await? {
+    let cancelled = connect(&a.server).await?.cancel(&a.id).await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"timer_id": a.id, "cancelled": cancelled})
+        );
+    } else if cancelled {
         println!("cancelled {}", a.id);
     } else {
         println!("{} was already cancelled", a.id);

@@ -39,9 +39,22 @@ enum Command {
     Admin(admin::AdminArgs),
 }
 
+impl Command {
+    /// Whether the command was asked for JSON output (then its error is JSON too).
+    fn json(&self) -> bool {
+        match self {
+            Command::SetTimeout(a) => a.json,
+            Command::Get(a) | Command::Cancel(a) => a.json,
+            Command::Admin(a) => a.json,
+            Command::Serve(_) | Command::Migrate(_) => false,
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let json = cli.command.json();
     // Only with the `failpoints` feature: kill-points and injected errors from FAILPOINTS.
     let _failpoints = timerdb::failpoint::setup_from_env();
     // Logs go to stderr; stdout carries command output (and the stdout: sink's lines).
@@ -62,6 +75,10 @@ async fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if json => {
+            eprintln!("{}", serde_json::json!({"error": format!("{e:#}")}));
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
