@@ -293,16 +293,28 @@ impl Sender {
                 Ok(resp) => {
                     call_failed = false;
                     let results = resp.into_inner().results;
+                    let mut refused = (0, None);
                     for (j, &i) in pending.iter().enumerate() {
                         match results.get(j).and_then(|r| r.result.as_ref()) {
                             Some(set_timeout_result::Result::TimerId(id)) => ids[i] = parse_id(id),
-                            Some(set_timeout_result::Result::Error(e))
-                                if self.retry && retriable_item(e.code) =>
-                            {
-                                again.push(i)
+                            Some(set_timeout_result::Result::Error(e)) => {
+                                refused = (refused.0 + 1, refused.1.or(Some(e)));
+                                if self.retry && retriable_item(e.code) {
+                                    again.push(i)
+                                }
                             }
-                            _ => {}
+                            None => {}
                         }
+                    }
+                    if let (n, Some(e)) = refused {
+                        // Why items were refused, once per call: the report counts them only.
+                        tracing::warn!(
+                            target = %self.down[target].0,
+                            refused = n,
+                            code = ?tonic::Code::from_i32(e.code),
+                            message = %e.message,
+                            "loadtest.set_timeouts refused items"
+                        );
                     }
                 }
                 Err(status) => {
