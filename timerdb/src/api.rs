@@ -421,6 +421,8 @@ async fn adopt_here(
     }
 }
 
+/// How long a cancel on a member waits for the range of its slot to hold a lease again.
+const NOT_ACTING_WAIT: Duration = Duration::from_secs(1);
 /// How long an adoption waits for an overdue timer to fire.
 const ADOPT_FIRE_WAIT: Duration = Duration::from_secs(3);
 /// The largest timer (encoded) an adoption carries by value, in a header: a server takes
@@ -636,8 +638,10 @@ async fn unload_withdrawn(
 /// them cannot leave the timer blocked from firing.
 ///
 /// `clustered`: a caller's cancel on a cluster member. It holds only where the range of the
-/// timer's slot runs here and may act (its lease valid) both before and after the store
-/// write; otherwise the answer is `UNAVAILABLE`, and before the write nothing changed.
+/// timer's slot runs here and may act (its lease valid; waited for up to
+/// [`NOT_ACTING_WAIT`]) both before and after the store write, and the range that
+/// blocked the timer is the one that ends the cancel; otherwise the answer is
+/// `UNAVAILABLE`, and before the write nothing changed.
 async fn cancel_in_task(
     store: Arc<dyn TimerStore>,
     scheduler: Arc<Scheduler>,
@@ -650,7 +654,18 @@ async fn cancel_in_task(
              retry the cancel"
         ))
     };
-    match scheduler.begin_cancel(id, clustered).await? {
+    // A lease not renewed yet (a range just started, a leader being elected) is worth a
+    // short wait: the alternative is refusing the caller at once.
+    let waiting_since = tokio::time::Instant::now();
+    let probe = loop {
+        match scheduler.begin_cancel(id, clustered).await? {
+            Some(CancelProbe::NotActing) if waiting_since.elapsed() < NOT_ACTING_WAIT => {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            probe => break probe,
+        }
+    };
+    match probe {
         Some(CancelProbe::AlreadyFired) => {
             return Err(Error::FailedPrecondition(format!(
                 "timer {id} has already fired; it can no longer be cancelled"

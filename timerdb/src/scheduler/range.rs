@@ -730,9 +730,12 @@ impl RangeTask {
                 let _ = reply.send(probe);
             }
             Msg::EndCancel(id, outcome, acting) => {
-                self.end_cancel(id, outcome);
+                // Only the range that blocked the timer can vouch for the cancel: one
+                // started since on the same slots (a range reshaped by a move) may have
+                // loaded the timer before the write landed, and would fire it.
+                let ended_here = self.end_cancel(id, outcome);
                 if let Some(reply) = acting {
-                    let _ = reply.send(self.acting());
+                    let _ = reply.send(ended_here && self.acting());
                 }
             }
             Msg::Status(id, reply) => {
@@ -1148,15 +1151,17 @@ impl RangeTask {
         }
     }
 
-    fn end_cancel(&mut self, id: TimerId, outcome: Option<CancelOutcome>) {
+    /// Finishes a cancel this range began; `false` if it holds no such cancel (another
+    /// range began it, or none did), and then changes nothing.
+    fn end_cancel(&mut self, id: TimerId, outcome: Option<CancelOutcome>) -> bool {
         let Some(b) = self.buckets.get_mut(&id.bucket_ms) else {
-            return;
+            return false;
         };
         let Some(e) = b.entries.get_mut(&id) else {
-            return;
+            return false;
         };
         let State::Cancelling { had_timer } = e.state else {
-            return;
+            return false;
         };
         self.cancelling.remove(&id);
         // Cancelled, or its row gone: a timer adopted by value later must not fire.
@@ -1204,6 +1209,7 @@ impl RangeTask {
         if never_fires {
             self.remember(id, MemState::Cancelled);
         }
+        true
     }
 
     fn housekeeping(&mut self) {
