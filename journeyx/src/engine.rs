@@ -637,4 +637,6 @@ impl<'a> Step<'a> {
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
