@@ -12,8 +12,9 @@
 #
 # Settings (env): RATES, DURATION, USERS, JOURNEYS, QUEUES, OUT, BUILD (0: use the
 # binaries already built), JOURNEYX (the journeyx binary to run; default the release
-# build, e.g. a kept copy of an older build to compare with). Starts deploy/local's Kafka
-# if it is not running.
+# build, e.g. a kept copy of an older build to compare with), STORE (`embedded`, the
+# default, or `cassandra`: deploy/local's Cassandra, a fresh keyspace per run). Starts
+# deploy/local's Kafka and Cassandra if they are not running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -26,6 +27,7 @@ JOURNEYS=${JOURNEYS:-1}
 QUEUES=${QUEUES:-512}
 OUT=${OUT:-$TARGET_DIR/loadtest-reports/journeys-$(date +%Y%m%d-%H%M%S)}
 JOURNEYX=${JOURNEYX:-$RELEASE/journeyx}
+STORE=${STORE:-embedded}
 
 if [[ ${BUILD:-1} == 1 ]]; then cargo build --release -p journeyx -p timerdb-loadtest; fi
 mkdir -p "$OUT"
@@ -41,10 +43,17 @@ for j in $(seq 1 "$JOURNEYS"); do
  nodes: [{id: hi, actions: [{send: {channel: push, template: bench_$j}}, exit]}]}
 YAML
 done
+case $STORE in
+embedded) store_url=$OUT/store ;;
+cassandra) store_url=scylla://$TIMERDB_SCYLLA/jx_bench_$run_id ;;
+*)
+  echo "STORE=$STORE: expected embedded or cassandra" >&2
+  exit 2 ;;
+esac
 HTTP=127.0.0.1:$((20000 + RANDOM % 20000))
 publish=()
 for j in $(seq 1 "$JOURNEYS"); do publish+=(--publish "$OUT/bench-$j.yaml"); done
-"$JOURNEYX" run --kafka "$TIMERDB_KAFKA" --store "$OUT/store" --events-topic "$EVENTS" \
+"$JOURNEYX" run --kafka "$TIMERDB_KAFKA" --store "$store_url" --events-topic "$EVENTS" \
   --messages-topic "$MESSAGES" --dead-letter-topic "" --group "bench-$run_id" --http "$HTTP" \
   --queues "$QUEUES" "${publish[@]}" >"$OUT/journeyx.log" 2>&1 &
 JX=$!
@@ -52,7 +61,7 @@ trap 'kill $JX 2>/dev/null || true' EXIT
 until curl -sf "http://$HTTP/api/journeys" >/dev/null; do sleep 0.2; done
 
 {
-  echo "machine: $(nproc) cores; journeyx $(sha256sum "$JOURNEYX" | cut -c1-12); $JOURNEYS journeys; $USERS users; $QUEUES queues"
+  echo "machine: $(nproc) cores; journeyx $(sha256sum "$JOURNEYX" | cut -c1-12); $JOURNEYS journeys; $USERS users; $QUEUES queues; store $STORE"
   for rate in $RATES; do
     echo "== rate $rate/s for $DURATION"
     cpu0=$(cpu_seconds "$JX")
