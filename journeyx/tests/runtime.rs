@@ -220,6 +220,17 @@ impl Journeyx {
             .unwrap()
     }
 
+    /// `journeyx user demo USER --json`, which must succeed.
+    fn user_json(&self, user: &str) -> Value {
+        let out = self.cli(&["user", "demo", user, "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     fn kill_9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -422,6 +433,26 @@ fn assert_exactly(all: &[Record], want: &BTreeSet<String>) -> usize {
     all.len() - distinct.len()
 }
 
+/// Asserts the messages read are exactly `want` (all fields but `sent_at_ms`), each once,
+/// each with its idempotency key in the header too.
+fn assert_each_once(got: &[Record], want: &BTreeSet<String>) {
+    let got_set: BTreeSet<String> = got.iter().map(without_sent_at).collect();
+    assert_eq!(
+        &got_set, want,
+        "the messages topic holds exactly what the engine computes"
+    );
+    assert_eq!(got.len(), want.len(), "no message twice: {got:#?}");
+    for r in got {
+        assert_eq!(
+            r.headers
+                .get("journeyx-idempotency-key")
+                .map(String::as_str),
+            r.value["idempotency_key"].as_str(),
+            "the key is in the header too"
+        );
+    }
+}
+
 fn without_sent_at(r: &Record) -> String {
     let mut v = r.value.clone();
     v.as_object_mut().unwrap().remove("sent_at_ms");
@@ -497,20 +528,8 @@ async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered()
         r.len() >= want.len()
     })
     .await;
-    let got_set: BTreeSet<String> = more.iter().map(without_sent_at).collect();
-    assert_eq!(
-        got_set, want,
-        "the messages topic holds exactly what the engine computes"
-    );
-    assert_eq!(more.len(), want.len(), "no message twice: {more:#?}");
+    assert_each_once(&more, &want);
     for r in &more {
-        assert_eq!(
-            r.headers
-                .get("journeyx-idempotency-key")
-                .map(String::as_str),
-            r.value["idempotency_key"].as_str(),
-            "the key is in the header too"
-        );
         if r.value["template"] == "reminder_v1" {
             assert!(
                 r.value["sent_at_ms"].as_u64().unwrap() >= sent_at + 2_000 - 500,
@@ -539,13 +558,7 @@ async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered()
     }
 
     // The CLI, beside the running process.
-    let out = jx.cli(&["user", "demo", "u0", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let u: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let u = jx.user_json("u0");
     assert_eq!(u["user"]["journeys"]["onboarding"]["node"], "done");
     assert_eq!(u["user"]["journeys"]["onboarding"]["active"], false);
     let out = jx.cli(&["stats", "onboarding", "--json"]);
@@ -716,30 +729,10 @@ async fn the_cart_quiet_hours_and_split_examples_run_on_kafka_and_timerdb() {
         r.len() >= want.len()
     })
     .await;
-    let got_set: BTreeSet<String> = got.iter().map(without_sent_at).collect();
-    assert_eq!(
-        got_set, want,
-        "the messages topic holds exactly what the engine computes"
-    );
-    assert_eq!(got.len(), want.len(), "no message twice: {got:#?}");
-    for r in &got {
-        assert_eq!(
-            r.headers
-                .get("journeyx-idempotency-key")
-                .map(String::as_str),
-            r.value["idempotency_key"].as_str(),
-            "the key is in the header too"
-        );
-    }
+    assert_each_once(&got, &want);
     // The held notification went out through its timer: the user waited at `wait` and
     // has passed `notify` since.
-    let out = jx.cli(&["user", "demo", "ship0", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let u: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let u = jx.user_json("ship0");
     assert_eq!(
         u["user"]["journeys"]["quiet_hours"]["node"], "notify",
         "{u}"

@@ -51,6 +51,22 @@ struct Load {
     cancelled: HashMap<String, u64>,
 }
 
+impl Load {
+    /// Enough load to matter (how much depends on the machine), cancels included.
+    fn assert_enough(&self) {
+        assert!(
+            self.acked.len() > 100,
+            "only {} acknowledged",
+            self.acked.len()
+        );
+        assert!(
+            self.cancelled.len() > 10,
+            "only {} cancelled",
+            self.cancelled.len()
+        );
+    }
+}
+
 /// Every how many acknowledged timers one is cancelled at once.
 const CANCEL_EVERY: usize = 8;
 
@@ -267,17 +283,7 @@ async fn restart_and_check(
     c.run(&["start", &victim.to_string()]);
     skip.lock().unwrap().clear();
     let load = writer.await.unwrap();
-    // Enough load to matter; how much depends on the machine.
-    assert!(
-        load.acked.len() > 100,
-        "only {} acknowledged",
-        load.acked.len()
-    );
-    assert!(
-        load.cancelled.len() > 10,
-        "only {} cancelled",
-        load.cancelled.len()
-    );
+    load.assert_enough();
     let got = arrived_all(kafka, topic, &load).await;
     let verdict = check(&load, &got);
     c.assert_none_lost(&verdict, load.acked.len());
@@ -696,16 +702,7 @@ async fn a_fourth_member_joins_under_load_and_the_slots_spread_over_four() {
     assert_eq!(per_owner.len(), 4, "{status}");
     assert!(per_owner.values().all(|n| *n == 64), "{per_owner:?}");
     let load = writer.await.unwrap();
-    assert!(
-        load.acked.len() > 100,
-        "only {} acknowledged",
-        load.acked.len()
-    );
-    assert!(
-        load.cancelled.len() > 10,
-        "only {} cancelled",
-        load.cancelled.len()
-    );
+    load.assert_enough();
     let got = arrived_all(&s.kafka, &topic, &load).await;
     let v = check(&load, &got);
     c.assert_none_lost(&v, load.acked.len());
