@@ -22,7 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::audience::{self, Audience};
 use crate::catalog::Catalog;
-use crate::engine::{self, Command, Count, Event, User};
+use crate::engine::{self, Command, Count, Event};
 use crate::store::{Saved, StateStore};
 use crate::{Error, Result};
 
@@ -324,19 +324,49 @@ impl Runtime {
             // gets one only once an event changes something.
             let mut changed = outcome.changed || read.version > 0;
             outcome.user.applied.insert(partition, offset);
-            let mut set_now = HashMap::new();
             // The event's messages go out together, in order (produced in the order of
-            // the commands, so one user's messages keep it on their partition); the other
-            // commands follow one by one (a cancel may need the id a timer set just now).
+            // the commands, so one user's messages keep it on their partition).
             let messages = outcome.commands.iter().filter_map(|c| match c {
                 Command::Send(m) => Some(self.send(m)),
                 _ => None,
             });
             futures::future::join_all(messages).await;
+            // The other effects: each journey's in order (a cancel may need the id of a
+            // timer its journey set just now), the journeys side by side.
+            let mut per_journey: Vec<(&str, Vec<&Command>)> = Vec::new();
             for command in &outcome.commands {
-                changed |= self
-                    .execute(partition, command, &mut outcome.user, &mut set_now)
-                    .await;
+                let journey = match command {
+                    Command::Send(_) => continue,
+                    Command::Webhook { journey_id, .. }
+                    | Command::SetTimer { journey_id, .. }
+                    | Command::CancelTimer { journey_id, .. } => journey_id.as_str(),
+                };
+                match per_journey.iter_mut().find(|(j, _)| *j == journey) {
+                    Some((_, commands)) => commands.push(command),
+                    None => per_journey.push((journey, vec![command])),
+                }
+            }
+            let runs = per_journey.into_iter().map(|(_, commands)| async move {
+                let mut set_now = HashMap::new();
+                let mut timers = Vec::new();
+                for command in commands {
+                    timers.extend(self.execute(partition, command, &mut set_now).await);
+                }
+                timers
+            });
+            for (journey, token, id) in futures::future::join_all(runs).await.concat() {
+                let pending = outcome
+                    .user
+                    .journeys
+                    .get_mut(&journey)
+                    .and_then(|s| s.timer.as_mut())
+                    .filter(|t| t.token == token);
+                if let Some(t) = pending
+                    && t.timer_id.as_deref() != Some(id.as_str())
+                {
+                    t.timer_id = Some(id);
+                    changed = true;
+                }
             }
             if changed {
                 let saved = until_done("saving a user", || {
@@ -386,16 +416,16 @@ impl Runtime {
         }
     }
 
-    /// Carries out one command; `true` if it changed the user's record (a timer's id).
-    /// `set_now` keeps the ids of timers set for this event (token → id), so a timer set
-    /// and left within one event is cancelled too.
+    /// Carries out one command other than a send; for a timer set, `(journey, token, id)`,
+    /// for the caller to record on the user's pending timer. `set_now` keeps the ids of
+    /// timers its journey set for this event (token → id), so a timer set and left within
+    /// one event is cancelled too.
     async fn execute(
         &self,
         partition: i32,
         command: &Command,
-        user: &mut User,
         set_now: &mut HashMap<String, String>,
-    ) -> bool {
+    ) -> Option<(String, String, String)> {
         let failed = |what: &str, e: Error| {
             tracing::error!(error = %e, "journeyx: {what} was refused; going on without it");
             metrics::counter!("journeyx_effect_errors_total", "what" => what.to_owned())
@@ -403,7 +433,7 @@ impl Runtime {
         };
         match command {
             // Sent already, with the event's other messages (`handle`).
-            Command::Send(_) => false,
+            Command::Send(_) => None,
             Command::Webhook {
                 url,
                 body,
@@ -416,7 +446,7 @@ impl Runtime {
                     metrics::counter!("journeyx_webhook_failures_total", "journey" => journey_id.clone())
                         .increment(1);
                 }
-                false
+                None
             }
             Command::SetTimer {
                 journey_id,
@@ -441,22 +471,11 @@ impl Runtime {
                     Ok(id) => id,
                     Err(e) => {
                         failed("a timer", e);
-                        return false;
+                        return None;
                     }
                 };
                 set_now.insert(fire.event_id.clone(), id.clone());
-                let pending = user
-                    .journeys
-                    .get_mut(journey_id)
-                    .and_then(|s| s.timer.as_mut())
-                    .filter(|t| t.token == fire.event_id);
-                match pending {
-                    Some(t) if t.timer_id.as_deref() != Some(id.as_str()) => {
-                        t.timer_id = Some(id);
-                        true
-                    }
-                    _ => false,
-                }
+                Some((journey_id.clone(), fire.event_id.clone(), id))
             }
             Command::CancelTimer { timer, .. } => {
                 let Some(id) = timer
@@ -465,7 +484,7 @@ impl Runtime {
                     .or_else(|| set_now.get(&timer.token))
                 else {
                     // Never set: its fire, should one come, no longer matches the state.
-                    return false;
+                    return None;
                 };
                 let cancelled = until_done("cancelling a timer", || {
                     let mut client = self.timers.clone();
@@ -490,7 +509,7 @@ impl Runtime {
                 if let Err(e) = cancelled {
                     failed("a timer's cancel", e);
                 }
-                false
+                None
             }
         }
     }
@@ -623,6 +642,7 @@ mod tests {
 
     use super::*;
     use crate::catalog::Catalog;
+    use crate::engine::User;
     use crate::model::{Journey, Segment};
     use crate::store::embedded::EmbeddedStore;
     use crate::store::{Saved, Versioned};
@@ -723,5 +743,63 @@ mod tests {
         let stored: Counters = store.counts("t").await.unwrap().into_iter().collect();
         assert_eq!(entered(&stored), Some(3), "{stored:?}");
         assert_eq!(entered(&rt.journey_counts("t").await.unwrap()), Some(3));
+    }
+
+    /// One event entering five journeys, each calling a webhook that takes 300 ms to
+    /// answer: the five calls are under way at once, not one after another.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_journeys_an_event_advances_run_their_effects_side_by_side() {
+        use std::sync::atomic::AtomicUsize;
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post({
+                let (now, most) = (now.clone(), most.clone());
+                move || async move {
+                    let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(n, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
+        for k in 0..5 {
+            let j = Journey::parse(
+                "w.yaml",
+                &format!(
+                    "{{id: w{k}, version: 1, app_id: demo, entry: {{event: go}}, start: a, \
+                     nodes: [{{id: a, actions: [{{webhook: {{url: 'http://{addr}/hook'}}}}, exit]}}]}}"
+                ),
+            )
+            .unwrap();
+            store.publish_journey(&j).await.unwrap();
+        }
+        // No Kafka or TimerDB is reached: the journeys send nothing and set no timer.
+        let rt = Runtime::new(Settings::new("127.0.0.1:9", "127.0.0.1:9"), store.clone())
+            .await
+            .unwrap();
+        let event = Event {
+            event_id: "e1".into(),
+            app_id: "demo".into(),
+            user_id: "u1".into(),
+            name: "go".into(),
+            ts_ms: 1_000,
+            properties: Default::default(),
+            tz: None,
+        };
+        rt.handle(0, 0, &event).await;
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            5,
+            "the five journeys' webhooks were called one at a time"
+        );
+        let user = store.load_user("demo", "u1").await.unwrap().user;
+        assert_eq!(user.journeys.len(), 5, "{user:?}");
     }
 }
