@@ -77,7 +77,8 @@ enum Command {
         api: ApiArgs,
     },
     /// Shows a journey's counters (entered, exited, converted, capped, errors) per version
-    /// and node, since the running process started.
+    /// and node: the store's durable counts, every process's, plus what the running one
+    /// has not flushed yet.
     Stats {
         journey: String,
         #[command(flatten)]

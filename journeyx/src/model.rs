@@ -367,17 +367,31 @@ pub mod duration_text {
 /// Reads a file: `.json` as JSON, anything else as YAML (of which JSON is a subset). The
 /// text becomes a JSON value first (so an action or condition is written as a one-key map,
 /// as in JSON), then the type; errors name the path to what is wrong
-/// (`nodes[1].actions[0]: unknown variant ...`).
+/// (`nodes[1] (node "reminder").actions[0]: unknown variant ...`).
 fn parse_text<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<T> {
     let value: Value = if name.ends_with(".json") {
         serde_json::from_str(text).map_err(|e| Error::Invalid(format!("{name}: {e}")))?
     } else {
         serde_norway::from_str(text).map_err(|e| Error::Invalid(format!("{name}: {e}")))?
     };
+    let nodes = value.get("nodes").cloned();
     serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
+        let path = node_named(&e.path().to_string(), nodes.as_ref());
         Error::Invalid(format!("{name}: {path}: {}", e.into_inner()))
     })
+}
+
+/// `nodes[1].actions[0]` becomes `nodes[1] (node "reminder").actions[0]` when that node
+/// has an id: an author knows nodes by id, not by position.
+fn node_named(path: &str, nodes: Option<&Value>) -> String {
+    let named = path
+        .strip_prefix("nodes[")
+        .and_then(|rest| rest.split_once(']'))
+        .and_then(|(i, tail)| {
+            let id = nodes?.get(i.parse::<usize>().ok()?)?.get("id")?.as_str()?;
+            Some(format!("nodes[{i}] (node {id:?}){tail}"))
+        });
+    named.unwrap_or_else(|| path.to_owned())
 }
 
 impl Journey {
@@ -709,6 +723,10 @@ mod tests {
             "      - shout: {channel: email",
         ));
         assert!(e.contains("unknown variant `shout`"), "{e}");
+        assert!(
+            e.contains("nodes[1] (node \"reminder\").actions[0]"),
+            "the node is named by its id: {e}"
+        );
         let e = problems(&ONBOARDING.replace("timer: 2s", "timer: soon"));
         assert!(e.contains("welcome") || e.contains("timer"), "{e}");
         let e = problems(&ONBOARDING.replace("when: timer", "when: later"));
