@@ -378,6 +378,32 @@ fn journeyx_file(name: &str, text: &str) -> journeyx::Result<&'static str> {
     }
 }
 
+/// The load's progress on its bar: a spinner until the users to read are counted, then a
+/// bar of users read out of that count.
+fn show_load(b: &indicatif::ProgressBar, v: &serde_json::Value) {
+    let scanned = v["scanned"].as_u64().unwrap_or(0);
+    if let Some(total) = v["total"].as_u64()
+        && b.length().is_none()
+    {
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed} loading {prefix}: [{wide_bar}] {pos}/{len} users read, \
+                 {msg}, eta {eta}",
+            )
+            .expect("a valid template"),
+        );
+        b.set_length(total);
+    }
+    if let Some(total) = b.length() {
+        // Users added during the load are read too.
+        b.set_length(total.max(scanned));
+        b.set_position(scanned);
+        b.set_message(format!("{} entered", v["emitted"]));
+    } else {
+        b.set_message(format!("{scanned} users read, {} entered", v["emitted"]));
+    }
+}
+
 async fn load(journey: String, rate: u32, from_start: bool, api: ApiArgs) -> Result<(), String> {
     let path = format!("/api/load/{journey}");
     let (status, v) = request(
@@ -410,10 +436,7 @@ async fn load(journey: String, rate: u32, from_start: bool, api: ApiArgs) -> Res
                 .map_or_else(|| v.to_string(), str::to_owned));
         }
         if let Some(b) = &bar {
-            b.set_message(format!(
-                "{} users read, {} entered",
-                v["scanned"], v["emitted"]
-            ));
+            show_load(b, &v);
         }
         if v["done"] == true {
             break v;
@@ -421,6 +444,7 @@ async fn load(journey: String, rate: u32, from_start: bool, api: ApiArgs) -> Res
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     if let Some(b) = bar {
+        show_load(&b, &last);
         b.finish();
     }
     if let Some(e) = last["error"].as_str() {
@@ -429,8 +453,12 @@ async fn load(journey: String, rate: u32, from_start: bool, api: ApiArgs) -> Res
     if api.json {
         println!("{last}");
     } else {
+        let resumed = last["resumed_after"]
+            .as_str()
+            .map(|u| format!(", resumed after user {u}"))
+            .unwrap_or_default();
         println!(
-            "{journey}: {} users read, {} in segment {} entered (at most {rate}/s)",
+            "{journey}: {} users read, {} in segment {} entered (at most {rate}/s){resumed}",
             last["scanned"], last["emitted"], last["segment"]
         );
     }

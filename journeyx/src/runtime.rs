@@ -678,6 +678,9 @@ mod tests {
         ) -> Result<Vec<(String, User)>> {
             self.inner.users(app, after, n).await
         }
+        async fn count_users(&self, app: &str, after: Option<&str>) -> Result<u64> {
+            self.inner.count_users(app, after).await
+        }
         async fn loader_position(&self, j: &str) -> Result<Option<String>> {
             self.inner.loader_position(j).await
         }

@@ -60,6 +60,10 @@ pub trait StateStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(String, User)>>;
 
+    /// How many users of `app` come after `after` in user id order (all of them without
+    /// it): what a load will read. Read once, so users added meanwhile are not counted.
+    async fn count_users(&self, app: &str, after: Option<&str>) -> Result<u64>;
+
     /// The last user the loader of `journey` has emitted an event for.
     async fn loader_position(&self, journey: &str) -> Result<Option<String>>;
 

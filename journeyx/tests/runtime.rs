@@ -1056,6 +1056,207 @@ async fn the_loader_enters_the_segment_s_users_once() {
     node.shutdown().await.unwrap();
 }
 
+/// `GET http://{http}{path}`, answered with JSON (the progress of a load, which the CLI
+/// shows only at its end under `--json`).
+fn get_json(http: &str, path: &str) -> Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    serde_json::from_str(body).unwrap()
+}
+
+/// The sum of journey `id`'s `entered` counters (`journeyx stats ID --json`).
+fn entered(jx: &Journeyx, id: &str) -> u64 {
+    let out = jx.cli(&["stats", id, "--json"]);
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    s["counters"].as_array().map_or(0, |cs| {
+        cs.iter()
+            .filter(|c| c["count"] == "entered")
+            .map(|c| c["n"].as_u64().unwrap())
+            .sum()
+    })
+}
+
+/// A load killed (kill -9) after its first page resumes after the last user it recorded
+/// once the process is back: the second load reads only the users after that one, as its
+/// count says, and every VIP is welcomed, nobody else, each entering the journey once
+/// (the part of a page produced before the kill is produced again and applied once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_killed_mid_way_resumes_where_it_stopped_and_enters_each_user_once() {
+    let Some(kafka) = kafka() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let t = create_topics(&kafka, "jx-resume").await;
+    let node = timerdb(dir.path(), &kafka).await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let group = unique("group");
+    let store = dir.path().join("jx");
+    let mut publish = vec![example("vips.segment.yaml")];
+    for (id, event, tag) in [
+        ("tagger", "upgraded", "vip"),
+        ("plain", "signed_up", "basic"),
+    ] {
+        let f = dir.path().join(format!("{id}.yaml"));
+        std::fs::write(
+            &f,
+            format!(
+                "{{id: {id}, version: 1, app_id: demo, entry: {{event: {event}}}, start: t, \
+                 nodes: [{{id: t, actions: [{{tag: {tag}}}, exit]}}]}}"
+            ),
+        )
+        .unwrap();
+        publish.push(f);
+    }
+    let start = |publish: &[PathBuf]| {
+        Journeyx::start(
+            &kafka,
+            &node.addr.to_string(),
+            store.as_os_str(),
+            &t,
+            &group,
+            &http,
+            publish,
+        )
+    };
+    let mut jx = start(&publish);
+    // 1,200 users, every other one a VIP: each page of 500 holds 250 VIPs.
+    const USERS: usize = 1_200;
+    let p = producer(&kafka);
+    let sends = (0..USERS).map(|n| {
+        let name = if n % 2 == 0 { "upgraded" } else { "signed_up" };
+        let e = event(&format!("e-{n}"), &format!("u{n:04}"), name, json!({}));
+        let p = p.clone();
+        let topic = t.events.clone();
+        async move {
+            let value = serde_json::to_string(&e).unwrap();
+            produce(&p, &topic, Some(&e.user_id), value.as_bytes()).await;
+        }
+    });
+    futures::future::join_all(sends).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while entered(&jx, "tagger") < 600 || entered(&jx, "plain") < 600 {
+        assert!(
+            Instant::now() < deadline,
+            "the events were not processed: {} tagged vip, {} basic",
+            entered(&jx, "tagger"),
+            entered(&jx, "plain")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = jx.cli(&["publish", example("vip_welcome.yaml").to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 100 VIPs a second: the first page takes 2.5 s, the whole load 6 s.
+    let first = Command::new(env!("CARGO_BIN_EXE_journeyx"))
+        .args([
+            "load",
+            "vip_welcome",
+            "--rate",
+            "100",
+            "--json",
+            "--http",
+            &http,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let at_kill = loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let v = get_json(&http, "/api/load/vip_welcome");
+        if v["position"].is_string() && v["emitted"].as_u64() > Some(260) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no page was recorded: {v}");
+    };
+    jx.kill_9();
+    assert_eq!(
+        at_kill["total"], USERS,
+        "the first load counts every user: {at_kill}"
+    );
+    assert!(at_kill["done"] == false, "killed mid-way: {at_kill}");
+    let first = first.wait_with_output().unwrap();
+    assert!(!first.status.success(), "the CLI reports a load it lost");
+    let said = String::from_utf8_lossy(&first.stderr);
+    assert!(said.contains("cannot reach journeyx"), "{said}");
+
+    let jx = start(&[]);
+    let out = jx.cli(&["load", "vip_welcome", "--rate", "1000", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let resumed = second["resumed_after"].as_str().unwrap_or_else(|| {
+        panic!("the second load resumes: {second}");
+    });
+    // The position is recorded after each page, so it is at least the one seen.
+    assert!(
+        resumed >= at_kill["position"].as_str().unwrap(),
+        "{second} after {at_kill}"
+    );
+    let after: u64 = resumed.trim_start_matches('u').parse::<u64>().unwrap() + 1;
+    assert_eq!(
+        (second["total"].as_u64(), second["scanned"].as_u64()),
+        (Some(USERS as u64 - after), Some(USERS as u64 - after)),
+        "reads only the users after {resumed}: {second}"
+    );
+    let vips: BTreeSet<String> = (0..USERS).step_by(2).map(|n| format!("u{n:04}")).collect();
+    let got = read(&kafka, &t.messages, Duration::from_secs(60), true, |r| {
+        r.iter()
+            .filter_map(|m| m.value["user_id"].as_str())
+            .collect::<BTreeSet<_>>()
+            .len()
+            >= vips.len()
+    })
+    .await;
+    let mut by_user: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in &got {
+        assert_eq!(r.value["template"], "vip_welcome_v1", "{:?}", r.value);
+        by_user
+            .entry(r.value["user_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(without_sent_at(r));
+    }
+    assert_eq!(
+        by_user.keys().cloned().collect::<BTreeSet<_>>(),
+        vips,
+        "every VIP welcomed, nobody else"
+    );
+    assert!(
+        by_user.values().all(|m| m.len() == 1),
+        "a repeat is the same message under the same key"
+    );
+    for n in (0..USERS).step_by(50) {
+        let u = jx.user_json(&format!("u{n:04}"));
+        let st = &u["user"]["journeys"]["vip_welcome"];
+        if n % 2 == 0 {
+            assert_eq!(st["entries"], 1, "u{n:04} entered once: {u}");
+        } else {
+            assert!(st.is_null(), "u{n:04} is no VIP: {u}");
+        }
+    }
+    eprintln!(
+        "killed at {at_kill}; resumed after {resumed}; {} messages for {} VIPs",
+        got.len(),
+        vips.len()
+    );
+    drop(jx);
+    node.shutdown().await.unwrap();
+}
+
 /// Two `journeyx run` processes in one consumer group on the shared Cassandra store; the
 /// second starts mid-stream, so partitions move between them (a rebalance): every message
 /// the engine computes arrives, a repeat is the same message under the same key, and the

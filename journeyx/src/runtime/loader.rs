@@ -28,6 +28,11 @@ pub struct Progress {
     pub version: u32,
     pub segment: String,
     pub rate: u32,
+    /// The user a resumed load started after (none when it started at the first user).
+    pub resumed_after: Mutex<Option<String>>,
+    /// The users this load will read, counted at its start (none until counted). Users
+    /// added during the load may be read as well, so `scanned` can pass it.
+    pub total: Mutex<Option<u64>>,
     /// User records read.
     pub scanned: AtomicU64,
     /// `journeyx.enter` events produced.
@@ -90,11 +95,29 @@ pub async fn start(
 
 async fn run(rt: &Runtime, p: &Progress, app: &str, from_start: bool) -> Result<()> {
     let store = rt.store();
-    let mut after = if from_start {
+    let after = if from_start {
         None
     } else {
         store.loader_position(&p.journey).await?
     };
+    *p.resumed_after.lock().expect("resumed lock") = after.clone();
+    // The count runs beside the load, so a large app's count does not delay it; a failed
+    // count only leaves the progress without a total.
+    let count = async {
+        match store.count_users(app, after.as_deref()).await {
+            Ok(n) => *p.total.lock().expect("total lock") = Some(n),
+            Err(e) => {
+                tracing::warn!(journey = %p.journey, error = %e, "journeyx: could not count the users to load")
+            }
+        }
+    };
+    let ((), loaded) = tokio::join!(count, pages(rt, p, app, after.clone()));
+    loaded
+}
+
+/// Reads the app's users after `after` a page at a time, producing the events.
+async fn pages(rt: &Runtime, p: &Progress, app: &str, mut after: Option<String>) -> Result<()> {
+    let store = rt.store();
     let mut tick = tokio::time::interval(Duration::from_secs(1) / p.rate);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -128,6 +128,11 @@ pub async fn users_page_in_order_and_the_loader_keeps_its_place(store: Arc<dyn S
         rest.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
         ["d"]
     );
+    assert_eq!(store.count_users("demo", None).await.unwrap(), 4);
+    assert_eq!(store.count_users("demo", Some("b")).await.unwrap(), 2);
+    assert_eq!(store.count_users("demo", Some("bb")).await.unwrap(), 2);
+    assert_eq!(store.count_users("demo", Some("d")).await.unwrap(), 0);
+    assert_eq!(store.count_users("nobody", None).await.unwrap(), 0);
     assert_eq!(store.loader_position("j").await.unwrap(), None);
     store.set_loader_position("j", "c").await.unwrap();
     assert_eq!(

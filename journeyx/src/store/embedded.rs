@@ -398,6 +398,30 @@ impl StateStore for EmbeddedStore {
         .await
     }
 
+    async fn count_users(&self, app: &str, after: Option<&str>) -> Result<u64> {
+        let from = user_key(app, after.unwrap_or(""));
+        let end = format!("{app}\u{1}");
+        let skip = after.is_some();
+        self.blocking(move |_, ks| {
+            let mut n = 0u64;
+            for g in ks.users.range(from.as_bytes()..end.as_bytes()) {
+                g.key().map_err(|e| failed("read", e))?;
+                n += 1;
+            }
+            // The range starts at `after` itself when it is a user.
+            if skip
+                && ks
+                    .users
+                    .contains_key(from.as_bytes())
+                    .map_err(|e| failed("read", e))?
+            {
+                n -= 1;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
     async fn add_counts(&self, deltas: &[(CountKey, u64)]) -> Result<()> {
         let deltas: Vec<(Vec<u8>, u64)> = deltas.iter().map(|(k, n)| (count_key(k), *n)).collect();
         let _one = self.counting.lock().await;

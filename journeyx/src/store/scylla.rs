@@ -116,6 +116,8 @@ struct Statements {
     index_user: PreparedStatement,
     page_users: PreparedStatement,
     page_users_after: PreparedStatement,
+    count_users: PreparedStatement,
+    count_users_after: PreparedStatement,
     insert_journey: PreparedStatement,
     upsert_segment: PreparedStatement,
     all_journeys: PreparedStatement,
@@ -206,6 +208,14 @@ impl ScyllaStateStore {
             .await?,
             page_users_after: prep(format!(
                 "SELECT user_id FROM {ks}.app_users WHERE app_id = ? AND user_id > ? LIMIT ?"
+            ))
+            .await?,
+            count_users: prep(format!(
+                "SELECT COUNT(*) FROM {ks}.app_users WHERE app_id = ?"
+            ))
+            .await?,
+            count_users_after: prep(format!(
+                "SELECT COUNT(*) FROM {ks}.app_users WHERE app_id = ? AND user_id > ?"
             ))
             .await?,
             insert_journey: prep(format!(
@@ -423,6 +433,28 @@ impl StateStore for ScyllaStateStore {
             }
         }
         Ok(out)
+    }
+
+    async fn count_users(&self, app: &str, after: Option<&str>) -> Result<u64> {
+        let what = "counting users";
+        // One partition, counted by the server a page at a time.
+        let r = match after {
+            None => {
+                self.session
+                    .execute_unpaged(&self.st.count_users, (app,))
+                    .await
+            }
+            Some(a) => {
+                self.session
+                    .execute_unpaged(&self.st.count_users_after, (app, a))
+                    .await
+            }
+        }
+        .map_err(|e| failed(what, e))?
+        .into_rows_result()
+        .map_err(|e| failed(what, e))?;
+        let (n,) = r.single_row::<(i64,)>().map_err(|e| failed(what, e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn loader_position(&self, journey: &str) -> Result<Option<String>> {
