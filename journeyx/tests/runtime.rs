@@ -1257,6 +1257,152 @@ async fn a_load_killed_mid_way_resumes_where_it_stopped_and_enters_each_user_onc
     node.shutdown().await.unwrap();
 }
 
+/// Live edits through `journeyx publish` on a running process: users who entered version 1
+/// and wait on its timer move to version 3, which maps their node (`migrate_from`), and
+/// get version 3's reminder when the timer set under version 1 fires; users who entered
+/// version 2 (which nothing maps) finish version 2; new users enter the newest. A version
+/// that maps to a node it lacks is refused with the node named and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_version_moves_the_users_its_mapping_names_and_no_others() {
+    let Some(kafka) = kafka() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let t = create_topics(&kafka, "jx-edit").await;
+    let node = timerdb(dir.path(), &kafka).await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let version = |v: u32, migrate: &str| {
+        let f = dir.path().join(format!("edit_v{v}.yaml"));
+        std::fs::write(
+            &f,
+            format!(
+                "{{id: edit, version: {v}, app_id: demo, entry: {{event: signed_up}}, \
+                 start: welcome, {migrate} nodes: [\
+                 {{id: welcome, actions: [{{send: {{channel: push, template: welcome_v{v}}}}}, \
+                 {{timer: 6s}}], edges: [{{when: timer, to: remind}}]}}, \
+                 {{id: remind, actions: [{{send: {{channel: push, template: remind_v{v}}}}}, exit]}}]}}"
+            ),
+        )
+        .unwrap();
+        f
+    };
+    let jx = Journeyx::start(
+        &kafka,
+        &node.addr.to_string(),
+        dir.path().join("jx").as_os_str(),
+        &t,
+        &unique("group"),
+        &http,
+        &[version(1, "")],
+    );
+    let p = producer(&kafka);
+    let sign_up = |group: &'static str| {
+        let p = p.clone();
+        let topic = t.events.clone();
+        async move {
+            for n in 0..5 {
+                let user = format!("{group}{n}");
+                let e = event(&format!("s-{user}"), &user, "signed_up", json!({}));
+                let value = serde_json::to_string(&e).unwrap();
+                produce(&p, &topic, Some(&user), value.as_bytes()).await;
+            }
+        }
+    };
+    let templates = |r: &[Record]| -> BTreeMap<String, BTreeSet<String>> {
+        let mut by_user: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for m in r {
+            by_user
+                .entry(m.value["user_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .insert(m.value["template"].as_str().unwrap().to_owned());
+        }
+        by_user
+    };
+    let welcomed = |group: &'static str, v: u32| {
+        let kafka = kafka.clone();
+        let topic = t.messages.clone();
+        async move {
+            let want = format!("welcome_v{v}");
+            let got = read(&kafka, &topic, Duration::from_secs(30), false, |r| {
+                r.iter()
+                    .filter(|m| {
+                        m.value["template"] == want.as_str()
+                            && m.value["user_id"].as_str().unwrap().starts_with(group)
+                    })
+                    .count()
+                    >= 5
+            })
+            .await;
+            assert!(
+                got.iter()
+                    .filter(|m| m.value["template"] == want.as_str())
+                    .count()
+                    >= 5,
+                "group {group} was not welcomed by version {v}"
+            );
+        }
+    };
+    let publish = |f: PathBuf| {
+        let out = jx.cli(&["publish", f.to_str().unwrap()]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let started = Instant::now();
+    sign_up("a").await;
+    welcomed("a", 1).await;
+    let (ok, said) = publish(version(2, ""));
+    assert!(ok, "{said}");
+    sign_up("b").await;
+    welcomed("b", 2).await;
+    let (ok, said) = publish(version(
+        3,
+        "migrate_from: {version: 1, nodes: {welcome: welcome}},",
+    ));
+    assert!(ok, "{said}");
+    let (ok, said) = publish(version(
+        4,
+        "migrate_from: {version: 3, nodes: {welcome: greet}},",
+    ));
+    assert!(!ok, "a mapping to a missing node is refused");
+    assert!(said.contains("greet"), "the node is named: {said}");
+    sign_up("c").await;
+    welcomed("c", 3).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "the edits came after group a's timers fired ({:?}): the test needs a longer wait",
+        started.elapsed()
+    );
+    let got = read(&kafka, &t.messages, Duration::from_secs(60), true, |r| {
+        templates(r)
+            .values()
+            .filter(|ts| ts.iter().any(|t| t.starts_with("remind")))
+            .count()
+            >= 15
+    })
+    .await;
+    let want = |welcome: u32, remind: u32| {
+        BTreeSet::from([format!("welcome_v{welcome}"), format!("remind_v{remind}")])
+    };
+    let by_user = templates(&got);
+    for (group, welcome, remind) in [("a", 1, 3), ("b", 2, 2), ("c", 3, 3)] {
+        for n in 0..5 {
+            let user = format!("{group}{n}");
+            assert_eq!(by_user.get(&user), Some(&want(welcome, remind)), "{user}");
+            let u = jx.user_json(&user);
+            let st = &u["user"]["journeys"]["edit"];
+            assert_eq!(
+                (st["version"].as_u64(), st["active"].as_bool()),
+                (Some(u64::from(remind)), Some(false)),
+                "{user} finished version {remind}: {u}"
+            );
+        }
+    }
+    assert_eq!(by_user.len(), 15, "nobody else: {by_user:?}");
+    assert_eq!(got.len(), 30, "each message once: {got:#?}");
+    drop(jx);
+    node.shutdown().await.unwrap();
+}
+
 /// Two `journeyx run` processes in one consumer group on the shared Cassandra store; the
 /// second starts mid-stream, so partitions move between them (a rebalance): every message
 /// the engine computes arrives, a repeat is the same message under the same key, and the
