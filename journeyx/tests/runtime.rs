@@ -139,6 +139,32 @@ async fn timerdb(dir: &Path, kafka: &str) -> timerdb::server::NodeHandle {
     timerdb::server::start(config).await.unwrap()
 }
 
+/// What an end-to-end test starts from: Kafka's address, a scratch directory, fresh
+/// topics, a TimerDB node (on its embedded store, firing to that Kafka) and a free address
+/// for journeyx's API; `None` (a skip) when Kafka is not configured outside CI.
+struct Bed {
+    kafka: String,
+    dir: tempfile::TempDir,
+    t: Topics,
+    node: timerdb::server::NodeHandle,
+    http: String,
+}
+
+async fn bed(topics: &str) -> Option<Bed> {
+    let kafka = kafka()?;
+    let dir = tempfile::tempdir().unwrap();
+    let t = create_topics(&kafka, topics).await;
+    let node = timerdb(dir.path(), &kafka).await;
+    let http = format!("127.0.0.1:{}", free_port());
+    Some(Bed {
+        kafka,
+        dir,
+        t,
+        node,
+        http,
+    })
+}
+
 /// `journeyx run` as a child process.
 struct Journeyx {
     child: Child,
@@ -466,11 +492,16 @@ fn without_sent_at(r: &Record) -> String {
 /// topic with the reason and do not hold up the events behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered() {
-    let Some(kafka) = kafka() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let t = create_topics(&kafka, "jx").await;
-    let node = timerdb(dir.path(), &kafka).await;
-    let http = format!("127.0.0.1:{}", free_port());
+    let Some(Bed {
+        kafka,
+        dir,
+        t,
+        node,
+        http,
+    }) = bed("jx").await
+    else {
+        return;
+    };
     let jx = Journeyx::start(
         &kafka,
         &node.addr.to_string(),
@@ -612,10 +643,16 @@ fn last_utc(before_ms: u64, hh: u64, mm: u64) -> u64 {
 /// engine says, each message once, its key in the header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cart_quiet_hours_and_split_examples_run_on_kafka_and_timerdb() {
-    let Some(kafka) = kafka() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let t = create_topics(&kafka, "jx-examples").await;
-    let node = timerdb(dir.path(), &kafka).await;
+    let Some(Bed {
+        kafka,
+        dir,
+        t,
+        node,
+        http: _,
+    }) = bed("jx-examples").await
+    else {
+        return;
+    };
     // The split sends the `vips` segment to variant b: the segment is published first.
     let files = [
         "vips.segment.yaml",
@@ -747,11 +784,16 @@ async fn the_cart_quiet_hours_and_split_examples_run_on_kafka_and_timerdb() {
 /// user skipped or repeated a node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_then_restart_sends_every_message_and_repeats_only_known_keys() {
-    let Some(kafka) = kafka() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let t = create_topics(&kafka, "jx-kill").await;
-    let node = timerdb(dir.path(), &kafka).await;
-    let http = format!("127.0.0.1:{}", free_port());
+    let Some(Bed {
+        kafka,
+        dir,
+        t,
+        node,
+        http,
+    }) = bed("jx-kill").await
+    else {
+        return;
+    };
     let group = unique("group");
     let store = dir.path().join("jx");
     let start = |publish: &[PathBuf]| {
@@ -832,10 +874,16 @@ async fn kill_9_mid_stream_then_restart_sends_every_message_and_repeats_only_kno
 /// do. The service is asked once per event, about the segments the app's journeys name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_audience_service_decides_segment_membership() {
-    let Some(kafka) = kafka() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let t = create_topics(&kafka, "jx-aud").await;
-    let node = timerdb(dir.path(), &kafka).await;
+    let Some(Bed {
+        kafka,
+        dir,
+        t,
+        node,
+        http: _,
+    }) = bed("jx-aud").await
+    else {
+        return;
+    };
     // The audience service: members of `gold_list` are the users whose id starts "gold".
     let questions = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
     let asked = questions.clone();
@@ -923,11 +971,16 @@ async fn an_external_audience_service_decides_segment_membership() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loader_enters_the_segment_s_users_once() {
-    let Some(kafka) = kafka() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let t = create_topics(&kafka, "jx-load").await;
-    let node = timerdb(dir.path(), &kafka).await;
-    let http = format!("127.0.0.1:{}", free_port());
+    let Some(Bed {
+        kafka,
+        dir,
+        t,
+        node,
+        http,
+    }) = bed("jx-load").await
+    else {
+        return;
+    };
     let tagger = dir.path().join("tagger.yaml");
     std::fs::write(
         &tagger,
@@ -1091,11 +1144,16 @@ fn entered(jx: &Journeyx, id: &str) -> u64 {
 /// (the part of a page produced before the kill is produced again and applied once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_killed_mid_way_resumes_where_it_stopped_and_enters_each_user_once() {
-    let Some(kafka) = kafka() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let t = create_topics(&kafka, "jx-resume").await;
-    let node = timerdb(dir.path(), &kafka).await;
-    let http = format!("127.0.0.1:{}", free_port());
+    let Some(Bed {
+        kafka,
+        dir,
+        t,
+        node,
+        http,
+    }) = bed("jx-resume").await
+    else {
+        return;
+    };
     let group = unique("group");
     let store = dir.path().join("jx");
     let mut publish = vec![example("vips.segment.yaml")];
@@ -1264,11 +1322,16 @@ async fn a_load_killed_mid_way_resumes_where_it_stopped_and_enters_each_user_onc
 /// that maps to a node it lacks is refused with the node named and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_published_version_moves_the_users_its_mapping_names_and_no_others() {
-    let Some(kafka) = kafka() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let t = create_topics(&kafka, "jx-edit").await;
-    let node = timerdb(dir.path(), &kafka).await;
-    let http = format!("127.0.0.1:{}", free_port());
+    let Some(Bed {
+        kafka,
+        dir,
+        t,
+        node,
+        http,
+    }) = bed("jx-edit").await
+    else {
+        return;
+    };
     let version = |v: u32, migrate: &str| {
         let f = dir.path().join(format!("edit_v{v}.yaml"));
         std::fs::write(
