@@ -30,6 +30,13 @@ use crate::{Error, Result};
 pub const IDEMPOTENCY_HEADER: &str = "journeyx-idempotency-key";
 /// Header of a dead-lettered event: why it was refused.
 pub const DEAD_LETTER_REASON: &str = "journeyx-error";
+/// Header of a dead letter whose record was cut short: the original value's length.
+pub const DEAD_LETTER_TRUNCATED: &str = "journeyx-truncated-from";
+/// The longest `user_id`, `app_id` or `event_id` taken (bytes); longer is dead-lettered.
+pub const MAX_ID_BYTES: usize = 1_024;
+/// The longest value or key copied into a dead letter (bytes); the producer takes at most
+/// 1,000,000, so a refused record of any size is dead-lettered, cut short.
+pub const DEAD_LETTER_MAX_BYTES: usize = 256 * 1024;
 
 /// Where the runtime reads and writes, and how.
 #[derive(Debug, Clone)]
@@ -258,6 +265,21 @@ impl Runtime {
 
     /// Why `event` cannot be processed at all (it goes to the dead-letter topic), if so.
     pub fn refusal(&self, event: &Event) -> Option<String> {
+        for (field, value) in [
+            ("user_id", &event.user_id),
+            ("app_id", &event.app_id),
+            ("event_id", &event.event_id),
+        ] {
+            // The ids make store keys (fjall takes at most 64 KiB, Cassandra's partition
+            // keys as much) and TimerDB idempotency keys: a longer one would fail at the
+            // store on every retry and hold its queue.
+            if value.len() > MAX_ID_BYTES {
+                return Some(format!(
+                    "the event's {field} is {} bytes long; at most {MAX_ID_BYTES}",
+                    value.len()
+                ));
+            }
+        }
         if event.user_id.is_empty() {
             return Some("the event has no user_id".into());
         }
@@ -523,7 +545,7 @@ impl Runtime {
                 &self.settings.messages_topic,
                 Some(message.user_id.as_bytes()),
                 Some(&value),
-                Some((IDEMPOTENCY_HEADER, message.idempotency_key.as_bytes())),
+                &[(IDEMPOTENCY_HEADER, message.idempotency_key.as_bytes())],
             )
             .await;
         match sent {
@@ -545,7 +567,7 @@ impl Runtime {
             &self.settings.events_topic,
             Some(event.user_id.as_bytes()),
             Some(&value),
-            None,
+            &[],
         )
         .await
     }
@@ -557,15 +579,19 @@ impl Runtime {
         topic: &str,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
-        header: Option<(&str, &[u8])>,
+        headers: &[(&str, &[u8])],
     ) -> Result<()> {
         until_done(what, || async {
             let mut record = FutureRecord::<[u8], [u8]>::to(topic);
-            if let Some((name, value)) = header {
-                record = record.headers(OwnedHeaders::new().insert(Header {
-                    key: name,
-                    value: Some(value),
-                }));
+            if !headers.is_empty() {
+                let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+                for (name, value) in headers {
+                    owned = owned.insert(Header {
+                        key: name,
+                        value: Some(*value),
+                    });
+                }
+                record = record.headers(owned);
             }
             if let Some(k) = key {
                 record = record.key(k);
@@ -583,19 +609,33 @@ impl Runtime {
     }
 
     /// Sends a refused event to the dead-letter topic (if one is set), with the reason.
-    pub async fn dead_letter(&self, key: Option<&[u8]>, payload: Option<&[u8]>, reason: &str) {
+    pub async fn dead_letter<'a>(
+        &self,
+        key: Option<&'a [u8]>,
+        payload: Option<&'a [u8]>,
+        reason: &str,
+    ) {
         metrics::counter!("journeyx_dead_letters_total").increment(1);
         tracing::warn!(reason, "journeyx: event refused");
         let Some(topic) = &self.settings.dead_letter_topic else {
             return;
         };
+        // A record too large for the producer would be refused on every retry and hold
+        // the consumer: its value (and key) go out cut short, with the original length.
+        let long = payload.map_or(0, <[u8]>::len);
+        let cut = |b: &'a [u8]| &b[..b.len().min(DEAD_LETTER_MAX_BYTES)];
+        let long_text = long.to_string();
+        let mut headers = vec![(DEAD_LETTER_REASON, reason.as_bytes())];
+        if long > DEAD_LETTER_MAX_BYTES {
+            headers.push((DEAD_LETTER_TRUNCATED, long_text.as_bytes()));
+        }
         let sent = self
             .produce(
                 "dead-lettering an event",
                 topic,
-                key,
-                payload,
-                Some((DEAD_LETTER_REASON, reason.as_bytes())),
+                key.map(cut),
+                payload.map(cut),
+                &headers,
             )
             .await;
         if let Err(e) = sent {

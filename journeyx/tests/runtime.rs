@@ -527,6 +527,24 @@ async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered()
     let mut no_user = serde_json::to_value(event("e-y", "", "signed_up", json!({}))).unwrap();
     no_user["user_id"] = "".into();
     produce(&p, &t.events, None, no_user.to_string().as_bytes()).await;
+    // A user id too long for a store key (fjall panicked on it, Cassandra refused it on
+    // every retry), and a record over the producer's 1,000,000-byte limit, whose dead
+    // letter was refused on every retry: each held every partition before.
+    let long_user = "x".repeat(70_000);
+    let long_id = event("e-long", &long_user, "signed_up", json!({}));
+    produce(
+        &p,
+        &t.events,
+        Some("u-long"),
+        serde_json::to_string(&long_id).unwrap().as_bytes(),
+    )
+    .await;
+    let big: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka)
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    produce(&big, &t.events, Some("u-big"), &vec![b'#'; 1_020_000]).await;
 
     let mut per_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
     for n in 0..6 {
@@ -569,18 +587,30 @@ async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered()
         }
     }
     let dead = read(&kafka, &t.dead, Duration::from_secs(10), true, |r| {
-        r.len() >= 3
+        r.len() >= 5
     })
     .await;
     let reasons: Vec<&str> = dead
         .iter()
         .map(|r| r.headers["journeyx-error"].as_str())
         .collect();
-    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    let cut: Vec<&Record> = dead
+        .iter()
+        .filter(|r| r.headers.contains_key("journeyx-truncated-from"))
+        .collect();
+    assert_eq!(cut.len(), 1, "only the large record is cut short");
+    assert_eq!(cut[0].headers["journeyx-truncated-from"], "1020000");
+    assert_eq!(
+        cut[0].value.as_str().map(str::len),
+        Some(256 * 1024),
+        "its first 256 KiB"
+    );
     for why in [
         "the value is not an event",
         "no journey is published for app_id \"nobody\"",
         "the event has no user_id",
+        "the event's user_id is 70000 bytes long; at most 1024",
     ] {
         assert!(
             reasons.iter().any(|r| r.contains(why)),
