@@ -486,7 +486,7 @@ impl Runtime {
                     .key(fire.user_id.clone().into_bytes())
                     .payload(payload.clone())
                     .idempotency_key(fire.event_id.clone());
-                    async move { client.set_timeout(timer).await.map_err(timerdb_error) }
+                    async move { client.set_timeout(timer).await.map_err(set_timer_error) }
                 })
                 .await;
                 let id = match id {
@@ -663,6 +663,20 @@ fn timerdb_error(e: timerdb_client::Error) -> Error {
     }
 }
 
+/// A `SetTimeout` error as journeyx's. As [`timerdb_error`], except `FAILED_PRECONDITION`
+/// is tried again: the timer goes to the partition its event arrived on, so TimerDB saying
+/// that partition (or the topic) does not exist is its partition-count cache, which lives
+/// 30 s, speaking from before partitions were added. Given up, the timer would leave the
+/// user waiting at its node for ever.
+fn set_timer_error(e: timerdb_client::Error) -> Error {
+    match &e {
+        timerdb_client::Error::Status(s) if s.code() == tonic::Code::FailedPrecondition => {
+            Error::Store(format!("timerdb: {e}"))
+        }
+        _ => timerdb_error(e),
+    }
+}
+
 /// The label of a counter.
 pub fn count_name(c: Count) -> &'static str {
     c.as_str()
@@ -676,6 +690,21 @@ pub(crate) fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    /// A timer TimerDB says it cannot deliver yet is tried again; a malformed one is not.
+    #[test]
+    fn a_set_timer_refused_for_a_missing_partition_is_tried_again() {
+        let status = |code, m: &str| timerdb_client::Error::from(tonic::Status::new(code, m));
+        let e = set_timer_error(status(
+            tonic::Code::FailedPrecondition,
+            "Kafka topic \"e\" has 1 partitions (0..=0); partition 1 does not exist",
+        ));
+        assert!(matches!(e, Error::Store(_)), "{e:?}");
+        let e = set_timer_error(status(tonic::Code::InvalidArgument, "bad key"));
+        assert!(matches!(e, Error::Invalid(_)), "{e:?}");
+        let e = set_timer_error(status(tonic::Code::Unavailable, "down"));
+        assert!(matches!(e, Error::Store(_)), "{e:?}");
+    }
+
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use async_trait::async_trait;
