@@ -18,6 +18,9 @@ use crate::model::{Action, Condition, Journey, Node, ReEntry, TimerSpec};
 pub const TIMER_EVENT: &str = "journeyx.timer";
 /// The loader's no-op event: re-evaluates segment entry for one journey.
 pub const ENTER_EVENT: &str = "journeyx.enter";
+/// The property of [`ENTER_EVENT`] holding how many times the user had entered the journey
+/// when the loader read their record; the event enters only a user still at that count.
+pub const ENTER_ENTRIES: &str = "entries";
 /// Most edges one event may take in one journey (validation refuses cycles without a
 /// wait; this bounds the work if a published graph had one anyway).
 const MAX_MOVES: usize = 64;
@@ -389,16 +392,22 @@ impl<'a> Step<'a> {
         let Some(seg) = &j.entry.segment else {
             return false;
         };
-        // The loader's event for another journey enters nothing here.
-        if self.event.name == ENTER_EVENT
-            && self
-                .event
-                .properties
-                .get("journey_id")
-                .and_then(Value::as_str)
-                != Some(&j.id)
-        {
-            return false;
+        if self.event.name == ENTER_EVENT {
+            let props = &self.event.properties;
+            // The loader's event for another journey enters nothing here.
+            if props.get("journey_id").and_then(Value::as_str) != Some(&j.id) {
+                return false;
+            }
+            // It was made for the user's entry count when the loader read the record: a
+            // copy arriving after that entry (produced twice, or by a second load) must
+            // not enter again, which would set the entry's timers under the keys of the
+            // first and meet them cancelled.
+            let entries = self.user.journeys.get(&j.id).map_or(0, |s| s.entries);
+            if let Some(made_for) = props.get(ENTER_ENTRIES).and_then(Value::as_u64)
+                && made_for != u64::from(entries)
+            {
+                return false;
+            }
         }
         self.in_segment(seg)
     }

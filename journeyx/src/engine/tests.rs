@@ -373,6 +373,69 @@ fn a_segment_enters_users_as_they_join_it_and_exits_them_as_they_leave() {
     assert_eq!(counted(&left, Count::Exited), vec!["hello"]);
 }
 
+/// A loader event enters a user only at the entry count it was made for: its copy,
+/// arriving after the entry, enters nobody (with `re_entry: always` it re-entered, setting
+/// the timer again under the first entry's key, which TimerDB answers with the cancelled
+/// timer); a later load of the user who left makes a new event with new keys.
+#[test]
+fn a_loader_event_enters_once_even_when_it_arrives_twice() {
+    let waits = r#"
+id: waits
+version: 1
+app_id: demo
+entry: {segment: vips}
+re_entry: always
+exit: [{event: quit}]
+start: hello
+nodes:
+  - id: hello
+    actions: [{send: {channel: push, template: hi}}, {timer: 1h}]
+    edges: [{when: timer, to: bye}]
+  - id: bye
+    actions: [exit]
+"#;
+    let c = catalog(&[waits]);
+    let mut u = User::default();
+    u.tags.insert("vip".into());
+    let load = |id: &str, entries: u32| {
+        ev(
+            id,
+            ENTER_EVENT,
+            1_000,
+            json!({"journey_id": "waits", "entries": entries}),
+        )
+    };
+    let first = step(&c, &u, &load("l-0", 0));
+    assert_eq!(sends(&first), vec![("hello".into(), "hi".into())]);
+    let fire = timer_of(&first);
+    let again = step(&c, &first.user, &load("l-0", 0));
+    assert!(again.commands.is_empty(), "{:?}", again.commands);
+    assert_eq!(again.user.journeys["waits"], first.user.journeys["waits"]);
+    // The user leaves; a later load, reading one entry, enters them again under new keys.
+    let left = step(&c, &first.user, &ev("q", "quit", 2_000, json!({})));
+    assert!(!left.user.journeys["waits"].active);
+    let second = step(&c, &left.user, &load("l-1", 1));
+    assert_eq!(second.user.journeys["waits"].entries, 2);
+    assert_ne!(timer_of(&second).event_id, fire.event_id, "a new timer key");
+    let key = |o: &Outcome| {
+        o.commands
+            .iter()
+            .find_map(|c| match c {
+                Command::Send(m) => Some(m.idempotency_key.clone()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_ne!(key(&second), key(&first), "a new message key");
+    // An event from an older loader, without the count, enters as before.
+    let old = step(
+        &c,
+        &left.user,
+        &ev("l-old", ENTER_EVENT, 3_000, json!({"journey_id": "waits"})),
+    );
+    assert_eq!(old.user.journeys["waits"].entries, 2);
+}
+
 #[test]
 fn the_loaders_enter_event_concerns_only_its_journey() {
     let c = catalog(&[VIP]);

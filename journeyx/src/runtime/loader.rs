@@ -4,8 +4,10 @@
 //! `journeyx.enter` (property `journey_id`) onto the events topic, keyed by the user, at
 //! most `rate` per second; the engine then enters them as for any event. After each page it
 //! records the last user it went past, so a load stopped by a crash resumes there. The
-//! event's id is derived from (journey, version, user): a page produced twice yields the
-//! same events, which the engine applies once.
+//! event carries (property `entries`) how many times the user had entered the journey, and
+//! its id is derived from (journey, version, user, entries): a page produced twice yields
+//! the same events, and a copy that arrives after the user entered enters nobody (the
+//! count moved on); a later load of a user who left meanwhile makes a new event.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::Runtime;
-use crate::engine::{self, ENTER_EVENT, Event};
+use crate::engine::{self, ENTER_ENTRIES, ENTER_EVENT, Event};
 use crate::{Error, Result};
 
 /// Users read per page.
@@ -129,7 +131,9 @@ async fn pages(rt: &Runtime, p: &Progress, app: &str, mut after: Option<String>)
         let catalog = rt.catalog();
         for (id, user) in &page {
             p.scanned.fetch_add(1, Ordering::Relaxed);
-            let inside = user.journeys.get(&p.journey).is_some_and(|s| s.active);
+            let state = user.journeys.get(&p.journey);
+            let inside = state.is_some_and(|s| s.active);
+            let entries = state.map_or(0, |s| s.entries);
             if inside
                 || !rt
                     .audience()
@@ -142,8 +146,15 @@ async fn pages(rt: &Runtime, p: &Progress, app: &str, mut after: Option<String>)
             tick.tick().await;
             let mut properties = Map::new();
             properties.insert("journey_id".into(), Value::String(p.journey.clone()));
+            properties.insert(ENTER_ENTRIES.into(), Value::from(entries));
             let event = Event {
-                event_id: engine::key(&[ENTER_EVENT, &p.journey, &p.version.to_string(), id]),
+                event_id: engine::key(&[
+                    ENTER_EVENT,
+                    &p.journey,
+                    &p.version.to_string(),
+                    id,
+                    &entries.to_string(),
+                ]),
                 app_id: app.to_owned(),
                 user_id: id.clone(),
                 name: ENTER_EVENT.into(),
