@@ -61,6 +61,40 @@ pub struct User {
     /// rebalance, behind later ones already applied, is not applied a second time.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub applied: BTreeMap<i32, i64>,
+    /// The events topic `applied` speaks of (none in records written before it was kept:
+    /// they speak of the topic being read). Another topic's offsets say nothing of this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_topic: Option<String>,
+    /// The runtime's too: a hash of each of the last [`RECENT_EVENTS`] event ids applied
+    /// to this record, so a copy of an event at another offset (a producer that retried)
+    /// is not applied again: applied twice, it would re-enter a journey under the keys of
+    /// the first entry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent: Vec<u64>,
+}
+
+/// How many event ids a user's record remembers ([`User::recent`]).
+pub const RECENT_EVENTS: usize = 8;
+
+/// The hash [`User::recent`] keeps of an event id.
+pub fn event_hash(event_id: &str) -> u64 {
+    twox_hash::XxHash3_128::oneshot(event_id.as_bytes()) as u64
+}
+
+impl User {
+    /// Whether an event of this id was among the last [`RECENT_EVENTS`] applied.
+    pub fn applied_recently(&self, event_id: &str) -> bool {
+        self.recent.contains(&event_hash(event_id))
+    }
+
+    /// Remembers `event_id` as applied, forgetting the oldest beyond [`RECENT_EVENTS`].
+    pub fn remember(&mut self, event_id: &str) {
+        self.recent.push(event_hash(event_id));
+        if self.recent.len() > RECENT_EVENTS {
+            let extra = self.recent.len() - RECENT_EVENTS;
+            self.recent.drain(..extra);
+        }
+    }
 }
 
 /// A user's place in one journey.

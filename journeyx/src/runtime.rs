@@ -317,11 +317,15 @@ impl Runtime {
                     return;
                 }
             };
-            if read
-                .user
-                .applied
-                .get(&partition)
-                .is_some_and(|&done| done >= offset)
+            let topic = &self.settings.events_topic;
+            let same_topic = read.user.applied_topic.as_ref().is_none_or(|t| t == topic);
+            if same_topic
+                && read
+                    .user
+                    .applied
+                    .get(&partition)
+                    .is_some_and(|&done| done >= offset)
+                || read.user.applied_recently(&event.event_id)
             {
                 metrics::counter!("journeyx_events_applied_before_total").increment(1);
                 return;
@@ -345,7 +349,12 @@ impl Runtime {
             // A user with a record records every event applied to it; a user without one
             // gets one only once an event changes something.
             let mut changed = outcome.changed || read.version > 0;
+            if !same_topic {
+                outcome.user.applied.clear();
+            }
+            outcome.user.applied_topic = Some(topic.clone());
             outcome.user.applied.insert(partition, offset);
+            outcome.user.remember(&event.event_id);
             // The event's messages go out together, in order (produced in the order of
             // the commands, so one user's messages keep it on their partition).
             let messages = outcome.commands.iter().filter_map(|c| match c {
@@ -815,6 +824,65 @@ mod tests {
         let stored: Counters = store.counts("t").await.unwrap().into_iter().collect();
         assert_eq!(entered(&stored), Some(3), "{stored:?}");
         assert_eq!(entered(&rt.journey_counts("t").await.unwrap()), Some(3));
+    }
+
+    /// `applied` speaks of one events topic: read from another topic (a new
+    /// `--events-topic`), an event at an offset below the recorded one is applied, where
+    /// before it was skipped as applied. A copy of an event (its id among the record's
+    /// recent ones) is skipped, whatever its offset.
+    #[tokio::test]
+    async fn offsets_of_another_topic_do_not_skip_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
+        let j = Journey::parse(
+            "t.yaml",
+            "{id: t, version: 1, app_id: demo, entry: {event: go}, re_entry: always, \
+             start: a, nodes: [{id: a, actions: [exit]}]}",
+        )
+        .unwrap();
+        store.publish_journey(&j).await.unwrap();
+        let event = |id: &str| Event {
+            event_id: id.into(),
+            app_id: "demo".into(),
+            user_id: "u1".into(),
+            name: "go".into(),
+            ts_ms: 1_000,
+            properties: Default::default(),
+            tz: None,
+        };
+        let on = |topic: &str| {
+            let mut s = Settings::new("127.0.0.1:9", "127.0.0.1:9");
+            s.events_topic = topic.into();
+            Runtime::new(s, store.clone())
+        };
+        let entries = || async {
+            let u = store.load_user("demo", "u1").await.unwrap().user;
+            (u.journeys["t"].entries, u.applied_topic.clone(), u.applied)
+        };
+        // No Kafka or TimerDB is reached: the journey sends nothing and sets no timer.
+        let old = on("old").await.unwrap();
+        old.handle(0, 100, &event("e1")).await;
+        old.handle(0, 101, &event("e1")).await;
+        assert_eq!(
+            entries().await,
+            (1, Some("old".into()), [(0, 100)].into()),
+            "the copy at offset 101 is skipped"
+        );
+        old.handle(0, 50, &event("e2")).await;
+        assert_eq!(
+            entries().await.0,
+            1,
+            "offset 50 of the same topic: applied before"
+        );
+        let new = on("new").await.unwrap();
+        new.handle(0, 5, &event("e3")).await;
+        assert_eq!(entries().await, (2, Some("new".into()), [(0, 5)].into()));
+        new.handle(0, 5, &event("e4")).await;
+        assert_eq!(
+            entries().await.0,
+            2,
+            "offset 5 of the new topic: applied before"
+        );
     }
 
     /// One event entering five journeys, each calling a webhook that takes 300 ms to

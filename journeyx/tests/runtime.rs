@@ -1345,6 +1345,66 @@ async fn a_load_killed_mid_way_resumes_where_it_stopped_and_enters_each_user_onc
     node.shutdown().await.unwrap();
 }
 
+/// An event produced twice (the same `event_id` at two offsets, as from a producer that
+/// retried) is applied once: with `re_entry: always` its copy re-entered the user, set the
+/// node's timer again under the first entry's key, and TimerDB answered with the timer the
+/// re-entry had just cancelled, so the user never moved on. Now the welcome goes out once
+/// and the timer's goodbye arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_produced_twice_is_applied_once() {
+    let Some(Bed {
+        kafka,
+        dir,
+        t,
+        node,
+        http,
+    }) = bed("jx-twice").await
+    else {
+        return;
+    };
+    let again = dir.path().join("again.yaml");
+    std::fs::write(
+        &again,
+        "{id: again, version: 1, app_id: demo, entry: {event: ping}, re_entry: always, \
+         start: hi, nodes: [{id: hi, actions: [{send: {channel: push, template: hi}}, \
+         {timer: 2s}], edges: [{when: timer, to: bye}]}, \
+         {id: bye, actions: [{send: {channel: push, template: bye}}, exit]}]}",
+    )
+    .unwrap();
+    let jx = Journeyx::start(
+        &kafka,
+        &node.addr.to_string(),
+        dir.path().join("jx").as_os_str(),
+        &t,
+        &unique("group"),
+        &http,
+        &[again],
+    );
+    let p = producer(&kafka);
+    let ping = serde_json::to_string(&event("p-1", "d1", "ping", json!({}))).unwrap();
+    for _ in 0..2 {
+        produce(&p, &t.events, Some("d1"), ping.as_bytes()).await;
+    }
+    let got = read(&kafka, &t.messages, Duration::from_secs(20), true, |r| {
+        r.iter().any(|m| m.value["template"] == "bye")
+    })
+    .await;
+    let templates: Vec<&str> = got
+        .iter()
+        .map(|m| m.value["template"].as_str().unwrap())
+        .collect();
+    assert_eq!(templates, ["hi", "bye"], "{got:#?}");
+    let u = jx.user_json("d1");
+    let st = &u["user"]["journeys"]["again"];
+    assert_eq!(
+        (st["entries"].as_u64(), st["active"].as_bool()),
+        (Some(1), Some(false)),
+        "{u}"
+    );
+    drop(jx);
+    node.shutdown().await.unwrap();
+}
+
 /// Live edits through `journeyx publish` on a running process: users who entered version 1
 /// and wait on its timer move to version 3, which maps their node (`migrate_from`), and
 /// get version 3's reminder when the timer set under version 1 fires; users who entered
