@@ -131,6 +131,13 @@ struct RunArgs {
     /// segments itself from the properties and tags it keeps.
     #[arg(long, env = "JOURNEYX_AUDIENCE", default_value = "")]
     audience: String,
+    /// How journeyx picks the partition of what it produces keyed by user (the loader's
+    /// events, messages): set it to the upstream producers' partitioner, so a user's
+    /// events stay on one partition. `murmur2_random` is the Java client's (and Kafka's
+    /// tools'), `consistent_random` librdkafka's, `fnv1a_random` sarama's.
+    #[arg(long, env = "JOURNEYX_PARTITIONER", default_value = "murmur2_random",
+          value_parser = clap::builder::PossibleValuesParser::new(runtime::PARTITIONERS))]
+    partitioner: String,
 }
 
 #[derive(Args)]
@@ -224,6 +231,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         (!args.dead_letter_topic.is_empty()).then_some(args.dead_letter_topic);
     settings.queues = args.queues.max(1);
     settings.audience = (!args.audience.is_empty()).then_some(args.audience);
+    settings.partitioner = args.partitioner;
     let rt = runtime::Runtime::new(settings, store)
         .await
         .map_err(|e| e.to_string())?;

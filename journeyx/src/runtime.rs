@@ -61,7 +61,24 @@ pub struct Settings {
     /// An external audience service's URL ([`audience::HttpAudience`]); `None`: segments
     /// are evaluated here ([`audience::LocalAudience`]).
     pub audience: Option<String>,
+    /// librdkafka's partitioner for what journeyx produces keyed by user (the loader's
+    /// events, messages): the one the upstream producers of the events use, so the
+    /// loader's events for a user land on that user's partition. See [`PARTITIONERS`].
+    pub partitioner: String,
 }
+
+/// The partitioners journeyx can produce with (librdkafka's names): `murmur2_random` is
+/// the Java client's default (and Kafka's own tools'), `consistent_random` librdkafka's
+/// (CRC32), `fnv1a_random` sarama's (Go).
+pub const PARTITIONERS: [&str; 7] = [
+    "murmur2_random",
+    "murmur2",
+    "consistent_random",
+    "consistent",
+    "fnv1a_random",
+    "fnv1a",
+    "random",
+];
 
 impl Settings {
     /// The defaults, on Kafka at `kafka` and TimerDB at `timerdb`.
@@ -77,6 +94,7 @@ impl Settings {
             webhook_timeout: Duration::from_secs(5),
             webhook_attempts: 4,
             audience: None,
+            partitioner: "murmur2_random".into(),
         }
     }
 }
@@ -154,6 +172,7 @@ impl Runtime {
             .set("bootstrap.servers", &settings.kafka)
             .set("enable.idempotence", "true")
             .set("linger.ms", "2")
+            .set("partitioner", &settings.partitioner)
             .create()
             .map_err(|e| Error::Invalid(format!("kafka producer for {}: {e}", settings.kafka)))?;
         let timers = timerdb_client::Client::connect_lazy(&settings.timerdb)

@@ -270,9 +270,11 @@ impl Drop for Journeyx {
     }
 }
 
+/// A producer partitioning by key as the Java client does (journeyx's default).
 fn producer(kafka: &str) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", kafka)
+        .set("partitioner", "murmur2_random")
         .create()
         .unwrap()
 }
@@ -302,6 +304,7 @@ fn event(id: &str, user: &str, name: &str, props: Value) -> Event {
 struct Record {
     value: Value,
     headers: BTreeMap<String, String>,
+    partition: i32,
 }
 
 /// Reads `topic` from the start until `done` holds for what was read, or `wait` passes;
@@ -350,7 +353,11 @@ async fn read(
                     .collect()
             })
             .unwrap_or_default();
-        out.push(Record { value, headers });
+        out.push(Record {
+            value,
+            headers,
+            partition: m.partition(),
+        });
     }
     out
 }
@@ -1111,6 +1118,33 @@ async fn the_loader_enters_the_segment_s_users_once() {
         w
     };
     assert_eq!(users, want, "each vip welcomed once, nobody else");
+    // The loader's events land on the partitions the upstream producer put the users on
+    // (3 partitions; both partition as the Java client does).
+    let events = read(&kafka, &t.events, Duration::from_secs(10), true, |r| {
+        r.iter()
+            .filter(|e| e.value["name"] == "journeyx.enter")
+            .count()
+            >= 60
+    })
+    .await;
+    let upstream: BTreeMap<&str, i32> = events
+        .iter()
+        .filter(|e| e.value["name"] == "upgraded")
+        .map(|e| (e.value["user_id"].as_str().unwrap(), e.partition))
+        .collect();
+    let loaded: Vec<(&str, i32)> = events
+        .iter()
+        .filter(|e| e.value["name"] == "journeyx.enter")
+        .map(|e| (e.value["user_id"].as_str().unwrap(), e.partition))
+        .collect();
+    assert_eq!(loaded.len(), 60);
+    assert!(
+        upstream.values().collect::<BTreeSet<_>>().len() > 1,
+        "the users are spread: {upstream:?}"
+    );
+    for (user, partition) in loaded {
+        assert_eq!(Some(&partition), upstream.get(user), "{user}'s partition");
+    }
     let again = load(&[]);
     assert_eq!(
         again["emitted"].as_u64(),
