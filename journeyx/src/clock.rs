@@ -15,8 +15,13 @@ fn zone_or_utc(name: Option<&str>) -> Tz {
     name.and_then(zone).unwrap_or(Tz::UTC)
 }
 
+/// The last instant local times are computed for: 9999-12-31T23:59:59.999Z. Later ones
+/// are taken as it (chrono's calendar ends at year 262143, and a zone ahead of UTC would
+/// pass that end; journeyx refuses events after this instant anyway).
+const LAST_MS: u64 = 253_402_300_799_999;
+
 fn utc(ms: u64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms as i64).unwrap_or_default()
+    DateTime::from_timestamp_millis(ms.min(LAST_MS) as i64).unwrap_or_default()
 }
 
 /// Minutes since local midnight at `ms`.
@@ -29,6 +34,9 @@ pub fn local_minutes(ms: u64, tz: Option<&str>) -> u32 {
 /// daylight-saving change skips is taken at the first instant after the gap; one it
 /// repeats, at its first occurrence).
 pub fn next_local(ms: u64, at: LocalTime, tz: Option<&str>) -> u64 {
+    if ms > LAST_MS {
+        return ms.saturating_add(86_400_000);
+    }
     let zone = zone_or_utc(tz);
     let local = utc(ms).with_timezone(&zone);
     let time = NaiveTime::from_hms_opt(at.minutes / 60, at.minutes % 60, 0).expect("valid");
@@ -50,14 +58,31 @@ pub fn next_local(ms: u64, at: LocalTime, tz: Option<&str>) -> u64 {
                 return t_ms;
             }
         }
-        day = day.checked_add_days(Days::new(1)).expect("in range");
+        let Some(next) = day.checked_add_days(Days::new(1)) else {
+            break;
+        };
+        day = next;
     }
-    ms + 86_400_000
+    ms.saturating_add(86_400_000)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Times at and past the end of chrono's calendar (year 262143) find no next 09:00
+    /// to compute: a day later, no panic (a panic killed the queue's worker).
+    #[test]
+    fn the_calendar_s_end_does_not_panic() {
+        let at = LocalTime { minutes: 9 * 60 };
+        let last = DateTime::<Utc>::MAX_UTC.timestamp_millis() as u64;
+        for ms in [LAST_MS, LAST_MS + 1, last, i64::MAX as u64, u64::MAX] {
+            for tz in [None, Some("Pacific/Kiritimati"), Some("America/New_York")] {
+                assert!(next_local(ms, at, tz) >= ms, "{ms} {tz:?}");
+                assert!(local_minutes(ms, tz) < 24 * 60);
+            }
+        }
+    }
 
     fn ms(rfc3339: &str) -> u64 {
         DateTime::parse_from_rfc3339(rfc3339)

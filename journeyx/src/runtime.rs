@@ -32,6 +32,9 @@ pub const IDEMPOTENCY_HEADER: &str = "journeyx-idempotency-key";
 pub const DEAD_LETTER_REASON: &str = "journeyx-error";
 /// Header of a dead letter whose record was cut short: the original value's length.
 pub const DEAD_LETTER_TRUNCATED: &str = "journeyx-truncated-from";
+/// The latest `ts_ms` taken: 9999-12-31T23:59:59.999Z (the calendar's end); later is
+/// dead-lettered.
+pub const MAX_TS_MS: u64 = 253_402_300_799_999;
 /// The longest `user_id`, `app_id` or `event_id` taken (bytes); longer is dead-lettered.
 pub const MAX_ID_BYTES: usize = 1_024;
 /// The longest value or key copied into a dead letter (bytes); the producer takes at most
@@ -298,6 +301,12 @@ impl Runtime {
                     value.len()
                 ));
             }
+        }
+        if event.ts_ms > MAX_TS_MS {
+            return Some(format!(
+                "the event's ts_ms {} is after 9999-12-31 (at most {MAX_TS_MS})",
+                event.ts_ms
+            ));
         }
         if event.user_id.is_empty() {
             return Some("the event has no user_id".into());
@@ -844,6 +853,79 @@ mod tests {
         assert_eq!(entered(&stored), Some(3), "{stored:?}");
         assert_eq!(entered(&rt.journey_counts("t").await.unwrap()), Some(3));
     }
+
+    /// Events journeyx cannot process are refused with the field named, before any
+    /// store call: an id too long for a store key, a time past the calendar's end. A
+    /// load at a rate of 0 or over a million a second is refused with the bounds.
+    #[tokio::test]
+    async fn bad_events_and_rates_are_refused_naming_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
+        let j = Journey::parse(
+            "t.yaml",
+            "{id: t, version: 1, app_id: demo, entry: {event: go}, start: a, \
+             nodes: [{id: a, actions: [exit]}]}",
+        )
+        .unwrap();
+        store.publish_journey(&j).await.unwrap();
+        let rt = Runtime::new(Settings::new("127.0.0.1:9", "127.0.0.1:9"), store.clone())
+            .await
+            .unwrap();
+        let good = Event {
+            event_id: "e1".into(),
+            app_id: "demo".into(),
+            user_id: "u1".into(),
+            name: "go".into(),
+            ts_ms: 1_000,
+            properties: Default::default(),
+            tz: None,
+        };
+        assert_eq!(rt.refusal(&good), None);
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let cases = [
+            (
+                Event {
+                    user_id: long.clone(),
+                    ..good.clone()
+                },
+                "the event's user_id is 1025 bytes long; at most 1024",
+            ),
+            (
+                Event {
+                    event_id: long.clone(),
+                    ..good.clone()
+                },
+                "the event's event_id is 1025 bytes long",
+            ),
+            (
+                Event {
+                    app_id: long,
+                    ..good.clone()
+                },
+                "the event's app_id is 1025 bytes long",
+            ),
+            (
+                Event {
+                    ts_ms: u64::MAX,
+                    ..good.clone()
+                },
+                "is after 9999-12-31",
+            ),
+        ];
+        for (event, why) in cases {
+            let said = rt.refusal(&event).unwrap_or_default();
+            assert!(said.contains(why), "{why:?} in {said:?}");
+        }
+        for rate in [0, MAX_RATE_PLUS_ONE] {
+            let e = super::loader::start(rt.clone(), "t", rate, false)
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("must be from 1 to 1000000"), "{rate}: {e}");
+        }
+    }
+    const MAX_RATE_PLUS_ONE: u32 = super::loader::MAX_RATE + 1;
 
     /// `applied` speaks of one events topic: read from another topic (a new
     /// `--events-topic`), an event at an offset below the recorded one is applied, where

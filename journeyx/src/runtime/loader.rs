@@ -22,6 +22,8 @@ use crate::{Error, Result};
 
 /// Users read per page.
 const PAGE: usize = 500;
+/// The highest `--rate` taken (events per second).
+pub const MAX_RATE: u32 = 1_000_000;
 
 /// Where a load stands (what `GET /api/load/{journey}` answers).
 #[derive(Debug, Default, Serialize)]
@@ -54,10 +56,10 @@ pub async fn start(
     rate: u32,
     from_start: bool,
 ) -> Result<Arc<Progress>> {
-    if rate == 0 {
-        return Err(Error::Invalid(
-            "rate must be at least 1 event per second".into(),
-        ));
+    if !(1..=MAX_RATE).contains(&rate) {
+        return Err(Error::Invalid(format!(
+            "rate {rate}: must be from 1 to {MAX_RATE} events per second"
+        )));
     }
     let catalog = rt.catalog();
     let j = catalog

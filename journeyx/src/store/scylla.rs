@@ -404,35 +404,47 @@ impl StateStore for ScyllaStateStore {
         limit: usize,
     ) -> Result<Vec<(String, User)>> {
         let what = "listing users";
-        let limit = limit.clamp(1, i32::MAX as usize) as i32;
-        let r = match after {
-            None => {
-                self.session
-                    .execute_unpaged(&self.st.page_users, (app, limit))
-                    .await
+        let wanted = limit.max(1);
+        let limit = wanted.min(i32::MAX as usize) as i32;
+        let mut out = Vec::with_capacity(wanted);
+        let mut cursor = after.map(str::to_owned);
+        // An id is indexed before its record is first written, so an id may have no
+        // record (its first save lost, or not landed yet): skipped. The next ids are read
+        // until the page has a user or the index ends, so a page of such ids does not
+        // look like the end (the loader would stop there).
+        loop {
+            let r = match &cursor {
+                None => {
+                    self.session
+                        .execute_unpaged(&self.st.page_users, (app, limit))
+                        .await
+                }
+                Some(a) => {
+                    self.session
+                        .execute_unpaged(&self.st.page_users_after, (app, a, limit))
+                        .await
+                }
             }
-            Some(a) => {
-                self.session
-                    .execute_unpaged(&self.st.page_users_after, (app, a, limit))
-                    .await
-            }
-        }
-        .map_err(|e| failed(what, e))?
-        .into_rows_result()
-        .map_err(|e| failed(what, e))?;
-        let ids: Vec<String> = r
-            .rows::<(String,)>()
             .map_err(|e| failed(what, e))?
-            .map(|row| row.map(|(id,)| id).map_err(|e| failed(what, e)))
-            .collect::<Result<_>>()?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let read = self.load_user(app, &id).await?;
-            if read.version > 0 {
-                out.push((id, read.user));
+            .into_rows_result()
+            .map_err(|e| failed(what, e))?;
+            let ids: Vec<String> = r
+                .rows::<(String,)>()
+                .map_err(|e| failed(what, e))?
+                .map(|row| row.map(|(id,)| id).map_err(|e| failed(what, e)))
+                .collect::<Result<_>>()?;
+            let end = ids.len() < limit as usize;
+            cursor = ids.last().cloned().or(cursor);
+            for id in ids {
+                let read = self.load_user(app, &id).await?;
+                if read.version > 0 {
+                    out.push((id, read.user));
+                }
+            }
+            if !out.is_empty() || end {
+                return Ok(out);
             }
         }
-        Ok(out)
     }
 
     async fn count_users(&self, app: &str, after: Option<&str>) -> Result<u64> {
@@ -530,6 +542,10 @@ mod tests {
 
     /// A fresh keyspace on the Cassandra of deploy/local (`TIMERDB_SCYLLA`).
     async fn fresh() -> Arc<dyn StateStore> {
+        Arc::new(fresh_store().await)
+    }
+
+    async fn fresh_store() -> ScyllaStateStore {
         let host = match std::env::var("TIMERDB_SCYLLA") {
             Ok(h) if !h.is_empty() => h,
             _ if std::env::var("CI").as_deref() == Ok("true") => {
@@ -551,14 +567,42 @@ mod tests {
                 % 1_000_000,
             N.fetch_add(1, Ordering::Relaxed)
         );
-        Arc::new(
-            ScyllaStateStore::open(&format!("scylla://{host}/{ks}"))
-                .await
-                .unwrap(),
-        )
+        ScyllaStateStore::open(&format!("scylla://{host}/{ks}"))
+            .await
+            .unwrap()
     }
 
     crate::state_store_suite!(fresh().await);
+
+    /// Ids listed without a record (a first save that indexed the user and then lost)
+    /// are skipped, and a page of nothing but such ids does not end the listing: before,
+    /// the page came back empty and the loader stopped there.
+    #[tokio::test]
+    async fn a_page_of_ids_without_records_does_not_end_the_listing() {
+        let store = fresh_store().await;
+        for id in ["a", "b", "c"] {
+            store
+                .session
+                .execute_unpaged(&store.st.index_user, ("demo", id))
+                .await
+                .unwrap();
+        }
+        store
+            .save_user("demo", "d", 0, &User::default())
+            .await
+            .unwrap();
+        let page = store.users("demo", None, 2).await.unwrap();
+        assert_eq!(
+            page.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            ["d"]
+        );
+        assert!(store.users("demo", Some("d"), 2).await.unwrap().is_empty());
+        assert_eq!(
+            store.count_users("demo", None).await.unwrap(),
+            4,
+            "ids counted"
+        );
+    }
 
     #[test]
     fn urls_name_what_is_wrong() {
