@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use rdkafka::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -32,6 +33,22 @@ pub const IDEMPOTENCY_HEADER: &str = "journeyx-idempotency-key";
 pub const DEAD_LETTER_REASON: &str = "journeyx-error";
 /// Header of a dead letter whose record was cut short: the original value's length.
 pub const DEAD_LETTER_TRUNCATED: &str = "journeyx-truncated-from";
+/// Header of a dead letter whose key was cut short: the original key's length.
+pub const DEAD_LETTER_KEY_TRUNCATED: &str = "journeyx-key-truncated-from";
+/// The longest reason put in a dead letter's `journeyx-error` header (bytes).
+pub const DEAD_LETTER_REASON_MAX_BYTES: usize = 4 * 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
+fn cut_text(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
 /// The latest `ts_ms` taken: 9999-12-31T23:59:59.999Z (the calendar's end); later is
 /// dead-lettered.
 pub const MAX_TS_MS: u64 = 253_402_300_799_999;
@@ -382,7 +399,12 @@ impl Runtime {
             }
             outcome.user.applied_topic = Some(topic.clone());
             outcome.user.applied.insert(partition, offset);
-            outcome.user.remember(&event.event_id);
+            // A loader event is not remembered: its count (`entries`) already keeps a copy
+            // from entering twice, and one that entered nobody (a catalog not yet reloaded,
+            // an audience that said no) must stay free to enter at the next load.
+            if event.name != engine::ENTER_EVENT {
+                outcome.user.remember(&event.event_id);
+            }
             // The event's messages go out together, in order (produced in the order of
             // the commands, so one user's messages keep it on their partition).
             let messages = outcome.commands.iter().filter_map(|c| match c {
@@ -640,7 +662,14 @@ impl Runtime {
                 .send(record, Duration::from_secs(30))
                 .await
                 .map(|_| ())
-                .map_err(|(e, _)| Error::Store(format!("kafka: {e}")))
+                .map_err(|(e, _)| match e.rdkafka_error_code() {
+                    // The same record is refused again on every try: giving up is the only
+                    // way on for the records behind it.
+                    Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                        Error::Invalid(format!("kafka: {e}; not tried again"))
+                    }
+                    _ => Error::Store(format!("kafka: {e}")),
+                })
         })
         .await
     }
@@ -658,13 +687,21 @@ impl Runtime {
             return;
         };
         // A record too large for the producer would be refused on every retry and hold
-        // the consumer: its value (and key) go out cut short, with the original length.
-        let long = payload.map_or(0, <[u8]>::len);
+        // the consumer: its value and key go out cut short, each with its original length,
+        // and the reason (a parse error may quote the whole value) cut to 4 KiB. A dead
+        // letter refused as too large all the same is given up (`produce`).
         let cut = |b: &'a [u8]| &b[..b.len().min(DEAD_LETTER_MAX_BYTES)];
-        let long_text = long.to_string();
+        let (long_value, long_key) = (
+            payload.map_or(0, <[u8]>::len).to_string(),
+            key.map_or(0, <[u8]>::len).to_string(),
+        );
+        let reason = cut_text(reason, DEAD_LETTER_REASON_MAX_BYTES);
         let mut headers = vec![(DEAD_LETTER_REASON, reason.as_bytes())];
-        if long > DEAD_LETTER_MAX_BYTES {
-            headers.push((DEAD_LETTER_TRUNCATED, long_text.as_bytes()));
+        if payload.is_some_and(|p| p.len() > DEAD_LETTER_MAX_BYTES) {
+            headers.push((DEAD_LETTER_TRUNCATED, long_value.as_bytes()));
+        }
+        if key.is_some_and(|k| k.len() > DEAD_LETTER_MAX_BYTES) {
+            headers.push((DEAD_LETTER_KEY_TRUNCATED, long_key.as_bytes()));
         }
         let sent = self
             .produce(
@@ -926,6 +963,67 @@ mod tests {
         }
     }
     const MAX_RATE_PLUS_ONE: u32 = super::loader::MAX_RATE + 1;
+
+    /// A loader event that entered nobody (the journey not yet in this process's
+    /// catalog) enters the user when the next load sends it again: it is not skipped as
+    /// a copy, as the last 8 event ids are.
+    #[tokio::test]
+    async fn a_loader_event_that_entered_nobody_enters_at_the_next_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
+        store
+            .publish_segment(
+                &Segment::parse(
+                    "s.yaml",
+                    "{id: vips, app_id: demo, where: {tags: {contains: vip}}}",
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let mut vip = User::default();
+        vip.tags.insert("vip".into());
+        store.save_user("demo", "u1", 0, &vip).await.unwrap();
+        let rt = Runtime::new(Settings::new("127.0.0.1:9", "127.0.0.1:9"), store.clone())
+            .await
+            .unwrap();
+        // Published after this process read its catalog.
+        let j = Journey::parse(
+            "t.yaml",
+            "{id: t, version: 1, app_id: demo, entry: {segment: vips}, start: a, \
+             nodes: [{id: a, actions: [{tag: welcomed}, exit]}]}",
+        )
+        .unwrap();
+        store.publish_journey(&j).await.unwrap();
+        let mut properties = serde_json::Map::new();
+        properties.insert("journey_id".into(), "t".into());
+        properties.insert(engine::ENTER_ENTRIES.into(), 0.into());
+        let load = Event {
+            event_id: "l-0".into(),
+            app_id: "demo".into(),
+            user_id: "u1".into(),
+            name: engine::ENTER_EVENT.into(),
+            ts_ms: 1_000,
+            properties,
+            tz: None,
+        };
+        rt.handle(0, 10, &load).await;
+        let user = || async { store.load_user("demo", "u1").await.unwrap().user };
+        assert!(user().await.journeys.is_empty(), "not in the catalog yet");
+        rt.reload_catalog().await.unwrap();
+        rt.handle(0, 20, &load).await;
+        let u = user().await;
+        assert_eq!(u.journeys["t"].entries, 1, "{u:?}");
+        assert!(u.tags.contains("welcomed"));
+    }
+
+    #[test]
+    fn a_reason_is_cut_on_a_character_boundary() {
+        assert_eq!(cut_text("short", 10), "short");
+        let long = "é".repeat(3_000);
+        let cut = cut_text(&long, 4_096);
+        assert!(cut.len() <= 4_096 && cut.ends_with('…'), "{}", cut.len());
+    }
 
     /// `applied` speaks of one events topic: read from another topic (a new
     /// `--events-topic`), an event at an offset below the recorded one is applied, where

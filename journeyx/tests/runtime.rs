@@ -552,6 +552,13 @@ async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered()
         .create()
         .unwrap();
     produce(&big, &t.events, Some("u-big"), &vec![b'#'; 1_020_000]).await;
+    // A value whose parse error quotes it whole: the reason header alone was over the
+    // producer's limit.
+    let quoted = format!(
+        r#"{{"event_id": "e-q", "ts_ms": "{}"}}"#,
+        "q".repeat(900_000)
+    );
+    produce(&big, &t.events, Some("u-quoted"), quoted.as_bytes()).await;
 
     let mut per_user: BTreeMap<String, Vec<Event>> = BTreeMap::new();
     for n in 0..6 {
@@ -594,24 +601,34 @@ async fn onboarding_runs_on_kafka_and_timerdb_and_bad_events_are_dead_lettered()
         }
     }
     let dead = read(&kafka, &t.dead, Duration::from_secs(10), true, |r| {
-        r.len() >= 5
+        r.len() >= 6
     })
     .await;
     let reasons: Vec<&str> = dead
         .iter()
         .map(|r| r.headers["journeyx-error"].as_str())
         .collect();
-    assert_eq!(reasons.len(), 5, "{reasons:?}");
-    let cut: Vec<&Record> = dead
+    assert_eq!(reasons.len(), 6, "{}", reasons.len());
+    assert!(
+        reasons.iter().all(|r| r.len() <= 4_096),
+        "reasons cut to 4 KiB"
+    );
+    let cut: BTreeMap<&str, usize> = dead
         .iter()
-        .filter(|r| r.headers.contains_key("journeyx-truncated-from"))
+        .filter_map(|r| {
+            let from = r.headers.get("journeyx-truncated-from")?;
+            assert_eq!(
+                r.value.as_str().map(str::len),
+                Some(256 * 1024),
+                "its first 256 KiB"
+            );
+            Some((from.as_str(), r.headers["journeyx-error"].len()))
+        })
         .collect();
-    assert_eq!(cut.len(), 1, "only the large record is cut short");
-    assert_eq!(cut[0].headers["journeyx-truncated-from"], "1020000");
     assert_eq!(
-        cut[0].value.as_str().map(str::len),
-        Some(256 * 1024),
-        "its first 256 KiB"
+        cut.keys().copied().collect::<Vec<_>>(),
+        ["1020000", &quoted.len().to_string()],
+        "only the large records are cut short"
     );
     for why in [
         "the value is not an event",
