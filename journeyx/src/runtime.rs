@@ -790,6 +790,19 @@ mod tests {
     use crate::store::embedded::EmbeddedStore;
     use crate::store::{Saved, Versioned};
 
+    /// Event `go` of app `demo`'s `user`, at 1 s after the epoch.
+    fn go(id: &str, user: &str) -> Event {
+        Event {
+            event_id: id.into(),
+            app_id: "demo".into(),
+            user_id: user.into(),
+            name: "go".into(),
+            ts_ms: 1_000,
+            properties: Default::default(),
+            tz: None,
+        }
+    }
+
     /// The embedded store, whose `add_counts` fails while `failing` is set.
     struct Flaky {
         inner: EmbeddedStore,
@@ -862,15 +875,7 @@ mod tests {
             .await
             .unwrap();
         for (n, user) in ["u1", "u2", "u3"].iter().enumerate() {
-            let event = Event {
-                event_id: format!("e{n}"),
-                app_id: "demo".into(),
-                user_id: (*user).into(),
-                name: "go".into(),
-                ts_ms: 1_000,
-                properties: Default::default(),
-                tz: None,
-            };
+            let event = go(&format!("e{n}"), user);
             rt.handle(0, n as i64, &event).await;
         }
         let entered = |c: &Counters| {
@@ -908,15 +913,7 @@ mod tests {
         let rt = Runtime::new(Settings::new("127.0.0.1:9", "127.0.0.1:9"), store.clone())
             .await
             .unwrap();
-        let good = Event {
-            event_id: "e1".into(),
-            app_id: "demo".into(),
-            user_id: "u1".into(),
-            name: "go".into(),
-            ts_ms: 1_000,
-            properties: Default::default(),
-            tz: None,
-        };
+        let good = go("e1", "u1");
         assert_eq!(rt.refusal(&good), None);
         let long = "x".repeat(MAX_ID_BYTES + 1);
         let cases = [
@@ -1040,15 +1037,7 @@ mod tests {
         )
         .unwrap();
         store.publish_journey(&j).await.unwrap();
-        let event = |id: &str| Event {
-            event_id: id.into(),
-            app_id: "demo".into(),
-            user_id: "u1".into(),
-            name: "go".into(),
-            ts_ms: 1_000,
-            properties: Default::default(),
-            tz: None,
-        };
+        let event = |id: &str| go(id, "u1");
         let on = |topic: &str| {
             let mut s = Settings::new("127.0.0.1:9", "127.0.0.1:9");
             s.events_topic = topic.into();
@@ -1123,15 +1112,7 @@ mod tests {
         let rt = Runtime::new(Settings::new("127.0.0.1:9", "127.0.0.1:9"), store.clone())
             .await
             .unwrap();
-        let event = Event {
-            event_id: "e1".into(),
-            app_id: "demo".into(),
-            user_id: "u1".into(),
-            name: "go".into(),
-            ts_ms: 1_000,
-            properties: Default::default(),
-            tz: None,
-        };
+        let event = go("e1", "u1");
         rt.handle(0, 0, &event).await;
         assert_eq!(
             most.load(Ordering::SeqCst),
