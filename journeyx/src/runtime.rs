@@ -49,6 +49,9 @@ fn cut_text(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     }
     format!("{}…", &text[..end]).into()
 }
+/// How long a catalog read answers for an app it does not know ([`Runtime::admission`]):
+/// a flood of events for unknown apps reads the catalog at most this often.
+pub const CATALOG_FRESH: Duration = Duration::from_millis(200);
 /// The latest `ts_ms` taken: 9999-12-31T23:59:59.999Z (the calendar's end); later is
 /// dead-lettered.
 pub const MAX_TS_MS: u64 = 253_402_300_799_999;
@@ -137,6 +140,8 @@ pub struct Runtime {
     settings: Settings,
     store: Arc<dyn StateStore>,
     catalog: RwLock<Arc<Catalog>>,
+    /// When the catalog was last read (see [`Runtime::admission`]).
+    catalog_read_at: Mutex<std::time::Instant>,
     producer: FutureProducer,
     timers: timerdb_client::Client,
     webhooks: webhook::Webhooks,
@@ -208,6 +213,7 @@ impl Runtime {
             settings,
             store,
             catalog: RwLock::new(Arc::new(catalog)),
+            catalog_read_at: Mutex::new(std::time::Instant::now()),
             producer,
             timers,
             counters: Mutex::new(BTreeMap::new()),
@@ -248,6 +254,7 @@ impl Runtime {
 
     /// Reads the catalog again (after a publish, here or by another process).
     pub async fn reload_catalog(&self) -> Result<()> {
+        *self.catalog_read_at.lock().expect("catalog time lock") = std::time::Instant::now();
         let fresh = Arc::new(self.store.catalog().await?);
         *self.catalog.write().expect("catalog lock") = fresh;
         Ok(())
@@ -338,6 +345,28 @@ impl Runtime {
             ));
         }
         None
+    }
+
+    /// [`Runtime::refusal`], except that for an app no journey of this process's catalog
+    /// names, the catalog is read again first (unless it was read in the last
+    /// [`CATALOG_FRESH`]): a journey published through another process is otherwise seen
+    /// here only at the next periodic reload (5 s), and its app's events went meanwhile
+    /// to the dead-letter topic.
+    pub async fn admission(&self, event: &Event) -> Option<String> {
+        let refused = self.refusal(event)?;
+        if !self.catalog().journey_ids(&event.app_id).is_empty() {
+            return Some(refused);
+        }
+        let stale = self
+            .catalog_read_at
+            .lock()
+            .expect("catalog time lock")
+            .elapsed()
+            >= CATALOG_FRESH;
+        if stale && let Err(e) = self.reload_catalog().await {
+            tracing::warn!(error = %e, "journeyx: could not read the catalog again");
+        }
+        self.refusal(event)
     }
 
     /// Processes one event that arrived at `offset` of `partition` of the events topic:
@@ -1020,6 +1049,39 @@ mod tests {
         let long = "é".repeat(3_000);
         let cut = cut_text(&long, 4_096);
         assert!(cut.len() <= 4_096 && cut.ends_with('…'), "{}", cut.len());
+    }
+
+    /// An event for an app whose first journey was published through another process
+    /// (straight to the store here) since this one read its catalog is taken, not
+    /// dead-lettered: the catalog is read again first. An app nobody published stays
+    /// refused.
+    #[tokio::test]
+    async fn an_app_published_elsewhere_is_found_before_its_events_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
+        let rt = Runtime::new(Settings::new("127.0.0.1:9", "127.0.0.1:9"), store.clone())
+            .await
+            .unwrap();
+        let e = go("e1", "u1");
+        assert!(
+            rt.admission(&e)
+                .await
+                .is_some_and(|r| r.contains("no journey"))
+        );
+        let j = Journey::parse(
+            "t.yaml",
+            "{id: t, version: 1, app_id: demo, entry: {event: go}, start: a, \
+             nodes: [{id: a, actions: [exit]}]}",
+        )
+        .unwrap();
+        store.publish_journey(&j).await.unwrap();
+        tokio::time::sleep(CATALOG_FRESH).await;
+        assert_eq!(rt.admission(&e).await, None);
+        let other = Event {
+            app_id: "nobody".into(),
+            ..e
+        };
+        assert!(rt.admission(&other).await.is_some());
     }
 
     /// `applied` speaks of one events topic: read from another topic (a new

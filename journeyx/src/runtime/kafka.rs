@@ -194,7 +194,7 @@ pub async fn run(rt: Arc<Runtime>, mut stop: watch::Receiver<bool>) -> Result<()
             .expect("offsets lock")
             .started(partition, offset);
         match parse(&m) {
-            Ok(event) => match rt.refusal(&event) {
+            Ok(event) => match rt.admission(&event).await {
                 None => {
                     let q = queue_of(&event, queues.len());
                     let work = Work {
