@@ -426,7 +426,9 @@ impl Runtime {
             if !same_topic {
                 outcome.user.applied.clear();
             }
-            outcome.user.applied_topic = Some(topic.clone());
+            if !same_topic || outcome.user.applied_topic.is_none() {
+                outcome.user.applied_topic = Some(topic.clone());
+            }
             outcome.user.applied.insert(partition, offset);
             // A loader event is not remembered: its count (`entries`) already keeps a copy
             // from entering twice, and one that entered nobody (a catalog not yet reloaded,
