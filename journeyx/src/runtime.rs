@@ -834,6 +834,16 @@ mod tests {
         }
     }
 
+    /// An embedded store in a scratch directory (kept while the directory lives) with
+    /// the journey `yaml` published.
+    async fn store_with(yaml: &str) -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
+        let j = Journey::parse("t.yaml", yaml).unwrap();
+        store.publish_journey(&j).await.unwrap();
+        (dir, store)
+    }
+
     /// The embedded store, whose `add_counts` fails while `failing` is set.
     struct Flaky {
         inner: EmbeddedStore,
@@ -932,15 +942,11 @@ mod tests {
     /// load at a rate of 0 or over a million a second is refused with the bounds.
     #[tokio::test]
     async fn bad_events_and_rates_are_refused_naming_what_is_wrong() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
-        let j = Journey::parse(
-            "t.yaml",
+        let (_dir, store) = store_with(
             "{id: t, version: 1, app_id: demo, entry: {event: go}, start: a, \
              nodes: [{id: a, actions: [exit]}]}",
         )
-        .unwrap();
-        store.publish_journey(&j).await.unwrap();
+        .await;
         let rt = Runtime::new(Settings::new("127.0.0.1:9", "127.0.0.1:9"), store.clone())
             .await
             .unwrap();
@@ -1092,15 +1098,11 @@ mod tests {
     /// recent ones) is skipped, whatever its offset.
     #[tokio::test]
     async fn offsets_of_another_topic_do_not_skip_events() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
-        let j = Journey::parse(
-            "t.yaml",
+        let (_dir, store) = store_with(
             "{id: t, version: 1, app_id: demo, entry: {event: go}, re_entry: always, \
              start: a, nodes: [{id: a, actions: [exit]}]}",
         )
-        .unwrap();
-        store.publish_journey(&j).await.unwrap();
+        .await;
         let event = |id: &str| go(id, "u1");
         let on = |topic: &str| {
             let mut s = Settings::new("127.0.0.1:9", "127.0.0.1:9");
