@@ -844,7 +844,8 @@ mod tests {
         (dir, store)
     }
 
-    /// The embedded store, whose `add_counts` fails while `failing` is set.
+    /// The embedded store, whose `add_counts` and `count_users` fail while `failing` is
+    /// set.
     struct Flaky {
         inner: EmbeddedStore,
         failing: AtomicBool,
@@ -876,6 +877,9 @@ mod tests {
             self.inner.users(app, after, n).await
         }
         async fn count_users(&self, app: &str, after: Option<&str>) -> Result<u64> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(Error::Store("count_users: failing on purpose".into()));
+            }
             self.inner.count_users(app, after).await
         }
         async fn loader_position(&self, j: &str) -> Result<Option<String>> {
@@ -997,6 +1001,57 @@ mod tests {
         }
     }
     const MAX_RATE_PLUS_ONE: u32 = super::loader::MAX_RATE + 1;
+
+    /// A load whose count of users fails still reads every user, records its place and
+    /// ends without an error: only its progress has no total.
+    #[tokio::test]
+    async fn a_load_whose_count_fails_still_runs_to_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Flaky {
+            inner: EmbeddedStore::open(dir.path()).await.unwrap(),
+            failing: AtomicBool::new(true),
+        });
+        store
+            .publish_segment(
+                &Segment::parse(
+                    "s.yaml",
+                    "{id: vips, app_id: demo, where: {tags: {contains: vip}}}",
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let j = Journey::parse(
+            "t.yaml",
+            "{id: t, version: 1, app_id: demo, entry: {segment: vips}, start: a, \
+             nodes: [{id: a, actions: [exit]}]}",
+        )
+        .unwrap();
+        store.publish_journey(&j).await.unwrap();
+        // Nobody is in the segment, so the load produces nothing (no Kafka is reached).
+        for u in ["a", "b", "c"] {
+            store
+                .save_user("demo", u, 0, &User::default())
+                .await
+                .unwrap();
+        }
+        let rt = Runtime::new(Settings::new("127.0.0.1:9", "127.0.0.1:9"), store.clone())
+            .await
+            .unwrap();
+        let p = super::loader::start(rt, "t", 1_000, false).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !p.done.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "the load never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(*p.error.lock().unwrap(), None);
+        assert_eq!(*p.total.lock().unwrap(), None, "the count failed");
+        assert_eq!(p.scanned.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            store.loader_position("t").await.unwrap().as_deref(),
+            Some("c")
+        );
+    }
 
     /// A loader event that entered nobody (the journey not yet in this process's
     /// catalog) enters the user when the next load sends it again: it is not skipped as
