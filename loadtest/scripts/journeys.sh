@@ -14,7 +14,8 @@
 # binaries already built), JOURNEYX (the journeyx binary to run; default the release
 # build, e.g. a kept copy of an older build to compare with), STORE (`embedded`, the
 # default, or `cassandra`: deploy/local's Cassandra, a fresh keyspace per run). Starts
-# deploy/local's Kafka and Cassandra if they are not running.
+# deploy/local's Kafka and Cassandra if they are not running. The embedded store is scratch
+# (hundreds of MiB per run) and is removed on exit unless KEEP_STORE=1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -57,7 +58,12 @@ for j in $(seq 1 "$JOURNEYS"); do publish+=(--publish "$OUT/bench-$j.yaml"); don
   --messages-topic "$MESSAGES" --dead-letter-topic "" --group "bench-$run_id" --http "$HTTP" \
   --queues "$QUEUES" "${publish[@]}" >"$OUT/journeyx.log" 2>&1 &
 JX=$!
-trap 'kill $JX 2>/dev/null || true' EXIT
+stop_and_clean() {
+  kill "$JX" 2>/dev/null || true
+  wait "$JX" 2>/dev/null || true
+  if [[ ${KEEP_STORE:-0} != 1 ]]; then rm -rf "$OUT/store"; fi
+}
+trap stop_and_clean EXIT
 until curl -sf "http://$HTTP/api/journeys" >/dev/null; do sleep 0.2; done
 
 {
