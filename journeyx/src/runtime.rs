@@ -844,6 +844,16 @@ mod tests {
         (dir, store)
     }
 
+    /// Publishes the segment `vips` of app `demo`: users tagged `vip`.
+    async fn publish_vips(store: &impl StateStore) {
+        let s = Segment::parse(
+            "s.yaml",
+            "{id: vips, app_id: demo, where: {tags: {contains: vip}}}",
+        )
+        .unwrap();
+        store.publish_segment(&s).await.unwrap();
+    }
+
     /// The embedded store, whose `add_counts` and `count_users` fail while `failing` is
     /// set.
     struct Flaky {
@@ -1011,16 +1021,7 @@ mod tests {
             inner: EmbeddedStore::open(dir.path()).await.unwrap(),
             failing: AtomicBool::new(true),
         });
-        store
-            .publish_segment(
-                &Segment::parse(
-                    "s.yaml",
-                    "{id: vips, app_id: demo, where: {tags: {contains: vip}}}",
-                )
-                .unwrap(),
-            )
-            .await
-            .unwrap();
+        publish_vips(store.as_ref()).await;
         let j = Journey::parse(
             "t.yaml",
             "{id: t, version: 1, app_id: demo, entry: {segment: vips}, start: a, \
@@ -1060,16 +1061,7 @@ mod tests {
     async fn a_loader_event_that_entered_nobody_enters_at_the_next_load() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(dir.path()).await.unwrap());
-        store
-            .publish_segment(
-                &Segment::parse(
-                    "s.yaml",
-                    "{id: vips, app_id: demo, where: {tags: {contains: vip}}}",
-                )
-                .unwrap(),
-            )
-            .await
-            .unwrap();
+        publish_vips(store.as_ref()).await;
         let mut vip = User::default();
         vip.tags.insert("vip".into());
         store.save_user("demo", "u1", 0, &vip).await.unwrap();
