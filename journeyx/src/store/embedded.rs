@@ -405,17 +405,11 @@ impl StateStore for EmbeddedStore {
         self.blocking(move |_, ks| {
             let mut n = 0u64;
             for g in ks.users.range(from.as_bytes()..end.as_bytes()) {
-                g.key().map_err(|e| failed("read", e))?;
-                n += 1;
-            }
-            // The range starts at `after` itself when it is a user.
-            if skip
-                && ks
-                    .users
-                    .contains_key(from.as_bytes())
-                    .map_err(|e| failed("read", e))?
-            {
-                n -= 1;
+                let key = g.key().map_err(|e| failed("read", e))?;
+                // The range starts at `after` itself when it is a user: not counted.
+                if !(skip && *key == *from.as_bytes()) {
+                    n += 1;
+                }
             }
             Ok(n)
         })
