@@ -18,7 +18,7 @@ fn zone_or_utc(name: Option<&str>) -> Tz {
 /// The last instant local times are computed for: 9999-12-31T23:59:59.999Z. Later ones
 /// are taken as it (chrono's calendar ends at year 262143, and a zone ahead of UTC would
 /// pass that end; journeyx refuses events after this instant anyway).
-const LAST_MS: u64 = 253_402_300_799_999;
+pub const LAST_MS: u64 = 253_402_300_799_999;
 
 fn utc(ms: u64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms.min(LAST_MS) as i64).unwrap_or_default()

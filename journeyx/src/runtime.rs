@@ -54,7 +54,7 @@ fn cut_text(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
 pub const CATALOG_FRESH: Duration = Duration::from_millis(200);
 /// The latest `ts_ms` taken: 9999-12-31T23:59:59.999Z (the calendar's end); later is
 /// dead-lettered.
-pub const MAX_TS_MS: u64 = 253_402_300_799_999;
+pub const MAX_TS_MS: u64 = crate::clock::LAST_MS;
 /// The longest `user_id`, `app_id` or `event_id` taken (bytes); longer is dead-lettered.
 pub const MAX_ID_BYTES: usize = 1_024;
 /// The longest value or key copied into a dead letter (bytes); the producer takes at most
@@ -795,6 +795,17 @@ pub(crate) fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::engine::User;
+    use crate::model::{Journey, Segment};
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::{Saved, Versioned};
+
     /// A timer TimerDB says it cannot deliver yet is tried again; a malformed one is not.
     #[test]
     fn a_set_timer_refused_for_a_missing_partition_is_tried_again() {
@@ -809,17 +820,6 @@ mod tests {
         let e = set_timer_error(status(tonic::Code::Unavailable, "down"));
         assert!(matches!(e, Error::Store(_)), "{e:?}");
     }
-
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use async_trait::async_trait;
-
-    use super::*;
-    use crate::catalog::Catalog;
-    use crate::engine::User;
-    use crate::model::{Journey, Segment};
-    use crate::store::embedded::EmbeddedStore;
-    use crate::store::{Saved, Versioned};
 
     /// Event `go` of app `demo`'s `user`, at 1 s after the epoch.
     fn go(id: &str, user: &str) -> Event {
